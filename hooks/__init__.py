@@ -1,0 +1,185 @@
+"""The training side of lmtop: ``publish`` a step's metrics from any rank, never blocking.
+
+    from lmtop import hooks
+    hooks.publish({"loss": loss, "lr": lr, "grad_norm": grad_norm}, step=step)
+
+``init`` is optional: the first ``publish`` reads the launch from the environment (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``LMTOP_DIR``, ``LMTOP_RUN``, ``LMTOP_DISABLE``). ``finish`` runs by
+itself at interpreter exit, with status ``error`` and the exception's summary after an uncaught
+exception. This module imports neither torch nor numpy nor the viewer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import schema
+from ._version import __version__
+from .identity import default_run_name, identity, safe_name
+from .publisher import Publisher
+
+if TYPE_CHECKING:
+    from .accelerate import LmtopTracker
+    from .trainer import LmtopCallback
+
+__all__ = [
+    "LmtopCallback",
+    "LmtopTracker",
+    "__version__",
+    "current",
+    "event",
+    "finish",
+    "init",
+    "publish",
+    "schema",
+    "stats",
+]
+
+_publisher: Publisher | None = None
+_init_lock = threading.Lock()
+_disabled = False
+_error: str | None = None
+_hooks_installed = False
+
+
+def _env_disabled() -> bool:
+    return os.environ.get("LMTOP_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def init(
+    run: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    dir: str | os.PathLike[str] | None = None,
+) -> str | None:
+    """Starts this rank's run, finishing one already started; returns the run's name.
+
+    Args:
+        run: the run's name; default ``$LMTOP_RUN``, else one shared by all ranks of the launch.
+        config: hyper-parameters to record in the ``start`` message.
+        dir: the folder of runs; default ``$LMTOP_DIR``, else ``./lmtop_runs``.
+    """
+    global _publisher, _disabled
+    with _init_lock:
+        if _publisher is not None:
+            _publisher.finish()
+            _publisher = None
+        _disabled = _env_disabled()
+        if _disabled:
+            return None
+        try:
+            who = identity()
+            name = safe_name(run or os.environ.get("LMTOP_RUN") or default_run_name(who), 120)
+            folder = Path(dir or os.environ.get("LMTOP_DIR") or "lmtop_runs").absolute()
+            _publisher = Publisher(name, who, folder, config)
+        except Exception as exc:  # never into the training loop
+            _disabled = True
+            print(f"lmtop: disabled, cannot start: {exc!r}", file=sys.stderr)
+            return None
+        _install_exit_hooks()
+        return _publisher.run
+
+
+def publish(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Records one step's metrics (numbers: int, float, bool, numpy scalars, 0-d tensors).
+
+    ``step`` defaults to the previous step plus one. Never raises and never blocks: values that
+    are not numbers, names over 200 characters and messages over 64 KiB are dropped and counted.
+    """
+    publisher = _publisher
+    if publisher is None:
+        if _disabled or _start() is None:
+            return
+        publisher = _publisher
+        assert publisher is not None
+    publisher.publish(metrics, step)
+
+
+def event(text: str, step: int | None = None, data: Mapping[str, Any] | None = None) -> None:
+    """Records an event: a checkpoint saved, an evaluation done, or any line of text."""
+    publisher = _publisher
+    if publisher is None:
+        if _disabled or _start() is None:
+            return
+        publisher = _publisher
+        assert publisher is not None
+    publisher.event(text, step, data)
+
+
+def finish(status: str = "ok", error: str | None = None) -> None:
+    """Ends this rank's run with ``status`` (``"ok"`` or ``"error"``). Runs by itself at exit."""
+    global _publisher
+    publisher = _publisher
+    if publisher is not None:
+        publisher.finish(status, error)
+        if not publisher.forked:
+            _publisher = None
+
+
+def current() -> Publisher | None:
+    """This process's publisher, or None before the first ``publish`` or after ``finish``."""
+    return _publisher
+
+
+def stats() -> dict[str, int]:
+    """Problems counted so far by this rank's publisher, by kind; empty when all is well."""
+    publisher = _publisher
+    return dict(publisher.problems.counts) if publisher is not None else {}
+
+
+def _start() -> str | None:
+    if _publisher is not None:
+        return _publisher.run
+    return init()
+
+
+def _install_exit_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_at_exit)
+    previous = sys.excepthook
+
+    def excepthook(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        global _error
+        _error = traceback.format_exception_only(kind, value)[-1].strip()
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    if _error is not None:
+        finish("error", _error)
+    else:
+        finish("ok")
+
+
+def _after_fork_in_child() -> None:
+    publisher = _publisher
+    if publisher is not None:
+        publisher.after_fork_in_child()
+
+
+def __getattr__(name: str) -> Any:
+    # The integrations import their frameworks; load them only when asked for.
+    if name == "LmtopCallback":
+        from .trainer import LmtopCallback
+
+        return LmtopCallback
+    if name == "LmtopTracker":
+        from .accelerate import LmtopTracker
+
+        return LmtopTracker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,94 @@
+"""Who is publishing: rank, world size and the run name, read from the launcher's environment.
+
+All ranks of one launch must agree on the run name without being told it. ``torchrun`` and
+``accelerate launch`` start every rank of a node as children of one launcher process, so the name
+is derived from that parent (its pid and start time). ``TORCHELASTIC_RUN_ID`` is ``none`` and
+``MASTER_PORT`` is 29500 by default under accelerate, so neither identifies a launch on its own.
+A single process is its own anchor. Names look like ``train-20261124-193512-1a2b``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from .registry import process_start_ticks
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Where this process stands in its launch."""
+
+    rank: int
+    local_rank: int
+    world: int
+    launched: bool  # started by a launcher (torchrun, accelerate) as one of several ranks
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def identity() -> Identity:
+    """Reads rank, local rank and world size from the torchrun/accelerate environment."""
+    world = max(1, _env_int("WORLD_SIZE", 1))
+    rank = max(0, _env_int("RANK", 0))
+    local_rank = max(0, _env_int("LOCAL_RANK", rank))
+    launched = "LOCAL_RANK" in os.environ or world > 1
+    return Identity(rank=rank, local_rank=local_rank, world=world, launched=launched)
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """A name usable as one path component: letters, digits, ``.``, ``_`` and ``-``."""
+    cleaned = _UNSAFE.sub("-", text).strip("-.")[:limit]
+    return cleaned or "run"
+
+
+def script_name() -> str:
+    """The training script's name, as a person would call the run."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else "python"
+    base = os.path.basename(argv0)
+    stem = base[:-3] if base.endswith(".py") else base
+    if stem == "__main__":  # python -m package
+        stem = os.path.basename(os.path.dirname(argv0)) or "python"
+    return safe_name(stem, 40)
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _started_at(pid: int, ticks: int | None) -> float:
+    boot = _boot_time()
+    if ticks is None or boot is None:
+        return time.time()
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def default_run_name(who: Identity) -> str:
+    """A readable name shared by every rank of this launch on this node."""
+    anchor = os.getppid() if who.launched else os.getpid()
+    ticks = process_start_ticks(anchor)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(_started_at(anchor, ticks)))
+    key = f"{socket.gethostname()}:{anchor}:{ticks}"
+    if ticks is None and not who.launched:
+        key += f":{time.time_ns()}"  # no procfs: the pid and the clock make it unique
+    digest = hashlib.sha1(key.encode()).hexdigest()[:4]
+    return f"{script_name()}-{stamp}-{digest}"

@@ -1,0 +1,406 @@
+"""One rank's publisher: appends every message to the run directory, then offers it live.
+
+The order matters. A message is written to ``rank-<N>.jsonl`` (a write to the OS, not an fsync)
+before :meth:`Publisher.publish` returns, so a ``kill -9`` loses nothing already published. The
+live copy goes to a ZeroMQ PUB socket from a small sender thread that coalesces the messages of a
+few milliseconds into one frame: waking ZeroMQ's I/O thread costs tens of microseconds, and
+paying it once per window instead of once per step keeps ``publish`` in single microseconds.
+The socket never blocks (a bounded high-water mark, then drops that a viewer fills from the file)
+and has LINGER 0, so no viewer, however frozen, can delay the exit of a training process.
+
+Nothing here raises into the training loop: every problem is counted and reported once on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import registry, schema
+from ._version import __version__
+from .identity import Identity
+
+# Live sends are coalesced over this window; a viewer sees a step at most this much later.
+COALESCE_SECONDS = 0.005
+# Frames (batches) a PUB socket queues per viewer before dropping; the viewer fills from the file.
+SEND_HWM = 2000
+# How long finish() waits for the sender thread to hand over the last frame.
+CLOSE_TIMEOUT = 0.2
+MAX_TEXT_CHARS = 4096
+
+
+class Problems:
+    """Counts what went wrong, and says each kind of problem once on stderr."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, kind: str, detail: object = "") -> None:
+        first = kind not in self.counts
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if first:
+            try:
+                print(
+                    f"lmtop: {kind}: {detail} (reported once; later ones are counted)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            except Exception:
+                pass
+
+
+class LiveSender:
+    """Owns the ZeroMQ PUB socket; a daemon thread sends coalesced frames of JSON lines."""
+
+    def __init__(self, endpoint: str, problems: Problems) -> None:
+        import zmq  # pyzmq is light, but not needed by a disabled hook
+
+        self._zmq = zmq
+        self.endpoint = endpoint
+        self._problems = problems
+        self._context = zmq.Context(io_threads=1)
+        sock = self._context.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            self._context.term()
+            raise
+        self._socket = sock
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._armed = False
+        self._closing = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmtop-live", daemon=True)
+        self._thread.start()
+
+    def put(self, line: bytes) -> None:
+        """Queues one encoded line; wakes the sender once per coalescing window."""
+        with self._lock:
+            self._pending.append(line)
+            if self._armed:
+                return
+            self._armed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        zmq = self._zmq
+        while True:
+            self._wake.wait()
+            if not self._closing:
+                time.sleep(COALESCE_SECONDS)
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._armed = False
+                self._wake.clear()
+                closing = self._closing
+            if batch:
+                try:
+                    self._socket.send(b"".join(batch), zmq.NOBLOCK)
+                except zmq.Again:
+                    self._problems(
+                        "live frames dropped (a slow viewer; it reads them from the file)"
+                    )
+                except Exception as exc:
+                    self._problems("live send failed", exc)
+            if closing:
+                break
+        self._socket.close(linger=0)
+
+    def close(self) -> None:
+        """Sends what is queued and closes; never waits on a viewer."""
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._thread.join(CLOSE_TIMEOUT)
+        if not self._thread.is_alive():
+            self._context.term()  # every socket is closed: returns at once
+
+
+class Publisher:
+    """The messages of one rank of one run: numbering, the run file, the live socket."""
+
+    def __init__(
+        self,
+        run: str,
+        who: Identity,
+        directory: Path,
+        config: Mapping[str, Any] | None = None,
+        live: bool = True,
+    ) -> None:
+        self.problems = Problems()
+        self.who = who
+        self.rank, self.world = who.rank, who.world
+        self.pid = os.getpid()
+        self.forked = False
+        self.finished = False
+        self.seq = 0
+        self.step = -1
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._torn = False  # a short write left a partial line: start the next on a new line
+        self._live: LiveSender | None = None
+        self._entry: Path | None = None
+        self.run = self._open(run, directory)
+        if live:
+            self._start_live()
+        self._emit(schema.START, None, {"info": self._info(config)})
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _open(self, run: str, directory: Path) -> str:
+        """Opens ``<directory>/<run>/rank-<N>.jsonl``; a name already used gets a suffix."""
+        base, n = run, 1
+        while True:
+            path = directory / run / f"rank-{self.rank}.jsonl"
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+                self._fd = os.open(path, flags, 0o644)
+                self.path: Path | None = path
+                return run
+            except FileExistsError:
+                n += 1
+                run = f"{base}-{n}"
+            except OSError as exc:
+                self.problems("cannot write the run directory; publishing live only", exc)
+                self.path = None
+                return run
+
+    def _start_live(self) -> None:
+        try:
+            runtime = registry.runtime_dir()
+            endpoint = f"ipc://{runtime}/{self.pid}.sock"
+            self._live = LiveSender(endpoint, self.problems)
+            self._entry = registry.register(
+                {
+                    "pid": self.pid,
+                    "start_ticks": registry.process_start_ticks(self.pid),
+                    "host": socket.gethostname(),
+                    "run": self.run,
+                    "rank": self.rank,
+                    "world": self.world,
+                    "dir": str(self.path.parent) if self.path else None,
+                    "endpoint": endpoint,
+                    "started": time.time(),
+                }
+            )
+        except Exception as exc:
+            self.problems("live view unavailable; the run file still records everything", exc)
+
+    def _info(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": self.pid,
+            "argv": list(sys.argv),
+            "cwd": os.getcwd(),
+            "world": self.world,
+            "rank": self.rank,
+            "local_rank": self.who.local_rank,
+            "lmtop": __version__,
+            "protocol": schema.PROTOCOL_VERSION,
+            "python": sys.version.split()[0],
+            "start_ticks": registry.process_start_ticks(self.pid),
+        }
+        if config is not None:
+            info["config"] = _plain(config)
+            if len(schema.encode(info["config"])) > schema.MAX_MESSAGE_BYTES // 2:
+                self.problems("config over 32 KiB left out of the start message", self.run)
+                info["config"] = {"_dropped": "config over 32 KiB"}
+        return info
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def publish(self, metrics: Any, step: Any = None) -> None:
+        """Records one step's metrics. Never raises, never blocks on a viewer."""
+        try:
+            if self.forked or self.finished:
+                self._refuse()
+                return
+            if type(metrics) is not dict:
+                if not isinstance(metrics, Mapping):
+                    self.problems("publish() needs a dict of metrics; got", type(metrics).__name__)
+                    return
+                metrics = dict(metrics)
+            clean: dict[str, Any] = {}
+            for name, value in metrics.items():
+                kind = type(value)
+                if kind is float:
+                    if value - value != 0.0:
+                        value = schema.finite_or_token(value)
+                elif kind is not int or not -(1 << 63) <= value < (1 << 64):
+                    self._add_slow(clean, name, value, 0)
+                    continue
+                if type(name) is not str or len(name) > schema.MAX_NAME_CHARS:
+                    self._add_slow(clean, name, value, 0)
+                    continue
+                clean[name] = value
+            if len(clean) > schema.MAX_METRICS:
+                self.problems("metrics over the limit of 1000 per message dropped", len(clean))
+                clean = dict(list(clean.items())[: schema.MAX_METRICS])
+            self._emit(schema.METRICS, step, {"m": clean})
+        except Exception as exc:
+            self.problems("publish failed", repr(exc)[:200])
+
+    def _add_slow(self, out: dict[str, Any], name: Any, value: Any, depth: int) -> None:
+        """Everything but plain finite floats and ints: other numbers, nested dicts, garbage."""
+        if type(name) is not str:
+            name = str(name)
+        if len(name) > schema.MAX_NAME_CHARS:
+            self.problems("metric names over 200 characters dropped", name[:40] + "...")
+            return
+        if isinstance(value, Mapping):
+            if depth >= 4:
+                self.problems("metrics nested deeper than 4 dicts dropped", name)
+                return
+            for key, inner in value.items():
+                self._add_slow(out, f"{name}/{key}", inner, depth + 1)
+            return
+        try:
+            number = schema.number(value)
+        except Exception:
+            number = None
+        if number is None:
+            self.problems("metrics that are not numbers dropped", f"{name}={type(value).__name__}")
+            return
+        out[name] = number
+
+    def event(self, text: Any, step: Any = None, data: Mapping[str, Any] | None = None) -> None:
+        """Records a free-text event (checkpoint saved, evaluation done, ...)."""
+        try:
+            if self.forked or self.finished:
+                self._refuse()
+                return
+            fields: dict[str, Any] = {"text": str(text)[:MAX_TEXT_CHARS]}
+            if data:
+                fields["data"] = _plain(data)
+            self._emit(schema.EVENT, step, fields)
+        except Exception as exc:
+            self.problems("event failed", repr(exc)[:200])
+
+    def _emit(self, kind: str, step: Any, fields: dict[str, Any]) -> None:
+        with self._lock:
+            if step is None:
+                step = self.step + (kind == schema.METRICS)
+            elif type(step) is not int:
+                step = self._step(step)
+            if kind == schema.METRICS or step > self.step:
+                self.step = step
+            message = {
+                "v": schema.PROTOCOL_VERSION,
+                "run": self.run,
+                "rank": self.rank,
+                "world": self.world,
+                "seq": self.seq,
+                "t": time.time(),
+                "kind": kind,
+                "step": step if step >= 0 else None,
+                **fields,
+            }
+            try:
+                line = schema.encode(message)
+            except Exception as exc:
+                self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
+                return
+            if len(line) > schema.MAX_MESSAGE_BYTES:
+                self.problems("messages over 64 KiB dropped", f"{len(line)} bytes")
+                return
+            self.seq += 1
+            self._write(line)
+            if self._live is not None:
+                self._live.put(line)
+
+    def _step(self, step: Any) -> int:
+        value = schema.number(step)
+        if type(value) is int or (type(value) is float and value == int(value)):
+            return int(value)
+        self.problems("step must be an integer; using the next step instead", repr(step)[:40])
+        return self.step + 1
+
+    def _write(self, line: bytes) -> None:
+        if self._fd is None:
+            return
+        if self._torn:
+            line = b"\n" + line
+        try:
+            written = os.write(self._fd, line)
+            if written < len(line):
+                written += os.write(self._fd, line[written:])
+        except OSError as exc:
+            self.problems("cannot write the run file; messages only go live", exc)
+            return
+        self._torn = written < len(line)
+        if self._torn:
+            self.problems("cannot write the run file; messages only go live", "short write")
+
+    def _refuse(self) -> None:
+        if self.forked:
+            self.problems(
+                "publish() in a forked child is ignored (publish from the training process)",
+                f"pid {os.getpid()}",
+            )
+        else:
+            self.problems("publish() after finish() is ignored", self.run)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, status: str = "ok", error: str | None = None) -> None:
+        """Writes the ``end`` message and closes the file, the socket and the registry entry."""
+        if self.forked or self.finished:
+            return
+        try:
+            fields: dict[str, Any] = {"status": str(status)[:40]}
+            if error:
+                fields["error"] = str(error)[:MAX_TEXT_CHARS]
+            if self.problems.counts:
+                fields["problems"] = dict(self.problems.counts)
+            self._emit(schema.END, None, fields)
+        except Exception:
+            pass
+        self.finished = True
+        if self._entry is not None:
+            registry.unregister(self._entry)
+        if self._live is not None:
+            try:
+                self._live.close()
+            except Exception:
+                pass
+            registry.unregister(Path(self._live.endpoint.removeprefix("ipc://")))
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def after_fork_in_child(self) -> None:
+        """A forked child shares the parent's file and socket: it must touch neither."""
+        self.forked = True
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of a config: numbers, strings, lists and dicts; other things as text."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        return schema.finite_or_token(value)
+    if depth > 8:
+        return str(value)[:200]
+    if isinstance(value, Mapping):
+        return {str(k)[:200]: _plain(v, depth + 1) for k, v in list(value.items())[:2000]}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, depth + 1) for v in list(value)[:2000]]
+    try:
+        number = schema.number(value)
+    except Exception:
+        number = None
+    return number if number is not None else str(value)[:1000]

@@ -1,0 +1,156 @@
+"""The per-user registry of live runs, and the runtime directory that holds it.
+
+Each publishing process writes ``<runtime>/<pid>.json`` (its run, rank, run directory and ZeroMQ
+endpoint) and binds its socket at ``<runtime>/<pid>.sock``. The runtime directory is private to
+the user (mode 0700): ``$LMTOP_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/lmtop``, else
+``/tmp/lmtop-<uid>``. A viewer started in any directory lists the entries and ignores those whose
+process is gone (a pid is matched with its start time, so a reused pid is not mistaken for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+# sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS, including the terminating NUL.
+MAX_IPC_PATH = 100
+
+
+class RuntimeDirError(OSError):
+    """The runtime directory cannot be used safely (owned by another user, or open to others)."""
+
+
+def _candidates() -> list[Path]:
+    explicit = os.environ.get("LMTOP_RUNTIME_DIR")
+    if explicit:
+        return [Path(explicit)]
+    found = []
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        found.append(Path(xdg) / "lmtop")
+    found.append(Path(tempfile.gettempdir()) / f"lmtop-{os.getuid()}")
+    if str(found[-1]) != f"/tmp/lmtop-{os.getuid()}":
+        found.append(Path(f"/tmp/lmtop-{os.getuid()}"))  # short, when $TMPDIR is long
+    return found
+
+
+def _make_private(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeDirError(f"{path} is not a directory owned by this user")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """Returns the user's private runtime directory, creating it (mode 0700) when asked.
+
+    Raises:
+        RuntimeDirError: no candidate is safe and short enough for ipc socket paths.
+    """
+    problems = []
+    for path in _candidates():
+        if len(str(path)) + len("/4194304.sock") > MAX_IPC_PATH:
+            problems.append(f"{path}: too long for an ipc socket path")
+            continue
+        if not create:
+            return path
+        try:
+            return _make_private(path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc}")
+    raise RuntimeDirError("; ".join(problems))
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether process ``pid`` runs on this host and, when given, started at ``start_ticks``."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, but another user's
+    if start_ticks is None:
+        return True
+    now = process_start_ticks(pid)
+    if now is None:
+        return os.path.exists("/proc") is False  # no procfs: trust kill(0)
+    # A zombie child that has not been reaped still exists; it no longer publishes anything.
+    return now == start_ticks and not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return True
+    return raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3] in (b"Z", b"X")
+
+
+def register(entry: dict[str, Any]) -> Path:
+    """Writes this process's registry entry atomically; returns its path."""
+    directory = runtime_dir()
+    path = directory / f"{entry['pid']}.json"
+    tmp = directory / f".{entry['pid']}.json.tmp"
+    tmp.write_bytes(orjson.dumps(entry))
+    os.replace(tmp, path)
+    return path
+
+
+def unregister(path: Path) -> None:
+    """Removes a registry entry; a missing entry is not an error."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def live_entries() -> list[dict[str, Any]]:
+    """Registry entries of processes that are still alive, oldest first.
+
+    Entries of dead processes are ignored and removed, with their sockets.
+    """
+    try:
+        directory = runtime_dir(create=False)
+        paths = list(directory.glob("*.json"))
+    except OSError:
+        return []
+    entries = []
+    for path in paths:
+        try:
+            entry = orjson.loads(path.read_bytes())
+            pid, ticks = int(entry["pid"]), entry.get("start_ticks")
+            entry["run"], entry["dir"], entry["endpoint"]
+        except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            continue
+        if pid_alive(pid, ticks):
+            entries.append(entry)
+        else:
+            unregister(path)
+            unregister(directory / f"{pid}.sock")
+    entries.sort(key=lambda e: (e.get("started", 0.0), e.get("rank", 0)))
+    return entries

@@ -1,0 +1,188 @@
+"""The lmtop wire schema, protocol v1: the one description of a message, on the wire and on disk.
+
+Every message is one JSON object on one line (RFC 8259, readable by ``jq`` and ``json.loads``)::
+
+    {"v": 1, "run": "train-20261124-193512-1a2b", "rank": 0, "world": 8, "seq": 42,
+     "t": 1795000000.25, "kind": "metrics", "step": 1200, "m": {"loss": 2.31, "lr": 0.0001}}
+
+``seq`` counts from 0 per rank and reveals every drop. Kinds and their extra fields:
+
+- ``start``: ``info`` — host, pid, argv, world, rank, config, lmtop and protocol versions.
+- ``metrics``: ``m`` — metric name to number.
+- ``event``: ``text`` — free text (checkpoint saved, evaluation done, ...), optional ``data``.
+- ``end``: ``status`` — ``"ok"`` or ``"error"``, optional ``error`` (the exception's summary).
+
+JSON has no NaN or infinity, so a non-finite metric value travels as one of the strings
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"``; :func:`decode` turns them back into floats.
+Unknown fields are ignored; an unknown major version is refused with :class:`UnsupportedVersion`.
+
+The training side (``lmtop.hooks``) and the viewing side (``lmtop.tui``) both import this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+PROTOCOL_VERSION: Final = 1
+
+START: Final = "start"
+METRICS: Final = "metrics"
+EVENT: Final = "event"
+END: Final = "end"
+KINDS: Final = frozenset({START, METRICS, EVENT, END})
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_NAME_CHARS: Final = 200
+MAX_METRICS: Final = 1000
+MAX_RANK: Final = 1 << 20
+
+NAN: Final = "NaN"
+POS_INF: Final = "Infinity"
+NEG_INF: Final = "-Infinity"
+_NON_FINITE: Final = {NAN: math.nan, POS_INF: math.inf, NEG_INF: -math.inf}
+
+_INT_MIN: Final = -(1 << 63)
+_INT_MAX: Final = (1 << 64) - 1
+
+
+class BadMessage(ValueError):
+    """A line or frame that is not a protocol message; the viewer skips it and counts it."""
+
+
+class UnsupportedVersion(BadMessage):
+    """A message of a protocol major version this lmtop does not speak."""
+
+
+def finite_or_token(value: float) -> float | str:
+    """Returns a float unchanged when finite, else its string token (``"NaN"``, ...)."""
+    if value - value == 0.0:
+        return value
+    if value != value:
+        return NAN
+    return POS_INF if value > 0 else NEG_INF
+
+
+def number(value: Any) -> int | float | str | None:
+    """Converts a Python, numpy or 0-d tensor value to what a metric holds on the wire.
+
+    Returns None when the value is not a number (a string, None, a list, ...). Does not import
+    numpy or torch: anything with a scalar ``item()`` is asked for it.
+    """
+    kind = type(value)
+    if kind is float:
+        return finite_or_token(value)
+    if kind is int:
+        return value if _INT_MIN <= value <= _INT_MAX else finite_or_token(float(value))
+    if kind is bool:
+        return int(value)
+    if isinstance(value, (str, bytes, bytearray)) or value is None:
+        return None
+    if isinstance(value, bool):  # a bool subclass
+        return int(value)
+    if isinstance(value, int):
+        return number(int(value))
+    if isinstance(value, float):
+        return finite_or_token(float(value))
+    item = getattr(value, "item", None)
+    if item is None or not callable(item):
+        return None
+    size = getattr(value, "size", 1)
+    if not isinstance(size, int):  # torch: size is a method
+        numel = getattr(value, "numel", None)
+        size = numel() if callable(numel) else 1
+    if size != 1:
+        return None
+    scalar = item()
+    if type(scalar) in (float, int, bool):
+        return number(scalar)
+    return None
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Encodes one message as a JSON line (with its trailing newline)."""
+    return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+
+
+@dataclass(slots=True)
+class Message:
+    """One decoded message. ``data`` holds every field, validated, as it would be re-encoded."""
+
+    run: str
+    rank: int
+    world: int
+    seq: int
+    t: float
+    kind: str
+    step: int | None
+    m: dict[str, float]
+    data: dict[str, Any] = field(repr=False)
+
+    def encode(self) -> bytes:
+        """The message as a JSON line, non-finite values as their string tokens."""
+        return encode(self.data)
+
+
+def _metric_value(value: Any) -> float | None:
+    kind = type(value)
+    if kind is float or kind is int:
+        return value
+    if kind is str:
+        return _NON_FINITE.get(value)
+    return None
+
+
+def decode(line: bytes | str) -> Message:
+    """Decodes and validates one message.
+
+    Raises:
+        UnsupportedVersion: the message is of another protocol major version.
+        BadMessage: anything else that is not a v1 message. Single metrics that are not numbers
+            are dropped from ``m`` rather than failing the message.
+    """
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"not JSON: {exc}") from None
+    if type(data) is not dict:
+        raise BadMessage("not a JSON object")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        if type(version) is int:
+            raise UnsupportedVersion(
+                f"protocol v{version} is not supported by this lmtop (it speaks v{PROTOCOL_VERSION})"
+            )
+        raise BadMessage("missing or invalid protocol version 'v'")
+    run, rank, world, seq = data.get("run"), data.get("rank"), data.get("world"), data.get("seq")
+    t, kind, step = data.get("t"), data.get("kind"), data.get("step")
+    if type(run) is not str or not run or len(run) > MAX_NAME_CHARS:
+        raise BadMessage("invalid 'run'")
+    if type(rank) is not int or not 0 <= rank < MAX_RANK:
+        raise BadMessage("invalid 'rank'")
+    if type(world) is not int or not 1 <= world <= MAX_RANK:
+        raise BadMessage("invalid 'world'")
+    if type(seq) is not int or seq < 0:
+        raise BadMessage("invalid 'seq'")
+    if type(t) is int:
+        t = data["t"] = float(t)
+    if type(t) is not float or not math.isfinite(t):
+        raise BadMessage("invalid 't'")
+    if kind not in KINDS:
+        raise BadMessage(f"unknown kind {str(kind)[:40]!r}")
+    if step is not None and type(step) is not int:
+        raise BadMessage("invalid 'step'")
+    metrics: dict[str, float] = {}
+    raw = data.get("m")
+    if raw is not None:
+        if type(raw) is not dict:
+            raise BadMessage("invalid 'm'")
+        for name, value in raw.items():
+            number_ = _metric_value(value)
+            if number_ is not None and len(name) <= MAX_NAME_CHARS:
+                metrics[name] = number_
+        if len(metrics) != len(raw):
+            data["m"] = {name: finite_or_token(v) for name, v in metrics.items()}
+    return Message(run, rank, world, seq, t, kind, step, metrics, data)

@@ -1,0 +1,75 @@
+"""Finding runs: in the per-user registry of live runs, or under paths a person names.
+
+A *run directory* holds ``rank-<N>.jsonl`` files; a *folder of runs* holds run directories (the
+default ``./lmtop_runs`` is one). A path that does not exist yet is watched as a folder of runs,
+so a viewer can be started before the training job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lmtop.hooks import registry
+
+RANK_FILE = re.compile(r"^rank-(\d{1,7})\.jsonl$")
+
+
+def rank_files(run_dir: Path) -> dict[int, Path]:
+    """The rank files of a run directory, by rank."""
+    found = {}
+    try:
+        with os.scandir(run_dir) as entries:
+            for entry in entries:
+                match = RANK_FILE.match(entry.name)
+                if match and entry.is_file():
+                    found[int(match.group(1))] = Path(entry.path)
+    except OSError:
+        pass
+    return found
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds at least one rank file."""
+    return bool(rank_files(path))
+
+
+def run_dirs(folder: Path) -> list[Path]:
+    """The run directories directly inside ``folder``, oldest first."""
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir() and is_run_dir(Path(entry.path)):
+                    found.append(Path(entry.path))
+    except OSError:
+        pass
+    return sorted(found, key=_mtime)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def live_runs() -> list[dict[str, Any]]:
+    """Registry entries of this user's live publishing processes (one per rank)."""
+    return [e for e in registry.live_entries() if e.get("dir")]
+
+
+def resolve(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """Splits the paths a person gave into run directories and folders of runs to watch."""
+    runs, folders = [], []
+    for text in paths:
+        path = Path(text).expanduser().absolute()
+        if path.is_file() and RANK_FILE.match(path.name):
+            runs.append(path.parent)
+        elif path.is_dir() and is_run_dir(path):
+            runs.append(path)
+        else:
+            folders.append(path)
+    return runs, folders

@@ -1,0 +1,101 @@
+"""Reading one rank's run file, ``rank-<N>.jsonl``, from where the last read stopped.
+
+A writer appends whole lines, but a reader may arrive in the middle of one, and a process killed
+mid-write (or a full disk) leaves a partial line behind. An incomplete last line is kept until its
+newline arrives; lines that are not protocol messages are skipped and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmtop.hooks import schema
+
+# Read at most this much per call, so a huge history arrives in pieces and the screen stays alive.
+READ_CHUNK = 4 << 20
+# A "line" this long without a newline is not a message: drop it and resynchronise at the next one.
+MAX_PARTIAL = 2 * schema.MAX_MESSAGE_BYTES
+
+
+class RankFile:
+    """Incremental reader of one rank's JSON-lines file."""
+
+    def __init__(self, path: Path, rank: int | None = None) -> None:
+        self.path = path
+        self.rank = rank
+        self.offset = 0
+        self.bad_lines = 0
+        self.unsupported: str | None = None  # the first "unsupported version" complaint
+        self._partial = b""
+        self._skipping = False  # inside an over-long line: drop bytes up to the next newline
+
+    @property
+    def has_partial(self) -> bool:
+        """Whether an incomplete last line is waiting for its newline."""
+        return bool(self._partial) or self._skipping
+
+    def read(self, limit: int = READ_CHUNK) -> tuple[list[schema.Message], bool]:
+        """Returns the messages of the complete lines added since the last call, and whether
+        more bytes are waiting beyond ``limit``."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return [], False
+        try:
+            size = os.fstat(fd).st_size
+            if size < self.offset:  # truncated or replaced: start again
+                self.offset, self._partial, self._skipping = 0, b"", False
+            chunk = (
+                os.pread(fd, min(limit, size - self.offset), self.offset)
+                if size > self.offset
+                else b""
+            )
+        except OSError:
+            return [], False
+        finally:
+            os.close(fd)
+        self.offset += len(chunk)
+        return self._parse(chunk), self.offset < size
+
+    def _parse(self, chunk: bytes) -> list[schema.Message]:
+        if not chunk:
+            return []
+        if self._skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return []
+            chunk, self._skipping = chunk[newline + 1 :], False
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_PARTIAL:
+            self.bad_lines += 1
+            self._partial, self._skipping = b"", True
+        return self.decode_lines(lines)
+
+    def decode_lines(self, lines: list[bytes]) -> list[schema.Message]:
+        """Decodes complete lines, skipping and counting those that are not messages."""
+        messages = []
+        for line in lines:
+            if not line or line.isspace():
+                continue
+            try:
+                message = schema.decode(line)
+            except schema.UnsupportedVersion as exc:
+                self.bad_lines += 1
+                self.unsupported = self.unsupported or str(exc)
+                continue
+            except schema.BadMessage:
+                self.bad_lines += 1
+                continue
+            if self.rank is not None and message.rank != self.rank:
+                self.bad_lines += 1
+                continue
+            messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        """The writer is gone: an incomplete last line will never complete; count it."""
+        if self.has_partial:
+            self.bad_lines += 1
+            self._partial, self._skipping = b"", False
