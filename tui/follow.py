@@ -53,6 +53,7 @@ class RankState:
     host: str | None = None
     endpoint: str | None = None
     last_step: int | None = None
+    started: float | None = None  # the publisher's clock at its start message
     last_t: float | None = None  # the publisher's clock at its last message
     last_seen: float = 0.0  # our monotonic clock when it last changed
     problems: dict[str, int] = field(default_factory=dict)
@@ -328,6 +329,7 @@ class Follower:
             rank.last_step = message.step
         kind = message.kind
         if kind == schema.START:
+            rank.started = message.t
             info = message.data.get("info")
             if isinstance(info, dict):
                 rank.info = info

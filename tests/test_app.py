@@ -1,0 +1,277 @@
+"""The Textual app, driven by its keys (Pilot) on runs built from files in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lmtop.tui.app import HelpScreen, LmtopApp, PickScreen
+from lmtop.tui.follow import Follower
+from lmtop.tui.widgets import Chart, Header
+from runs import T0, line, write_run
+
+SIZE = (160, 48)
+
+
+def app_for(*paths: Path, follow: bool = False) -> LmtopApp:
+    return LmtopApp(Follower([str(p) for p in paths], follow=follow, live=False), refresh_hz=20)
+
+
+async def loaded(app: LmtopApp, pilot, points: int = 1, draw: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """Waits until the worker has stored the history, then draws."""
+    deadline = time.monotonic() + 20
+    while app.store.points < points and time.monotonic() < deadline:
+        await pilot.pause(0.05)
+    if draw:
+        app.redraw(force=True)
+    await pilot.pause()
+
+
+def visible_charts(app: LmtopApp) -> list[Chart]:
+    return [c for c in app.query(Chart) if not c.has_class("hidden")]
+
+
+def chart(app: LmtopApp, key: str) -> Chart:
+    return app.query_one(f"#chart-{key}", Chart)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return write_run(tmp_path / "runs", ranks=2, steps=300)
+
+
+async def test_q_quits_and_the_receiving_thread_ends(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        before = {t.name for t in threading.enumerate()}
+        await pilot.press("q")
+        await pilot.pause()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(
+        t.is_alive() and "follow" in t.name for t in threading.enumerate()
+    ):
+        await asyncio.sleep(0.05)
+    assert not app.is_running
+    assert not [
+        t.name
+        for t in threading.enumerate()
+        if t.is_alive() and t.name in before and "follow" in t.name
+    ]
+    assert all(w.is_finished for w in app.workers) or not list(app.workers)
+
+
+async def test_screen_shows_header_charts_and_ranks(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        header = str(app.query_one(Header).render())
+        assert (
+            "fixed-run" in header
+            and "finished" in header
+            and "step 299/300" in header
+            and "world 2" in header
+        )
+        loss = chart(app, "loss").picture
+        assert loss is not None and {line.label for line in loss.lines} >= {
+            "train r0",
+            "train r1",
+            "eval",
+        }
+        assert len(visible_charts(app)) == 6
+        grad = chart(app, "grad_norm").picture
+        assert (
+            grad is not None
+            and grad.hlines == [(1.0, "clip")]
+            and grad.note.startswith("clipped 0%")
+        )
+
+
+async def test_help_and_keys_move_focus_and_zoom(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        first = app.focused
+        await pilot.press("tab")
+        assert isinstance(app.focused, Chart) and app.focused is not first
+        await pilot.press("left")
+        assert app.focused is first
+        await pilot.press("right", "right")
+        target = app.focused
+        await pilot.press("enter")
+        await pilot.pause()
+        assert visible_charts(app) == [target]
+        await pilot.press("enter")
+        await pilot.pause()
+        assert len(visible_charts(app)) == 6
+
+
+async def test_smoothing_log_window_and_x_axis(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        loss = chart(app, "loss")
+        assert any("smoothed" in line.label for line in loss.picture.lines)  # type: ignore[union-attr]
+        await pilot.press("s", "s", "s")  # 0.6 -> 0.9 -> 0.99 -> off
+        assert app.options.smoothing == 0.0
+        assert not any("smoothed" in line.label for line in loss.picture.lines)  # type: ignore[union-attr]
+        assert not any(line.faint for line in loss.picture.lines)  # type: ignore[union-attr]
+        await pilot.press("l")
+        assert (app.options.log_y and "1e-1" in loss.plt.build()) or "1e0" in loss.plt.build()
+        await pilot.press("l", "w")
+        assert app.options.window == 100 and loss.picture.x_low == 199  # type: ignore[union-attr]
+        await pilot.press("w", "w", "w")
+        assert app.options.window is None and loss.picture.x_low == 0  # type: ignore[union-attr]
+        await pilot.press("x")
+        assert app.options.by_time and loss.picture.x_low == T0 + 1  # type: ignore[union-attr]
+
+
+async def test_rank_modes(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("s", "s", "s")  # smoothing off: one line per rank
+        loss = chart(app, "loss")
+        await pilot.press("r")
+        assert app.options.rank_mode == "band"
+        assert {line.label for line in loss.picture.lines} >= {
+            "train min",
+            "train median",
+            "train max",
+        }  # type: ignore[union-attr]
+        await pilot.press("r")
+        assert app.options.rank_mode == "one" and app.options.rank == 0
+        assert {line.label for line in loss.picture.lines} == {"train", "eval"}  # type: ignore[union-attr]
+        await pilot.press("r")
+        assert app.options.rank == 1
+        assert {line.label for line in loss.picture.lines} == {"train", "eval r0"}  # type: ignore[union-attr]
+        train = next(line for line in loss.picture.lines if line.label == "train")  # type: ignore[union-attr]
+        assert max(train.y) == pytest.approx(2.4 + 0.02 * math.sin(1))  # rank 1 peaks at step 0
+        await pilot.press("r")
+        assert app.options.rank_mode == "overlay"
+
+
+async def test_pause_freezes_the_picture_while_data_arrives(tmp_path: Path) -> None:
+    run_dir = write_run(
+        tmp_path / "runs",
+        ranks=1,
+        steps=50,
+        ended=False,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )  # a live run
+    app = app_for(run_dir, follow=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("p")
+        frozen = chart(app, "loss").picture
+        assert "PAUSED" in str(app.query_one(Header).render())
+        points = app.store.points
+        with (run_dir / "rank-0.jsonl").open("ab") as f:
+            f.write(line("fixed-run", 0, 1, 1000, "metrics", 60, T0 + 100, m={"loss": 9.0}))
+        await loaded(app, pilot, points + 1, draw=False)
+        await pilot.pause(0.3)
+        assert app.store.points == points + 1, "data keeps arriving while paused"
+        assert chart(app, "loss").picture is frozen
+        await pilot.press("p")
+        await pilot.pause(0.2)
+        assert chart(app, "loss").picture is not frozen
+        assert chart(app, "loss").picture.y_high == 9.0  # type: ignore[union-attr]
+
+
+async def test_export_writes_svg_and_csv_into_the_run_directory(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("e")
+        await pilot.pause()
+    svg, table = app.exported
+    assert svg.parent == run_dir and table.parent == run_dir
+    assert svg.read_text().lstrip().startswith("<svg")
+    rows = list(csv.DictReader(table.open()))
+    assert len([r for r in rows if r["metric"] == "loss"]) == 2 * 300
+    first = next(r for r in rows if r["metric"] == "loss" and r["rank"] == "1" and r["step"] == "0")
+    assert float(first["value"]) == pytest.approx(2.4 + 0.02 * math.sin(1))
+
+
+async def test_switch_runs_and_pick_a_metric(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    write_run(folder, name="older", ranks=1, steps=50)
+    write_run(
+        folder,
+        name="newer",
+        ranks=1,
+        steps=80,
+        extra={i: {"custom_metric": float(i)} for i in range(80)},
+    )
+    app = app_for(folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 50 * 7)
+        deadline = time.monotonic() + 5
+        while len(app.source.runs) < 2 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.press("n")
+        assert isinstance(app.screen, PickScreen)
+        names = [key for key, _ in app.screen.choices]
+        target = next(key for key in names if key.endswith("older"))
+        await pilot.press(*["down"] * names.index(target), "enter")
+        await pilot.pause()
+        assert app.current_run().name == "older"  # type: ignore[union-attr]
+        await pilot.press("n", "down", "enter") if names.index(target) == 0 else await pilot.press(
+            "n", "enter"
+        )
+        await pilot.pause()
+        assert app.current_run().name == "newer"  # type: ignore[union-attr]
+        await pilot.press("c")
+        assert isinstance(app.screen, PickScreen)
+        keys = [key for key, _ in app.screen.choices]
+        await pilot.press(*["down"] * keys.index("metric:custom_metric"), "enter")
+        await pilot.pause()
+        focused = app.focused
+        assert isinstance(focused, Chart) and focused.spec.key == "metric:custom_metric"
+        assert focused.picture is not None and focused.picture.y_high == 79.0
+
+
+async def test_bell_toggles(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("b")
+        assert app.bell_on is False
+        await pilot.press("b")
+        assert app.bell_on is True
+
+
+async def test_names_from_the_wire_are_inert(tmp_path: Path) -> None:
+    evil = "\x1b]0;x\x07[bold red]x[/]"
+    run_dir = tmp_path / "runs" / "evil"
+    run_dir.mkdir(parents=True)
+    (run_dir / "rank-0.jsonl").write_bytes(
+        line(evil, 0, 1, 0, "start", None, T0, info={"host": evil})
+        + line(evil, 0, 1, 1, "metrics", 0, T0 + 1, m={evil: 1.0, "loss": 1.0})
+        + line(evil, 0, 1, 2, "metrics", 1, T0 + 2, m={evil: 2.0, "loss": 0.5})
+    )
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        header = app.query_one(Header).render()
+        assert "\\x1b]0;x\\x07[bold red]x[/]" in str(header) and "\x1b" not in str(header)
+        assert not header.spans or all("bold red" not in str(span.style) for span in header.spans)  # type: ignore[union-attr]
+        await pilot.press("c")
+        labels = [label for _key, label in app.screen.choices]  # type: ignore[attr-defined]
+        assert "\\x1b]0;x\\x07[bold red]x[/]" in labels
+        await pilot.press(*["down"] * labels.index("\\x1b]0;x\\x07[bold red]x[/]"), "enter")
+        await pilot.pause()
+        svg = app.export_screenshot()
+        assert "[bold&#160;red]x[/]" in svg or "[bold red]x[/]" in svg
+        assert "\x1b" not in svg

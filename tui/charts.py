@@ -1,0 +1,312 @@
+"""What each chart shows, and how a chart's picture is computed from the store.
+
+Plain Python apart from the plotext object it draws on, so tests can check what a chart holds
+(the y range reaches a spike, a NaN has its mark) without starting the app.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from .store import Columns, Store
+from .text import inert
+
+RANK_COLORS = ("cyan", "orange", "green", "magenta", "yellow", "blue", "red", "white")
+
+
+@dataclass(frozen=True, slots=True)
+class ChartSpec:
+    """One chart: its title and, per line, the metric names it accepts (first found wins)."""
+
+    key: str
+    title: str
+    lines: tuple[tuple[str, ...], ...]
+    labels: tuple[str, ...] = ("",)
+
+
+DEFAULT_CHARTS = (
+    ChartSpec(
+        "loss",
+        "loss",
+        (("loss", "train/loss", "train_loss"), ("eval_loss", "eval/loss")),
+        ("train", "eval"),
+    ),
+    ChartSpec("lr", "learning rate", (("learning_rate", "lr", "train/learning_rate"),)),
+    ChartSpec("grad_norm", "grad norm", (("grad_norm", "train/grad_norm", "grad-norm"),)),
+    ChartSpec(
+        "throughput",
+        "throughput",
+        (
+            (
+                "tokens_per_second",
+                "tokens_per_sec",
+                "train/tokens_per_second",
+                "samples_per_second",
+                "samples_per_sec",
+            ),
+        ),
+    ),
+    ChartSpec("step_time", "step time (s)", (("step_time", "step_time_s", "train/step_time"),)),
+    ChartSpec(
+        "memory",
+        "memory (GB)",
+        (
+            (
+                "memory_gb",
+                "gpu_memory_allocated_gb",
+                "memory_allocated_gb",
+                "gpu_mem_gb",
+                "host_rss_gb",
+                "rss_gb",
+            ),
+        ),
+    ),
+)
+
+
+def metric_chart(name: str) -> ChartSpec:
+    """A chart of any one metric, for the chart picker."""
+    return ChartSpec(f"metric:{name}", name, ((name,),))
+
+
+@dataclass(slots=True)
+class ViewOptions:
+    """How charts are drawn; the keys change these."""
+
+    smoothing: float = 0.6  # 0 = off; the exponential weight, as in TensorBoard
+    log_y: bool = False
+    window: int | None = None  # last N steps, or None for the whole run
+    by_time: bool = False
+    rank_mode: str = "overlay"  # "overlay", "band" or "one"
+    rank: int = 0
+
+
+@dataclass(slots=True)
+class Line:
+    """One drawn line: what plotext is handed."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    color: str
+    faint: bool = False
+
+
+@dataclass(slots=True)
+class Picture:
+    """Everything one chart draws, before plotext."""
+
+    title: str
+    lines: list[Line] = field(default_factory=list)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # (x, why): NaN/Inf, alerts
+    hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, why): clipping threshold
+    y_low: float = math.inf
+    y_high: float = -math.inf
+    x_low: float = 0.0
+    x_high: float = 1.0
+    note: str = ""
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to draw."""
+        return not self.lines
+
+
+def resolve(spec: ChartSpec, names: set[str]) -> list[str | None]:
+    """The metric each line of ``spec`` draws in a run that publishes ``names``."""
+    return [next((n for n in candidates if n in names), None) for candidates in spec.lines]
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, debiased at the start (TensorBoard's smoothing)."""
+    out, last = [], 0.0
+    for count, value in enumerate(values, 1):
+        last = last * weight + (1 - weight) * value
+        out.append(last / (1 - weight**count))
+    return out
+
+
+def x_range(
+    store: Store, run: str, metrics: list[str], options: ViewOptions
+) -> tuple[float, float]:
+    """The x range the charts of a run share: the whole run, or its last ``window`` steps."""
+    low, high = math.inf, -math.inf
+    for (r, _rank, name), series in store.series.items():
+        if r != run or name not in metrics or not len(series):
+            continue
+        keys = series.times if options.by_time else series.steps
+        low, high = min(low, keys[0]), max(high, keys[-1])
+    if low > high:
+        return 0.0, 1.0
+    if options.window and not options.by_time:
+        low = max(low, high - options.window)
+    return low, max(high, low + 1)
+
+
+def picture(
+    store: Store,
+    run: str,
+    spec: ChartSpec,
+    options: ViewOptions,
+    ncols: int,
+    config: dict[str, Any] | None = None,
+    alert_steps: list[int] | None = None,
+) -> Picture:
+    """Computes what one chart shows: min/max per column from the full series, never sampled."""
+    metrics = resolve(spec, store.metrics.get(run, set()))
+    found = [m for m in metrics if m is not None]
+    pic = Picture(title=inert(spec.title))
+    if not found:
+        return pic
+    pic.x_low, pic.x_high = x_low, x_high = x_range(store, run, found, options)
+    width = (x_high - x_low) / max(ncols, 1)
+    for index, metric in enumerate(metrics):
+        if metric is None:
+            continue
+        label = (
+            spec.labels[index] if index < len(spec.labels) and spec.labels[index] else inert(metric)
+        )
+        ranks = store.ranks(run, metric)
+        if options.rank_mode == "one":
+            # A metric only some ranks publish (eval loss, from the main process) stays visible.
+            chosen = [r for r in ranks if r == options.rank]
+            if not chosen and ranks:
+                label = f"{label} r{ranks[0]}"
+            ranks = chosen or ranks[:1]
+        per_rank: dict[int, Columns] = {}
+        for rank in ranks:
+            series = store.get(run, rank, metric)
+            if series is not None:
+                per_rank[rank] = series.columns(x_low, x_high, ncols, by_time=options.by_time)
+        for cols in per_rank.values():
+            pic.marks.extend((x, "nan" if v != v else "inf") for x, v in cols.nonfinite)
+        if options.rank_mode == "band" and len(per_rank) > 1:
+            _band(pic, per_rank, label, index, x_low, width, options)
+        else:
+            for rank, cols in per_rank.items():
+                name = label if len(per_rank) == 1 else f"{label} r{rank}"
+                color = RANK_COLORS[(rank + 3 * index) % len(RANK_COLORS)]
+                _envelope(pic, cols, name, color, options)
+    threshold = (config or {}).get("max_grad_norm")
+    if spec.key == "grad_norm" and isinstance(threshold, (int, float)) and threshold > 0:
+        pic.hlines.append((float(threshold), "clip"))
+        pic.note = _clipped_share(store, run, found[0], float(threshold))
+        _include(pic, [float(threshold)], options)
+    if alert_steps and not options.by_time:
+        pic.marks.extend((float(s), "alert") for s in alert_steps if x_low <= s <= x_high)
+    return pic
+
+
+def _include(pic: Picture, values: list[float], options: ViewOptions) -> None:
+    finite = [v for v in values if v - v == 0.0 and (v > 0 or not options.log_y)]
+    if finite:
+        pic.y_low, pic.y_high = min(pic.y_low, *finite), max(pic.y_high, *finite)
+
+
+def _envelope(pic: Picture, cols: Columns, label: str, color: str, options: ViewOptions) -> None:
+    """The raw series as each column's min and max (faint when smoothed), then the smoothed one."""
+    if not cols.x:
+        return
+    x: list[float] = []
+    y: list[float] = []
+    for cx, low, high in zip(cols.x, cols.low, cols.high):
+        if low == high:
+            x.append(cx)
+            y.append(low)
+        else:
+            x += [cx, cx]
+            y += [low, high]
+    _include(pic, cols.low + cols.high, options)
+    smoothing = options.smoothing > 0 and len(cols.mean) > 2
+    pic.lines.append(Line(label, x, y, color, faint=smoothing))
+    if smoothing:
+        pic.lines.append(
+            Line(f"{label} (smoothed)", list(cols.x), smooth(cols.mean, options.smoothing), color)
+        )
+
+
+def _band(
+    pic: Picture,
+    per_rank: dict[int, Columns],
+    label: str,
+    index: int,
+    x_low: float,
+    width: float,
+    options: ViewOptions,
+) -> None:
+    """Min, median and max across ranks, per column (of each rank's column mean)."""
+    by_col: dict[int, list[float]] = {}
+    extremes: list[float] = []
+    for cols in per_rank.values():
+        for col, mean in zip(cols.col, cols.mean):
+            by_col.setdefault(col, []).append(mean)
+        extremes += cols.low + cols.high
+    order = sorted(by_col)
+    x = [x_low + (c + 0.5) * width for c in order]
+    color = RANK_COLORS[(3 * index) % len(RANK_COLORS)]
+    pic.lines.append(Line(f"{label} min", x, [min(by_col[c]) for c in order], color, faint=True))
+    pic.lines.append(
+        Line(f"{label} median", x, [statistics.median(by_col[c]) for c in order], color)
+    )
+    pic.lines.append(Line(f"{label} max", x, [max(by_col[c]) for c in order], color, faint=True))
+    _include(pic, extremes, options)
+
+
+def _clipped_share(store: Store, run: str, metric: str, threshold: float, last: int = 1000) -> str:
+    """The share of the last ``last`` steps whose grad norm was above the clipping threshold."""
+    clipped = total = 0
+    for rank in store.ranks(run, metric):
+        series = store.get(run, rank, metric)
+        if series is None:
+            continue
+        values = series.values[-last:]
+        total += len(values)
+        clipped += sum(1 for v in values if v > threshold)
+    return f"clipped {100 * clipped / total:.0f}% of last {min(last, total)} steps" if total else ""
+
+
+def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> None:
+    """Hands a picture to a plotext object (textual-plotext's ``plt``)."""
+    plt.clear_data()
+    plt.clear_figure()
+    if pic.empty:
+        plt.title("no data yet")
+        return
+    # A legend for a few lines; with many ranks the colours match the ranks table instead.
+    legend = sum(1 for line in pic.lines if not line.faint) <= 2
+    log = options.log_y and pic.y_low > 0
+
+    def y_of(values: list[float]) -> list[float]:
+        return [math.log10(v) if v > 0 else math.nan for v in values] if log else values
+
+    for line in pic.lines:
+        points = [(x, y) for x, y in zip(line.x, y_of(line.y)) if y - y == 0.0]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        kwargs: dict[str, Any] = {"marker": "braille"}
+        if color:
+            kwargs["color"] = "gray" if line.faint else line.color
+        if legend and not line.faint:
+            kwargs["label"] = line.label
+        plt.plot(list(xs), list(ys), **kwargs)
+    low, high = pic.y_low, pic.y_high
+    if log:
+        low, high = math.log10(low), math.log10(high)
+    if high <= low:
+        high = low + (abs(low) * 0.1 or 1.0)
+    for y, _why in pic.hlines:
+        plt.hline(math.log10(y) if log else y, "red" if color else None)
+    for x, why in pic.marks:
+        plt.vline(x, ("red" if why != "alert" else "yellow") if color else None)
+    if any(why in ("nan", "inf") for _x, why in pic.marks):
+        bad = [x for x, why in pic.marks if why in ("nan", "inf")]
+        plt.scatter(bad, [high] * len(bad), marker="x", **({"color": "red"} if color else {}))
+    plt.ylim(low, high)
+    plt.xlim(pic.x_low, pic.x_high)
+    if log:
+        ticks = list(range(math.floor(low), math.ceil(high) + 1))
+        plt.yticks(ticks, [f"1e{t}" for t in ticks])

@@ -1,0 +1,225 @@
+"""The series store: every point of every metric of every rank, compact, with a min/max pyramid.
+
+A point costs 24 bytes (step, wall time, value in three flat arrays). Blocks of 64 and of 4096
+points keep their finite min, max, sum and count, so asking for the min and max of each terminal
+column costs the same whether a series holds ten thousand points or ten million: charts decimate
+from the full series every frame, and never hide a spike.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from lmtop.hooks import schema
+
+B1 = 64  # points per level-1 block
+B2 = B1 * B1  # points per level-2 block
+INF = math.inf
+
+
+@dataclass(slots=True)
+class Columns:
+    """One series decimated to terminal columns; a column with no finite value is left out."""
+
+    col: list[int] = field(default_factory=list)  # the column's index, 0 to ncols - 1
+    x: list[float] = field(default_factory=list)  # the column's x (step, or wall time)
+    low: list[float] = field(default_factory=list)
+    high: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    nonfinite: list[tuple[float, float]] = field(default_factory=list)  # (x, value) of NaN/Inf
+
+
+class Series:
+    """The points of one metric of one rank, in arrival order (steps should not go back)."""
+
+    __slots__ = ("b1", "b2", "nonfinite", "steps", "times", "values")
+
+    def __init__(self) -> None:
+        self.steps = array("q")
+        self.times = array("d")
+        self.values = array("d")
+        self.nonfinite: list[int] = []  # indices of NaN/Inf points
+        # Per block: finite min, max, sum and count.
+        self.b1 = (array("d"), array("d"), array("d"), array("d"))
+        self.b2 = (array("d"), array("d"), array("d"), array("d"))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def last(self) -> float:
+        """The latest value (NaN for an empty series)."""
+        return self.values[-1] if self.values else math.nan
+
+    def extend(self, steps: list[int], times: list[float], values: list[float]) -> None:
+        """Appends points; the block summaries they touch are recomputed."""
+        start = len(self.values)
+        self.steps.extend(steps)
+        self.times.extend(times)
+        self.values.extend(values)
+        for offset, value in enumerate(values):
+            if value - value != 0.0:
+                self.nonfinite.append(start + offset)
+        end = len(self.values)
+        for block in range(start // B1, (end - 1) // B1 + 1):
+            self._summarise(
+                self.b1, block, *self._raw_summary(block * B1, min(end, block * B1 + B1))
+            )
+        for block in range(start // B2, (end - 1) // B2 + 1):
+            lo, hi = block * B1, min(len(self.b1[0]), block * B1 + B1)
+            mins, maxs, sums, counts = self.b1
+            self._summarise(
+                self.b2,
+                block,
+                min(mins[lo:hi]),
+                max(maxs[lo:hi]),
+                sum(sums[lo:hi]),
+                sum(counts[lo:hi]),
+            )
+
+    @staticmethod
+    def _summarise(level: tuple[array, ...], block: int, *summary: float) -> None:
+        if block < len(level[0]):
+            for column, value in zip(level, summary):
+                column[block] = value
+        else:
+            for column, value in zip(level, summary):
+                column.append(value)
+
+    def _has_nonfinite(self, lo: int, hi: int) -> bool:
+        return bisect_left(self.nonfinite, lo) < bisect_left(self.nonfinite, hi)
+
+    def _raw_summary(self, lo: int, hi: int) -> tuple[float, float, float, float]:
+        values = self.values[lo:hi]
+        if self._has_nonfinite(lo, hi):
+            values = array("d", (v for v in values if v - v == 0.0))
+        if not values:
+            return INF, -INF, 0.0, 0.0
+        return min(values), max(values), math.fsum(values), float(len(values))
+
+    def _summary(self, lo: int, hi: int, size: int) -> tuple[float, float, float, float]:
+        """Finite min, max, sum and count of points ``[lo, hi)``, both multiples of ``size``."""
+        if size == 1:
+            return self._raw_summary(lo, hi)
+        mins, maxs, sums, counts = self.b1 if size == B1 else self.b2
+        a, b = lo // size, -(-hi // size)
+        if a >= b:
+            return INF, -INF, 0.0, 0.0
+        return min(mins[a:b]), max(maxs[a:b]), sum(sums[a:b]), sum(counts[a:b])
+
+    def index(self, step: float) -> int:
+        """The index of the first point at or after ``step``."""
+        return bisect_left(self.steps, math.ceil(step))
+
+    def columns(self, x_lo: float, x_hi: float, ncols: int, by_time: bool = False) -> Columns:
+        """Decimates the points with x in ``[x_lo, x_hi]`` to ``ncols`` columns of min and max.
+
+        Column boundaries are snapped to block boundaries consistently, so the columns partition
+        the points: every point, and so every spike, lands in exactly one column.
+        """
+        out = Columns()
+        keys = self.times if by_time else self.steps
+        a, b = bisect_left(keys, x_lo), bisect_right(keys, x_hi)
+        if b <= a or ncols <= 0:
+            return out
+        per = (b - a) / ncols
+        size = B2 if per >= 2 * B2 else B1 if per >= 2 * B1 else 1
+        if per <= 1.0:  # fewer points than columns: every point is its own column
+            bounds = list(range(a, b + 1))
+        else:
+            width = (x_hi - x_lo) / ncols
+            bounds = [a] + [bisect_left(keys, x_lo + width * c) for c in range(1, ncols)] + [b]
+            if size > 1:
+                bounds = [a] + [round(i / size) * size for i in bounds[1:-1]] + [b]
+                bounds = [min(max(i, a), b) for i in bounds]
+        last = len(self.values) - 1
+        for column, (lo, hi) in enumerate(pairwise(bounds)):
+            if hi <= lo:
+                continue
+            if size > 1 and (lo % size or hi % size):
+                head = min(hi, -(-lo // size) * size)
+                tail = max(head, hi // size * size)
+                parts = [
+                    self._raw_summary(lo, head),
+                    self._summary(head, tail, size),
+                    self._raw_summary(tail, hi),
+                ]
+                low = min(p[0] for p in parts)
+                high = max(p[1] for p in parts)
+                total, count = sum(p[2] for p in parts), sum(p[3] for p in parts)
+            else:
+                low, high, total, count = self._summary(lo, hi, size)
+            x = keys[min((lo + hi - 1) // 2, last)]
+            if count:
+                out.col.append(
+                    column if per > 1.0 else int((x - x_lo) / max(x_hi - x_lo, 1e-12) * (ncols - 1))
+                )
+                out.x.append(x)
+                out.low.append(low)
+                out.high.append(high)
+                out.mean.append(total / count)
+        first, stop = bisect_left(self.nonfinite, a), bisect_left(self.nonfinite, b)
+        marks = self.nonfinite[first:stop]
+        if len(marks) > ncols:  # one mark per column is enough to be seen
+            marks = marks[:: max(1, len(marks) // ncols)]
+        out.nonfinite = [(keys[i], self.values[i]) for i in marks]
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (what resident memory per point is made of)."""
+        arrays: Iterable[array] = (self.steps, self.times, self.values, *self.b1, *self.b2)
+        return sum(a.buffer_info()[1] * a.itemsize for a in arrays) + 8 * len(self.nonfinite)
+
+
+class Store:
+    """Every series of every run: ``(run, rank, metric) -> Series``, fed message batches."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, int, str], Series] = {}
+        self.metrics: dict[str, set[str]] = {}  # run -> metric names
+        self.last_step: dict[tuple[str, int], int] = {}
+        self.points = 0
+
+    def add(self, messages: Iterable[schema.Message]) -> int:
+        """Adds the metrics messages of a batch; returns the number of points added."""
+        pending: dict[tuple[str, int, str], tuple[list[int], list[float], list[float]]] = {}
+        added = 0
+        for message in messages:
+            if message.kind != schema.METRICS or message.step is None:
+                continue
+            run, rank, step, t = message.run, message.rank, message.step, message.t
+            self.last_step[(run, rank)] = step
+            for name, value in message.m.items():
+                key = (run, rank, name)
+                lists = pending.get(key)
+                if lists is None:
+                    lists = pending[key] = ([], [], [])
+                lists[0].append(step)
+                lists[1].append(t)
+                lists[2].append(value)
+                added += 1
+        for key, (steps, times, values) in pending.items():
+            series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = Series()
+                self.metrics.setdefault(key[0], set()).add(key[2])
+            series.extend(steps, times, values)
+        self.points += added
+        return added
+
+    def ranks(self, run: str, metric: str) -> list[int]:
+        """The ranks that published ``metric`` in ``run``."""
+        return sorted(rank for (r, rank, m) in self.series if r == run and m == metric)
+
+    def get(self, run: str, rank: int, metric: str) -> Series | None:
+        """One series, or None."""
+        return self.series.get((run, rank, metric))
+
+    def nbytes(self) -> int:
+        """Bytes held by every series."""
+        return sum(s.nbytes() for s in self.series.values())
