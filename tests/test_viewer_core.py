@@ -211,3 +211,16 @@ def test_garbage_on_the_live_socket_is_counted_and_the_stream_goes_on(
         follower.close()
         pub.close(linger=0)
         registry.unregister(entry)
+
+
+def test_a_finished_run_from_another_host_keeps_its_end_status(tmp_path: Path) -> None:
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    (run_dir / "rank-0.jsonl").write_bytes(
+        message("elsewhere", 0, 0, kind="start", info={"host": "another-box", "pid": 1})
+        + message("elsewhere", 0, 1, step=0)
+        + message("elsewhere", 0, 2, kind="end", step=0, status="ok")
+    )
+    follower, out = read_all(str(run_dir), follow=True)
+    (run,) = follower.runs.values()
+    assert len(out) == 3 and run.ranks[0].status == "ok" and run.state == "finished"

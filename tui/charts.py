@@ -7,6 +7,7 @@ Plain Python apart from the plotext object it draws on, so tests can check what 
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,11 @@ from .store import Columns, Store
 from .text import inert
 
 RANK_COLORS = ("cyan", "orange", "green", "magenta", "yellow", "blue", "red", "white")
+
+
+def rich_color(name: str) -> str:
+    """The Rich colour for a plotext colour name (plotext's "orange" is Rich's "orange1")."""
+    return "orange1" if name == "orange" else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,17 @@ class Picture:
     x_low: float = 0.0
     x_high: float = 1.0
     note: str = ""
+
+    def legend(self) -> list[tuple[str, str]]:
+        """(label, colour) per kind of line (train, eval), when a chart draws more than one kind;
+        the ranks of a kind are told apart by the ranks table's colours."""
+        kinds: dict[str, str] = {}
+        for line in self.lines:
+            if not line.faint:
+                kinds.setdefault(
+                    re.sub(r"( (r\d+|\(smoothed\)|min|median|max))+$", "", line.label), line.color
+                )
+        return list(kinds.items()) if len(kinds) > 1 else []
 
     @property
     def empty(self) -> bool:
@@ -275,8 +292,8 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
     if pic.empty:
         plt.title("no data yet")
         return
-    # A legend for a few lines; with many ranks the colours match the ranks table instead.
-    legend = sum(1 for line in pic.lines if not line.faint) <= 2
+    # No legend inside the plot: it would cover data (a spike, a NaN mark). The chart's border
+    # title names the lines instead, and with many ranks the colours match the ranks table.
     log = options.log_y and pic.y_low > 0
 
     def y_of(values: list[float]) -> list[float]:
@@ -290,8 +307,6 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
         kwargs: dict[str, Any] = {"marker": "braille"}
         if color:
             kwargs["color"] = "gray" if line.faint else line.color
-        if legend and not line.faint:
-            kwargs["label"] = line.label
         plt.plot(list(xs), list(ys), **kwargs)
     low, high = pic.y_low, pic.y_high
     if log:

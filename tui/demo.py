@@ -79,7 +79,7 @@ def simulate(rank: int, world: int, steps: int, speed: float) -> None:
         grad_norm = 0.45 * math.exp(-2 * progress) + 0.3 + abs(rng.gauss(0, 0.05))
         if step == int(0.35 * steps):
             grad_norm *= 15  # one grad-norm spike, on every rank
-        step_time = base * (1.6 if straggler else 1.0) * (1 + abs(rng.gauss(0, 0.08)))
+        step_time = base * (2.0 if straggler else 1.0) * (1 + abs(rng.gauss(0, 0.08)))
         metrics = {
             "loss": loss,
             "learning_rate": schedule(step, steps),

@@ -218,7 +218,7 @@ class Follower:
                     continue
                 if self._read(run, rank, out):
                     self._backlog = True
-                elif self.follow:
+                elif self.follow and not rank.done:
                     self._check_alive(run, rank, out, now)
             if run.done_since is None and run.ranks and all(r.done for r in run.ranks.values()):
                 run.done_since = now

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
-from .charts import RANK_COLORS, ChartSpec, Picture, ViewOptions, draw
+from .charts import RANK_COLORS, ChartSpec, Picture, ViewOptions, draw, rich_color
 from .follow import Run
 from .store import Store
 from .text import inert
@@ -36,7 +36,13 @@ class Chart(PlotextPlot, can_focus=True):
     def show(self, picture: Picture, options: ViewOptions, color: bool) -> None:
         """Replaces the picture and repaints."""
         self.picture = picture
-        self.border_title = picture.title + (f" · {picture.note}" if picture.note else "")
+        title = Text(picture.title)
+        if picture.note:
+            title.append(f" · {picture.note}")
+        for label, line_color in picture.legend():
+            title.append("  ━ ", style=rich_color(line_color) if color else "")
+            title.append(label)
+        self.border_title = title
         draw(self.plt, picture, options, color)
         self.refresh()
 

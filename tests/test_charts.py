@@ -1,0 +1,117 @@
+"""Charts never hide a spike: min/max per column from the full series, NaN marked."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+from lmtop.tui.charts import DEFAULT_CHARTS, ViewOptions, draw, picture
+from lmtop.tui.store import Series, Store
+from textual_plotext.plot import Plot
+
+STEPS = 1_000_000
+SPIKE_AT = 654_321
+NAN_AT = 123_457
+COLUMNS = 150
+
+
+def million_steps() -> Store:
+    rng = random.Random(7)
+    store = Store()
+    series = store.series[("run", 0, "loss")] = Series()
+    store.metrics["run"] = {"loss"}
+    chunk = 100_000
+    for start in range(0, STEPS, chunk):
+        steps = list(range(start, start + chunk))
+        values = [1.0 + rng.random() * 0.05 for _ in steps]
+        for i, step in enumerate(steps):
+            if step == SPIKE_AT:
+                values[i] = 50.0
+            elif step == NAN_AT:
+                values[i] = math.nan
+        series.extend(steps, [float(s) for s in steps], values)
+    return store
+
+
+def test_a_single_spike_in_a_million_steps_is_drawn() -> None:
+    store = million_steps()
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    options = ViewOptions(smoothing=0.0)
+    pic = picture(store, "run", loss, options, COLUMNS)
+    assert pic.y_high == 50.0, "the y range reaches the spike"
+    (line,) = pic.lines
+    column = STEPS / COLUMNS
+    at_spike = [x for x, y in zip(line.x, line.y) if y == 50.0]
+    assert len(at_spike) == 1 and abs(at_spike[0] - SPIKE_AT) <= column, (
+        "a mark at the spike's column"
+    )
+
+    values = store.series[("run", 0, "loss")].values
+    every_nth = values[:: int(column)]
+    assert max(v for v in every_nth if v == v) < 2.0, "taking every n-th point would have missed it"
+
+    plot = Plot()
+    plot.plotsize(COLUMNS // 2 + 12, 20)
+    draw(plot, pic, options, color=False)
+    assert "50" in plot.build().splitlines()[1], "the top of the drawn y axis is the spike"
+
+
+def test_a_single_nan_in_a_million_steps_is_marked() -> None:
+    store = million_steps()
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    pic = picture(store, "run", loss, ViewOptions(), COLUMNS)
+    assert [(x, why) for x, why in pic.marks] == [(NAN_AT, "nan")]
+    values = store.series[("run", 0, "loss")].values
+    assert all(v == v for v in values[:: STEPS // COLUMNS]), "sampling would not have seen it"
+    plot = Plot()
+    plot.plotsize(100, 20)
+    draw(plot, pic, ViewOptions(), color=False)
+    canvas = re.sub(r"\x1b\[[0-9;]*m", "", plot.build())
+    assert sum(row.count("x") for row in canvas.splitlines()[1:-2]) >= 1, "a visible ✕ marker"
+
+
+def test_smoothing_is_drawn_over_the_raw_series_never_instead() -> None:
+    store = million_steps()
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    pic = picture(store, "run", loss, ViewOptions(smoothing=0.9), COLUMNS)
+    raw, smoothed = pic.lines
+    assert raw.faint and not smoothed.faint and max(raw.y) == 50.0
+    assert max(smoothed.y) < 50.0
+
+
+def test_log_scale_labels_powers_of_ten() -> None:
+    store = Store()
+    series = store.series[("run", 0, "learning_rate")] = Series()
+    store.metrics["run"] = {"learning_rate"}
+    series.extend(
+        list(range(100)), [float(i) for i in range(100)], [10 ** (-6 + i / 25) for i in range(100)]
+    )
+    lr = next(spec for spec in DEFAULT_CHARTS if spec.key == "lr")
+    options = ViewOptions(log_y=True, smoothing=0.0)
+    pic = picture(store, "run", lr, options, 80)
+    plot = Plot()
+    plot.plotsize(60, 15)
+    draw(plot, pic, options, color=False)
+    text = plot.build()
+    assert "1e-6" in text and "1e-3" in text
+    draw(plot, pic, options, color=False)  # plotext #209: a rebuild must not break the scale
+    assert plot.build() == text
+
+
+def test_frame_work_does_not_grow_with_the_series() -> None:
+    """Decimating 10x more points costs about the same (block pyramid), measured in one run."""
+    import time
+
+    small, big = Series(), Series()
+    small.extend(list(range(100_000)), [0.0] * 100_000, [1.0] * 100_000)
+    big.extend(list(range(1_000_000)), [0.0] * 1_000_000, [1.0] * 1_000_000)
+
+    def cost(series: Series) -> float:
+        started = time.perf_counter()
+        for _ in range(20):
+            series.columns(0, len(series) - 1, 300)
+        return time.perf_counter() - started
+
+    cost(small), cost(big)
+    assert cost(big) < 3 * cost(small)
