@@ -275,3 +275,41 @@ async def test_names_from_the_wire_are_inert(tmp_path: Path) -> None:
         svg = app.export_screenshot()
         assert "[bold&#160;red]x[/]" in svg or "[bold red]x[/]" in svg
         assert "\x1b" not in svg
+
+
+async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart(
+    tmp_path: Path,
+) -> None:
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+
+    run_dir = write_run(tmp_path / "runs", ranks=2, steps=300)
+    spiked = run_dir / "rank-1.jsonl"
+    lines = spiked.read_bytes().splitlines(keepends=True)
+    # Step 150 of rank 1: the loss jumps to 10x its level (rank 1's lines: start, then steps).
+    import json
+
+    record = json.loads(lines[151])
+    assert record["step"] == 150
+    record["m"]["loss"] = 10.0
+    lines[151] = json.dumps(record).encode() + b"\n"
+    spiked.write_bytes(b"".join(lines))
+    source = Follower([str(run_dir)], follow=False, live=False)
+    app = LmtopApp(source, refresh_hz=20, alerts=Alerting(AlertSettings(), source.runs))
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, points=600)
+        deadline = time.monotonic() + 10
+        while not app.alerts and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        app.redraw(force=True)
+        await pilot.pause()
+        spikes = [(a.type, a.rank, a.metric, a.step) for a in app.alerts]
+        assert spikes == [("spike", 1, "loss", 150)]
+        panel = app.query_one("#alerts")
+        row = panel.get_row_at(0)  # type: ignore[attr-defined]
+        assert "loss spike" in str(row[-1]) and str(row[1]) == "150" and str(row[2]) == "1"
+        assert "1 alerts" in str(app.query_one(Header).render())
+        loss = chart(app, "loss")
+        assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
+        lr = chart(app, "lr")
+        assert lr.picture is not None and not [m for m in lr.picture.marks if m[1] == "alert"]

@@ -25,6 +25,7 @@ from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
+from .alert_settings import AlertSettings
 from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart, picture
 from .follow import Run
 from .source import Source
@@ -192,11 +193,15 @@ class LmtopApp(App[int]):
     def follow(self) -> None:
         """Polls the source until the app quits; adds every batch to the store."""
         worker = get_current_worker()
+        ticked = 0.0
         try:
             while not worker.is_cancelled:
                 batch = self.source.poll(0.1)
-                if not batch:
+                now = time.monotonic()
+                if now - ticked >= 0.5:  # stalls and stragglers, also while messages flow
+                    ticked = now
                     self._tick_alerts()
+                if not batch:
                     if self.source.done:
                         time.sleep(0.1)
                     continue
@@ -208,6 +213,8 @@ class LmtopApp(App[int]):
                     self.dirty = True
         finally:
             self.source.close()  # in this thread: the socket is never used by two threads
+            if self.engine is not None and hasattr(self.engine, "close"):
+                self.engine.close()  # open snapshots are written
 
     def _tick_alerts(self) -> None:
         if self.engine is None:
@@ -250,12 +257,16 @@ class LmtopApp(App[int]):
                 header_text(self.store, run, len(self.source.runs), now(), self._counters())
             )
             if run is not None:
-                steps_by_alert = [
-                    a.step for a in self.alerts if a.run == run.name and a.step is not None
+                alerted = [
+                    (a.metric, a.step)
+                    for a in self.alerts
+                    if a.run == run.name and a.step is not None
                 ]
                 for chart in self.query(Chart):
                     if chart.has_class("hidden"):
                         continue
+                    names = {name for line in chart.spec.lines for name in line}
+                    steps_by_alert = [step for metric, step in alerted if metric in names]
                     pic = picture(
                         self.store,
                         run.name,
@@ -398,12 +409,20 @@ class LmtopApp(App[int]):
 
 
 def run_app(
-    paths: Sequence[str], follow: bool = True, refresh_hz: float = 4.0, alerts: Any = None
+    paths: Sequence[str],
+    follow: bool = True,
+    refresh_hz: float = 4.0,
+    settings: AlertSettings | None = None,
 ) -> int:
-    """Opens the viewer on ``paths`` (or this user's live runs) until the user quits."""
+    """Opens the viewer on ``paths`` (or this user's live runs) until the user quits.
+
+    ``settings`` configures the alerts (default: the documented defaults).
+    """
+    from .alert_actions import Alerting
     from .follow import Follower
 
     source = Follower(paths, follow=follow)
+    alerts = Alerting(settings if settings is not None else AlertSettings(), source.runs)
     app = LmtopApp(source, refresh_hz=refresh_hz, alerts=alerts)
     app.run()
     return app.return_code or 0

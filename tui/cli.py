@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 from lmtop.hooks import __version__, schema
 
+from . import alert_settings
+from .alert_settings import AlertSettings
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -33,6 +36,31 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="print what is recorded and exit instead of following live runs",
     )
+    alerts = parser.add_argument_group("alerts")
+    alerts.add_argument("--no-alerts", action="store_true", help="raise no alerts")
+    alerts.add_argument(
+        "--config",
+        metavar="FILE",
+        help="alert settings (TOML); default ~/.config/lmtop/lmtop.toml and an lmtop.toml beside the runs",
+    )
+    alerts.add_argument(
+        "--alert-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one alert setting, e.g. spike.threshold=8 or stall.min_seconds=60 (repeatable)",
+    )
+    alerts.add_argument(
+        "--spike-threshold",
+        type=float,
+        metavar="MADS",
+        help="spike threshold in robust noise scales (≈ MAD; default 6)",
+    )
+    alerts.add_argument(
+        "--on-alert",
+        metavar="CMD",
+        help="run CMD (a shell command) for each alert, its JSON on stdin; rate-limited",
+    )
     parser.add_argument(
         "--version",
         action="version",
@@ -48,14 +76,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(args_list[1:])
-    args = _parser().parse_args(args_list)
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    settings = _alert_settings(parser, args)
     if args.headless:
         from . import headless
 
-        return headless.run(args.paths, follow=args.follow)
+        return headless.run(args.paths, follow=args.follow, settings=settings)
     from .app import run_app
 
-    return run_app(args.paths, follow=args.follow)
+    return run_app(args.paths, follow=args.follow, settings=settings)
+
+
+def _alert_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AlertSettings:
+    """The alert settings from the files and flags; a bad one ends with a usage error."""
+    overrides = list(args.alert_set)
+    if args.spike_threshold is not None:
+        overrides.append(f"spike.threshold={args.spike_threshold}")
+    if args.on_alert:
+        overrides.append(f"on_alert={args.on_alert}")
+    if args.no_alerts:
+        overrides.append("enabled=false")
+    try:
+        return alert_settings.load(args.paths, args.config, overrides)
+    except alert_settings.SettingsError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""``lmtop --headless``: every message of the selected runs as JSON lines on stdout."""
+"""``lmtop --headless``: every message of the selected runs as JSON lines on stdout, and alerts.
+
+Alert records (``{"kind": "alert", "type", "severity", "run", "rank", "metric", "step", "value",
+"baseline", "message", "t"}``) follow the message that raised them; the exit status is 2 when a
+critical alert fired, 0 otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,45 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
+import orjson
+
+from .alert_actions import Alerting
+from .alert_settings import AlertSettings
+from .alerts import Alert
 from .follow import Follower
 
 WAITING_NOTICE_SECONDS = 2.0
 
 
-def run(paths: Sequence[str], follow: bool = True, out: BinaryIO | None = None) -> int:
+def run(
+    paths: Sequence[str],
+    follow: bool = True,
+    out: BinaryIO | None = None,
+    settings: AlertSettings | None = None,
+) -> int:
     """Prints each message once, in per-rank order, until the runs end; returns the exit status.
 
     The lines are the protocol's own (see ``lmtop.hooks.schema``), so ``jq`` reads them as is.
-    A closed pipe (``lmtop --headless | head``) ends it quietly.
+    A closed pipe (``lmtop --headless | head``) ends it quietly. ``settings`` (default: the
+    documented defaults) configures the alerts; ``AlertSettings(enabled=False)`` turns them off.
     """
     stream = out if out is not None else sys.stdout.buffer
     follower = Follower(paths, follow=follow)
+    alerting = Alerting(settings if settings is not None else AlertSettings(), follower.runs)
     started = time.monotonic()
     told_waiting = False
+
     try:
         while True:
             batch = follower.poll(0.25)
-            if batch:
-                stream.write(b"".join(message.encode() for message in batch))
+            chunks: list[bytes] = []
+            for message in batch:
+                chunks.append(message.encode())
+                chunks.extend(_lines(alerting.feed(message)))
+            if follow:
+                chunks.extend(_lines(alerting.tick(time.monotonic(), follower.runs)))
+            if chunks:
+                stream.write(b"".join(chunks))
                 stream.flush()
             if follower.done:
                 break
@@ -49,8 +73,13 @@ def run(paths: Sequence[str], follow: bool = True, out: BinaryIO | None = None) 
         return 130
     finally:
         follower.close()
+        alerting.close()
     _report(follower)
-    return 0
+    return 2 if alerting.critical else 0
+
+
+def _lines(alerts: list[Alert]) -> list[bytes]:
+    return [orjson.dumps(a.to_record(), option=orjson.OPT_APPEND_NEWLINE) for a in alerts]
 
 
 def _report(follower: Follower) -> None:

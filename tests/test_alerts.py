@@ -1,0 +1,352 @@
+"""The alert engine's detectors on hand-built series: what must alert, and what must not."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lmtop.hooks import schema
+from lmtop.tui import alert_settings
+from lmtop.tui.alert_settings import AlertSettings, SettingsError
+from lmtop.tui.alerts import EVAL_LOSS, GRAD_NORM, LOSS, LR, OTHER, AlertEngine, classify
+from lmtop.tui.detectors import RollingWindow
+
+RUN = "r"
+
+
+def message(
+    step: int | None, metrics: dict[str, float], rank: int = 0, t: float | None = None
+) -> schema.Message:
+    data: dict[str, Any] = {
+        "v": 1,
+        "run": RUN,
+        "rank": rank,
+        "world": 1,
+        "seq": 0,
+        "kind": "metrics",
+    }
+    return schema.Message(
+        RUN, rank, 1, 0, t if t is not None else float(step or 0), "metrics", step, metrics, data
+    )
+
+
+def start(config: dict[str, Any], rank: int = 0) -> schema.Message:
+    data = {"v": 1, "kind": "start", "info": {"config": config}}
+    return schema.Message(RUN, rank, 1, 0, 0.0, "start", None, {}, data)
+
+
+def feed(
+    series: dict[str, list[float]],
+    engine: AlertEngine | None = None,
+    config: dict[str, Any] | None = None,
+):
+    engine = engine or AlertEngine()
+    alerts = engine.feed(start(config or {}))
+    length = max(len(v) for v in series.values())
+    for step in range(length):
+        alerts += engine.feed(
+            message(step, {k: v[step] for k, v in series.items() if step < len(v)})
+        )
+    return alerts
+
+
+def noisy_loss(
+    steps: int, seed: int = 0, start_: float = 4.0, end: float = 2.0, noise: float = 0.03
+) -> list[float]:
+    rng = random.Random(seed)
+    return [end + (start_ - end) * math.exp(-i / 300) + rng.gauss(0, noise) for i in range(steps)]
+
+
+def of(alerts, kind):
+    return [a for a in alerts if a.type == kind]
+
+
+# -- spikes -------------------------------------------------------------------------------------
+
+
+def test_a_loss_spike_alerts_at_its_own_step_and_once() -> None:
+    loss = noisy_loss(600)
+    loss[400] += 1.0
+    loss[401] += 0.8  # a spike two steps long is one spike
+    spikes = of(feed({"loss": loss}), "spike")
+    assert [(a.step, a.metric, a.severity) for a in spikes] == [(400, "loss", "warning")]
+    assert spikes[0].value == loss[400] and spikes[0].baseline == pytest.approx(loss[399], abs=0.1)
+
+
+def test_a_clean_noisy_loss_and_a_fast_legitimate_drop_raise_nothing() -> None:
+    # Gaussian noise crosses 6 noise scales about 0.3 times in 10,000 steps.
+    alerts = [a for seed in range(5) for a in feed({"loss": noisy_loss(2000, seed)})]
+    assert len(alerts) <= 1
+    fast = [8.0 * math.exp(-i / 20) + 0.5 for i in range(300)]  # a loss that drops fast is fine
+    assert feed({"loss": fast}) == []
+
+
+def test_a_drop_is_not_a_loss_spike_but_throughput_can_be_asked_to_watch_drops() -> None:
+    loss = noisy_loss(600)
+    loss[300] -= 1.0
+    assert of(feed({"loss": loss}), "spike") == []
+    rng = random.Random(1)
+    throughput = [1000 + rng.gauss(0, 10) for _ in range(300)]
+    throughput[200] = 500
+    settings = AlertSettings().merged({"spike": {"metrics": {"tokens_per_second": "down"}}})
+    spikes = of(feed({"tokens_per_second": throughput}, AlertEngine(settings)), "spike")
+    assert [(a.step, a.metric) for a in spikes] == [(200, "tokens_per_second")]
+    assert "drop" in spikes[0].message
+
+
+def test_no_spike_in_the_first_steps_before_a_baseline_exists() -> None:
+    assert feed({"loss": [10.0, 2.0, 50.0, 3.0, 2.5, 100.0, 2.4]}) == []
+
+
+def test_a_constant_series_with_zero_mad_alerts_on_a_real_jump_only() -> None:
+    flat = [1.0] * 200
+    assert feed({"grad_norm": flat}) == []
+    tiny = [1.0] * 100 + [1.001] + [1.0] * 50  # 0.1 %: below the 1 %-of-level floor
+    assert of(feed({"grad_norm": tiny}), "spike") == []
+    jump = [1.0] * 100 + [3.0] + [1.0] * 50
+    assert [a.step for a in of(feed({"grad_norm": jump}), "spike")] == [100]
+
+
+def test_a_level_shift_is_one_alert_and_becomes_the_new_baseline() -> None:
+    rng = random.Random(3)
+    series = [1.0 + rng.gauss(0, 0.01) for _ in range(200)] + [
+        2.0 + rng.gauss(0, 0.01) for _ in range(300)
+    ]
+    assert [a.step for a in of(feed({"grad_norm": series}), "spike")] == [200]
+
+
+# -- non-finite ---------------------------------------------------------------------------------
+
+
+def test_nan_and_inf_are_critical_at_once_in_any_metric_and_once_per_episode() -> None:
+    loss = noisy_loss(50)
+    loss[3] = math.nan  # even in the first steps
+    other = [1.0] * 50
+    other[30] = math.inf
+    other[31] = math.inf
+    alerts = feed({"loss": loss, "my_metric": other})
+    assert [(a.type, a.metric, a.step, a.severity) for a in alerts] == [
+        ("nonfinite", "loss", 3, "critical"),
+        ("nonfinite", "my_metric", 30, "critical"),
+    ]
+    assert alerts[1].to_record()["value"] == "Infinity"  # valid JSON
+
+
+def test_non_finite_values_do_not_poison_the_baselines() -> None:
+    loss = noisy_loss(400)
+    for step in range(100, 400, 7):
+        loss[step] = math.nan
+    assert of(feed({"loss": loss}), "spike") == []
+
+
+# -- divergence ---------------------------------------------------------------------------------
+
+
+def test_a_loss_climbing_back_up_is_divergence() -> None:
+    loss = noisy_loss(1200)
+    for i in range(700, 1200):
+        loss[i] += (i - 700) * 0.01
+    alerts = of(feed({"loss": loss}), "divergence")
+    assert len(alerts) == 1 and 700 < alerts[0].step < 900 and alerts[0].severity == "critical"
+
+
+def test_a_warm_up_bump_and_a_noisy_plateau_are_not_divergence() -> None:
+    rng = random.Random(0)
+    bump = [3.0 + 0.5 * math.sin(i / 10) * (i < 60) + rng.gauss(0, 0.1) for i in range(1500)]
+    assert of(feed({"loss": bump}), "divergence") == []
+
+
+# -- overfitting and the diagnosis --------------------------------------------------------------
+
+
+def _curves(overfit: bool, evals: int = 12) -> tuple[dict[str, list[float]], AlertEngine]:
+    steps = evals * 100
+    loss = noisy_loss(steps, start_=3.0, end=1.0)
+    eval_loss = [math.nan] * steps  # NaN here means "no eval at this step"
+    for k in range(1, evals + 1):
+        step = 100 * k - 1
+        eval_loss[step] = (
+            1.0 + 2.0 * math.exp(-step / 300) + (0.15 * max(0, k - 6) if overfit else 0)
+        )
+    engine = AlertEngine()
+    engine.feed(start({}))
+    alerts = []
+    for step in range(steps):
+        metrics = {"loss": loss[step]}
+        alerts += engine.feed(message(step, metrics))
+        if not math.isnan(eval_loss[step]):  # evaluations arrive as their own messages
+            alerts += engine.feed(message(step, {"eval_loss": eval_loss[step]}))
+    return {"alerts": alerts}, engine  # type: ignore[dict-item]
+
+
+def test_eval_loss_rising_over_three_evaluations_while_training_loss_falls_is_overfitting() -> None:
+    result, engine = _curves(overfit=True)
+    alerts = of(result["alerts"], "overfitting")
+    assert [(a.step, a.metric) for a in alerts] == [(899, "eval_loss")]  # 3 rises after the 6th
+    assert engine.diagnosis(RUN).startswith("overfitting")
+
+
+def test_periodic_evaluation_gaps_raise_nothing_and_the_diagnosis_follows_the_curves() -> None:
+    engine = AlertEngine()
+    assert engine.diagnosis(RUN).startswith("not enough data")
+    result, engine = _curves(overfit=False, evals=2)
+    assert result["alerts"] == []
+    assert engine.diagnose(RUN).label == "not enough data"
+    result, engine = _curves(overfit=False, evals=4)
+    assert engine.diagnose(RUN).label == "underfitting"  # eval still falling fast
+    result, engine = _curves(overfit=False, evals=15)
+    assert result["alerts"] == [] and engine.diagnose(RUN).label == "fitting well"
+
+
+# -- clipping, learning rate, memory ------------------------------------------------------------
+
+
+def test_grad_norm_above_max_grad_norm_on_most_steps_is_clipping_saturation() -> None:
+    rng = random.Random(0)
+    norms = [0.5 + rng.random() * 0.3 for _ in range(200)] + [
+        1.5 + rng.random() for _ in range(200)
+    ]
+    alerts = of(feed({"grad_norm": norms}, config={"max_grad_norm": 1.0}), "clipping")
+    assert len(alerts) == 1 and 280 <= alerts[0].step <= 295
+    assert of(feed({"grad_norm": norms}), "clipping") == []  # no max_grad_norm known: no verdict
+
+
+def test_learning_rate_warm_up_ramp_and_decay_to_zero_are_fine_a_cut_to_zero_is_not() -> None:
+    warmup = [1e-4 * i / 100 for i in range(100)]  # starts at exactly 0
+    decay = [1e-4 * (1 - i / 900) for i in range(901)]  # ends at exactly 0
+    assert feed({"lr": warmup + decay}) == []
+    cut = warmup + [1e-4] * 200 + [0.0] * 50
+    alerts = feed({"learning_rate": cut})
+    assert [(a.type, a.step) for a in alerts] == [("learning_rate", 300)]
+    never = [0.0] * 300
+    assert [a.step for a in feed({"lr": never}, config={"warmup_steps": 50})] == [150]
+
+
+def test_memory_above_95_percent_of_a_known_total_alerts_once() -> None:
+    used = [60.0] * 50 + [96.0] * 20 + [80.0] * 10 + [97.0] * 5
+    alerts = feed({"memory_allocated": used, "memory_total": [100.0] * 85})
+    assert [(a.type, a.step) for a in alerts] == [("memory", 50), ("memory", 80)]
+    assert feed({"memory_allocated": used}) == []  # total unknown
+    assert feed({"gpu_mem_percent": [50.0, 99.0, 99.0]})[0].step == 1
+
+
+# -- time: stalls and stragglers ----------------------------------------------------------------
+
+
+class FakeRank:
+    def __init__(self, rank: int) -> None:
+        self.rank, self.last_seen, self.last_step, self.status = rank, 0.0, None, None
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+
+class FakeRun:
+    def __init__(self, world: int) -> None:
+        self.name, self.ranks, self.all_done = RUN, {r: FakeRank(r) for r in range(world)}, False
+
+
+def _drive(world: int, seconds_per_step, steps: int, until: float):
+    """Ranks publishing on a simulated clock; ``seconds_per_step(rank, step)`` (None: silent)."""
+    engine, run = AlertEngine(), FakeRun(world)
+    events = []
+    for rank in range(world):
+        t = 0.0
+        for step in range(steps):
+            pace = seconds_per_step(rank, step)
+            if pace is None:
+                break
+            t += pace
+            events.append((t, rank, step))
+    events.sort()
+    alerts, now, index = [], 0.0, 0
+    while now < until:
+        now += 1.0
+        while index < len(events) and events[index][0] <= now:
+            t, rank, step = events[index]
+            run.ranks[rank].last_seen, run.ranks[rank].last_step = t, step
+            alerts += engine.feed(message(step, {"loss": 2.0}, rank=rank, t=t))
+            index += 1
+        alerts += engine.tick(now, {"k": run})
+    return alerts
+
+
+def test_a_rank_silent_while_others_progress_is_stalled_once() -> None:
+    alerts = _drive(4, lambda r, s: None if (r == 2 and s >= 100) else 0.5, 1000, 400)
+    stalls = of(alerts, "stall")
+    assert [(a.rank, a.step, a.severity) for a in stalls] == [(2, 99, "critical")]
+    assert 30 <= stalls[0].value <= 32
+
+
+def test_steady_ranks_raise_nothing_and_a_slow_rank_is_a_straggler() -> None:
+    assert _drive(4, lambda r, s: 0.5 + 0.01 * r, 600, 290) == []
+    alerts = _drive(4, lambda r, s: 1.0 if (r == 1 and s >= 100) else 0.5, 1000, 300)
+    assert [(a.type, a.rank) for a in alerts] == [("straggler", 1)]
+    assert 100 <= (alerts[0].step or 0) <= 115
+
+
+def test_a_run_of_one_rank_has_no_stall_or_straggler() -> None:
+    assert _drive(1, lambda r, s: None if s >= 50 else 0.5, 100, 200) == []
+
+
+# -- names and settings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("loss", LOSS),
+        ("train/loss", LOSS),
+        ("train_loss", LOSS),
+        ("eval_loss", EVAL_LOSS),
+        ("eval/loss", EVAL_LOSS),
+        ("val_loss", EVAL_LOSS),
+        ("grad_norm", GRAD_NORM),
+        ("train/grad_norm", GRAD_NORM),
+        ("lr", LR),
+        ("learning_rate", LR),
+        ("lr-AdamW", OTHER),
+        ("loss_scale", OTHER),
+        ("epoch", OTHER),
+    ],
+)
+def test_metric_names_are_recognised(name: str, kind: int) -> None:
+    assert classify(name) == kind
+
+
+def test_settings_from_toml_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "lmtop.toml").write_text(
+        '[alerts.spike]\nthreshold = 9\nmetrics = { step_time = "up" }\n'
+    )
+    settings = alert_settings.load([str(runs)], overrides=["stall.min_seconds=60"])
+    assert settings.spike.threshold == 9.0 and settings.spike.metrics == {"step_time": "up"}
+    assert settings.stall.min_seconds == 60.0
+    assert alert_settings.load([str(runs)], overrides=["spike.threshold=7"]).spike.threshold == 7.0
+    with pytest.raises(SettingsError, match=r"spike\.treshold"):
+        alert_settings.load([], overrides=["spike.treshold=3"])
+    with pytest.raises(SettingsError, match="expected a number"):
+        alert_settings.load([], overrides=["spike.threshold=lots"])
+    (runs / "lmtop.toml").write_text("[alerts\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        alert_settings.load([str(runs)])
+    assert AlertEngine(AlertSettings(enabled=False)).feed(message(1, {"loss": math.nan})) == []
+
+
+def test_rolling_window_median_matches_a_sort() -> None:
+    rng = random.Random(0)
+    window, values = RollingWindow(7), []
+    for _ in range(100):
+        value = rng.random()
+        window.add(value)
+        values = ([*values, value])[-7:]
+        ordered = sorted(values)
+        n = len(ordered)
+        expected = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        assert window.median() == expected

@@ -1,0 +1,209 @@
+"""What happens beyond the screen when an alert fires: ``--on-alert CMD`` and critical snapshots.
+
+- :class:`AlertCommand` runs a shell command per alert with the alert's JSON record on stdin,
+  without waiting for it, at most ``per_minute`` times a minute (the rest are counted).
+- :class:`Snapshots` writes, around each critical alert, every metric of every rank of that run
+  from 50 steps before to 50 steps after, as JSON lines, into ``<run dir>/alerts/``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from lmtop.hooks import schema
+
+from .alert_settings import AlertSettings
+from .alerts import CRITICAL, Alert, AlertEngine
+
+SNAPSHOT_STEPS = 50
+MAX_RUNNING = 4
+
+
+class AlertCommand:
+    """Runs ``command`` for each alert, its JSON record on stdin; never blocks the viewer."""
+
+    def __init__(self, command: str, per_minute: int = 6) -> None:
+        self.command = command
+        self.per_minute = per_minute
+        self.skipped = 0
+        self.failed = 0
+        self._started: deque[float] = deque()
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, alert: Alert) -> bool:
+        """Starts the command for ``alert``; False when rate-limited or it could not start."""
+        now = time.monotonic()
+        while self._started and now - self._started[0] > 60.0:
+            self._started.popleft()
+        self._running = [p for p in self._running if p.poll() is None]
+        if len(self._started) >= self.per_minute or len(self._running) >= MAX_RUNNING:
+            self.skipped += 1
+            return False
+        try:
+            process = subprocess.Popen(
+                self.command,
+                shell=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            assert process.stdin is not None
+            # One record is far below a pipe's buffer: this write does not block.
+            process.stdin.write(orjson.dumps(alert.to_record()) + b"\n")
+            process.stdin.close()
+        except (OSError, ValueError):
+            self.failed += 1
+            return False
+        self._started.append(now)
+        self._running.append(process)
+        return True
+
+    def close(self) -> None:
+        """Reaps finished commands and reports what was skipped (running ones are left be)."""
+        self._running = [p for p in self._running if p.poll() is None]
+        if self.skipped or self.failed:
+            print(
+                f"lmtop: --on-alert: {self.skipped} alerts rate-limited, {self.failed} failed to start",
+                file=sys.stderr,
+            )
+
+
+class Snapshots:
+    """Every metric ±50 steps around each critical alert, written into the run's directory."""
+
+    def __init__(self) -> None:
+        self._recent: dict[tuple[str, int], deque[schema.Message]] = {}
+        self._pending: list[tuple[Alert, Path, list[schema.Message]]] = []
+        self._world: dict[str, int] = {}  # run -> its world size, from its messages
+        self.written: list[Path] = []
+        self.errors = 0
+
+    def observe(self, message: schema.Message) -> None:
+        """Takes every metrics message (before the alerts it raised are given)."""
+        if message.kind != schema.METRICS or message.step is None:
+            return
+        self._world[message.run] = max(message.world, self._world.get(message.run, 1))
+        key = (message.run, message.rank)
+        recent = self._recent.get(key)
+        if recent is None:
+            recent = self._recent[key] = deque(maxlen=4 * SNAPSHOT_STEPS)
+        recent.append(message)
+        for alert, _, lines in self._pending:
+            if alert.run == message.run and abs(message.step - (alert.step or 0)) <= SNAPSHOT_STEPS:
+                lines.append(message)
+        self._flush(done=False)
+
+    def alert(self, alert: Alert, run_dir: Path | None) -> None:
+        """Starts a snapshot for a critical alert of a run with a directory."""
+        if alert.severity != CRITICAL or run_dir is None or alert.step is None:
+            return
+        lines = [
+            m
+            for (run, _), recent in self._recent.items()
+            if run == alert.run
+            for m in recent
+            if m.step is not None and abs(m.step - alert.step) <= SNAPSHOT_STEPS
+        ]
+        self._pending.append((alert, run_dir, lines))
+
+    def close(self) -> None:
+        """Writes the snapshots still waiting for their 50 steps after."""
+        self._flush(done=True)
+
+    def _flush(self, done: bool) -> None:
+        keep = []
+        for alert, run_dir, lines in self._pending:
+            ranks_past = [
+                recent[-1].step
+                for (run, _), recent in self._recent.items()
+                if run == alert.run and recent
+            ]
+            # Complete once every rank of the run (not only those seen so far: a viewer may read
+            # rank 0's whole file before rank 1's) is 50 steps past the alert.
+            complete = len(ranks_past) >= self._world.get(alert.run, 1) and all(
+                (s or 0) >= (alert.step or 0) + SNAPSHOT_STEPS for s in ranks_past
+            )
+            if done or complete:
+                self._write(alert, run_dir, lines)
+            else:
+                keep.append((alert, run_dir, lines))
+        self._pending = keep
+
+    def _write(self, alert: Alert, run_dir: Path, lines: list[schema.Message]) -> None:
+        path = run_dir / "alerts" / f"{alert.type}-rank{alert.rank}-step{alert.step}.jsonl"
+        if path.exists():
+            return  # written by an earlier viewer of the same run
+        lines = sorted(
+            {(m.rank, m.seq): m for m in lines}.values(), key=lambda m: (m.step or 0, m.rank)
+        )
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "wb") as file:
+                file.write(orjson.dumps(alert.to_record()) + b"\n")
+                file.writelines(m.encode() for m in lines)
+        except OSError:
+            self.errors += 1
+            return
+        self.written.append(path)
+
+
+class Alerting:
+    """The engine, ``--on-alert`` and the snapshots together: what headless and the app both run.
+
+    ``feed`` and ``tick`` have the engine's signatures; ``runs`` is the Follower's mapping of runs
+    (objects with ``name`` and ``dir``), consulted for a run's directory when a snapshot starts.
+    """
+
+    def __init__(self, settings: AlertSettings, runs: Mapping[Any, Any]) -> None:
+        self.engine = AlertEngine(settings)
+        self.command = (
+            AlertCommand(settings.on_alert, settings.on_alert_per_minute)
+            if settings.on_alert
+            else None
+        )
+        self.snapshots = Snapshots() if settings.snapshots and settings.enabled else None
+        self._runs = runs
+
+    @property
+    def critical(self) -> bool:
+        """Whether any critical alert fired."""
+        return self.engine.critical
+
+    def feed(self, message: schema.Message) -> list[Alert]:
+        """The alerts ``message`` raised, after starting their commands and snapshots."""
+        alerts = self.engine.feed(message)
+        if self.snapshots is not None:
+            self.snapshots.observe(message)
+        return self._act(alerts)
+
+    def tick(self, now: float, runs: Mapping[Any, Any]) -> list[Alert]:
+        """Stalls and stragglers (see ``AlertEngine.tick``)."""
+        return self._act(self.engine.tick(now, runs))
+
+    def close(self) -> None:
+        """Writes the snapshots still open and reports rate-limited commands."""
+        if self.snapshots is not None:
+            self.snapshots.close()
+        if self.command is not None:
+            self.command.close()
+
+    def _act(self, alerts: list[Alert]) -> list[Alert]:
+        for alert in alerts:
+            if self.command is not None:
+                self.command(alert)
+            if self.snapshots is not None and alert.severity == CRITICAL:
+                self.snapshots.alert(alert, self._run_dir(alert.run))
+        return alerts
+
+    def _run_dir(self, name: str) -> Path | None:
+        for run in list(self._runs.values()):
+            if run.name == name:
+                return Path(run.dir) if run.dir is not None else None
+        return None

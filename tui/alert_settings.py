@@ -1,0 +1,292 @@
+"""Alert thresholds: documented defaults, a TOML file, and ``KEY=VALUE`` overrides from the CLI.
+
+Layers, each overriding the one before: the defaults below; the user's file
+(``$XDG_CONFIG_HOME/lmtop/lmtop.toml``, else ``~/.config/lmtop/lmtop.toml``); an ``lmtop.toml``
+beside the runs (in a folder of runs that was named, the parent of a named run directory, or the
+current directory); or, instead of those two, the file given with ``--config``; then
+``--alert-set section.key=value`` flags. A file holds the sections below, either at its top level
+or under ``[alerts]``::
+
+    [alerts.spike]
+    threshold = 6.0                 # × the robust noise scale (≈ MAD)
+    metrics = { tokens_per_second = "down" }   # added to loss and grad norm
+
+Reading TOML needs Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "lmtop.toml"
+
+
+class SettingsError(ValueError):
+    """A configuration file or override that cannot be used; the message says which and why."""
+
+
+@dataclass(slots=True)
+class SpikeSettings:
+    """Spikes: a value far from a robust rolling baseline, in the metric's bad direction."""
+
+    enabled: bool = True
+    threshold: float = 6.0  # × the median absolute residual (≈ MAD) of the recent window
+    window: int = 100  # residuals kept for the noise scale
+    level_window: int = 9  # recent values whose median is the expected level
+    warmup: int = 20  # points seen before the first alert
+    merge_steps: int = 5  # points back at baseline before a new spike is a new alert
+    log: bool = False  # judge positive series on a log scale (see benchmarks/README-alerts.md)
+    # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
+    metrics: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class NonFiniteSettings:
+    """NaN and ±Inf in any metric: critical, at once."""
+
+    enabled: bool = True
+    rearm_steps: int = 100  # finite values of that metric before another alert
+
+
+@dataclass(slots=True)
+class DivergenceSettings:
+    """The training loss's rolling median far above its best, or climbing."""
+
+    enabled: bool = True
+    window: int = 25  # values whose median is the loss's level
+    warmup: int = 100  # points before the best level counts
+    ratio: float = 0.3  # level above best by this fraction of best ...
+    noise: float = 8.0  # ... and by this many noise scales
+
+
+@dataclass(slots=True)
+class OverfittingSettings:
+    """Eval loss up over consecutive evaluations while the training loss falls."""
+
+    enabled: bool = True
+    evaluations: int = 3  # K consecutive rises
+    min_rise: float = 0.01  # and at least this fraction above the best eval loss
+
+
+@dataclass(slots=True)
+class ClippingSettings:
+    """Grad norm above the run's max_grad_norm on most recent steps."""
+
+    enabled: bool = True
+    window: int = 100
+    fraction: float = 0.9
+    min_points: int = 50
+
+
+@dataclass(slots=True)
+class LearningRateSettings:
+    """A learning rate that drops to zero after warm-up (non-finite is a NaN alert)."""
+
+    enabled: bool = True
+    abrupt_fraction: float = 0.05  # a cut to zero from above this fraction of the peak
+    zero_steps: int = 100  # zero since the start for this many points past warm-up
+
+
+@dataclass(slots=True)
+class MemorySettings:
+    """Device memory near its total, when the total is known."""
+
+    enabled: bool = True
+    fraction: float = 0.95
+    rearm_fraction: float = 0.9
+
+
+@dataclass(slots=True)
+class StallSettings:
+    """A live rank silent while the others progress."""
+
+    enabled: bool = True
+    min_seconds: float = 30.0
+    intervals: float = 10.0  # × the rank's median interval between steps
+
+
+@dataclass(slots=True)
+class StragglerSettings:
+    """A rank slower than the others, or behind the leading rank."""
+
+    enabled: bool = True
+    ratio: float = 1.5  # step time above this × the median of the other ranks
+    rearm_ratio: float = 1.25
+    lag_steps: int = 100  # steps behind the leading rank
+    window: int = 20  # step intervals in a rank's median step time
+
+
+@dataclass(slots=True)
+class AlertSettings:
+    """Every alert threshold; ``AlertSettings()`` holds the documented defaults."""
+
+    enabled: bool = True
+    spike: SpikeSettings = field(default_factory=SpikeSettings)
+    nonfinite: NonFiniteSettings = field(default_factory=NonFiniteSettings)
+    divergence: DivergenceSettings = field(default_factory=DivergenceSettings)
+    overfitting: OverfittingSettings = field(default_factory=OverfittingSettings)
+    clipping: ClippingSettings = field(default_factory=ClippingSettings)
+    learning_rate: LearningRateSettings = field(default_factory=LearningRateSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    stall: StallSettings = field(default_factory=StallSettings)
+    straggler: StragglerSettings = field(default_factory=StragglerSettings)
+    # Where alerts go.
+    on_alert: str | None = None  # shell command, the alert as JSON on its stdin
+    on_alert_per_minute: int = 6
+    snapshots: bool = True  # every metric ±50 steps around a critical alert, in the run dir
+
+    def merged(self, values: Mapping[str, Any], origin: str = "settings") -> AlertSettings:
+        """A copy with ``values`` (nested like the TOML file) applied; raises SettingsError."""
+        copy = dataclasses.replace(self)
+        for item in dataclasses.fields(copy):
+            value = getattr(copy, item.name)
+            if dataclasses.is_dataclass(value):
+                setattr(copy, item.name, dataclasses.replace(value))  # type: ignore[type-var]
+        _apply(copy, values, origin, "")
+        return copy
+
+
+def _apply(target: Any, values: Mapping[str, Any], origin: str, prefix: str) -> None:
+    known = {item.name: item for item in dataclasses.fields(target)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        where = f"{origin}: {prefix}{key}"
+        if name not in known:
+            raise SettingsError(f"{where}: unknown setting (known: {', '.join(sorted(known))})")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{where}: expected a table of settings")
+            _apply(current, value, origin, f"{prefix}{key}.")
+            continue
+        setattr(target, name, _coerce(current, value, where, name))
+
+
+def _coerce(current: Any, value: Any, where: str, name: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "false",
+            "1",
+            "0",
+            "yes",
+            "no",
+            "on",
+            "off",
+        ):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise SettingsError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(current, dict):
+        if isinstance(value, str):  # from a flag: "loss=up,tokens_per_second=down"
+            value = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+        if not isinstance(value, Mapping) or any(
+            v not in ("up", "down", "both") for v in value.values()
+        ):
+            raise SettingsError(f'{where}: expected metric = "up" | "down" | "both"')
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(current, int):
+        try:
+            number = int(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 0:
+            raise SettingsError(f"{where}: expected a whole number ≥ 0, got {value!r}")
+        return number
+    if isinstance(current, float):
+        try:
+            number_ = float(value) if not isinstance(value, bool) else -1.0
+        except (TypeError, ValueError):
+            number_ = -1.0
+        if not number_ >= 0:
+            raise SettingsError(f"{where}: expected a number ≥ 0, got {value!r}")
+        return number_
+    if value is None or isinstance(value, str):
+        return value or None
+    raise SettingsError(f"{where}: expected text, got {value!r}")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"spike.threshold=8"`` as ``{"spike": {"threshold": "8"}}`` (coerced when applied)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SettingsError(f"--alert-set {text!r}: expected SECTION.KEY=VALUE")
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value.strip()
+    return nested
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The alert settings table of a TOML file (its ``[alerts]`` table, or the whole file)."""
+    try:
+        import tomllib as toml
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as toml
+        except ModuleNotFoundError:
+            raise SettingsError(
+                f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`"
+            ) from None
+    try:
+        with open(path, "rb") as file:
+            data = toml.load(file)
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+    except toml.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    table = data.get("alerts", data)
+    if not isinstance(table, dict):
+        raise SettingsError(f"{path}: [alerts] must be a table")
+    return table
+
+
+def config_files(paths: Sequence[str] = ()) -> list[Path]:
+    """The TOML files that apply, user-wide first, then the one beside the runs."""
+    found = []
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    user = Path(base) / "lmtop" / CONFIG_NAME
+    if user.is_file():
+        found.append(user)
+    for folder in _beside(paths):
+        candidate = folder / CONFIG_NAME
+        if candidate.is_file():
+            if candidate.resolve() != user.resolve():
+                found.append(candidate)
+            break
+    return found
+
+
+def _beside(paths: Sequence[str]) -> Iterable[Path]:
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            path = path.parent
+        yield path
+        yield path.parent
+    yield Path(os.environ.get("LMTOP_DIR") or "lmtop_runs")
+    yield Path.cwd()
+
+
+def load(
+    paths: Sequence[str] = (),
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+) -> AlertSettings:
+    """The settings that apply to a viewer of ``paths``; raises SettingsError with the reason."""
+    settings = AlertSettings()
+    files = [Path(config)] if config else config_files(paths)
+    for path in files:
+        settings = settings.merged(read_toml(path), origin=str(path))
+    for text in overrides:
+        settings = settings.merged(parse_override(text), origin="--alert-set")
+    return settings

@@ -1,0 +1,263 @@
+"""Streaming detectors for one series of one rank: constant work per point, bounded state.
+
+Each detector is fed the finite values of one metric in step order and answers whether a *new*
+episode starts at this point (one spike is one alert, however many points it spans), together
+with the value and the baseline it was judged against. They know nothing of runs or messages;
+:mod:`lmtop.tui.alerts` routes metrics to them and words the alerts.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import dataclass
+
+from .alert_settings import (
+    ClippingSettings,
+    DivergenceSettings,
+    LearningRateSettings,
+    SpikeSettings,
+)
+
+UP, DOWN, BOTH = "up", "down", "both"
+SCALE_FLOOR = 0.01  # the noise scale is never taken below 1% of the level (constant series)
+
+
+class RollingWindow:
+    """The last ``size`` values with their median in O(1) and O(size) memmove per update."""
+
+    __slots__ = ("_order", "_sorted", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._order: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, value: float) -> None:
+        """Adds a value, dropping the oldest when full."""
+        if len(self._order) == self.size:
+            old = self._order.popleft()
+            del self._sorted[bisect_left(self._sorted, old)]
+        self._order.append(value)
+        insort(self._sorted, value)
+
+    def median(self) -> float:
+        """The median of the values held (NaN when empty)."""
+        values, count = self._sorted, len(self._sorted)
+        if not count:
+            return math.nan
+        middle = count // 2
+        return values[middle] if count % 2 else 0.5 * (values[middle - 1] + values[middle])
+
+    def clear(self) -> None:
+        """Forgets every value."""
+        self._order.clear()
+        self._sorted.clear()
+
+
+@dataclass(slots=True)
+class Finding:
+    """A new episode: the value that started it and the baseline it was judged against."""
+
+    value: float
+    baseline: float
+    scale: float = 0.0  # the noise scale (spikes) or margin (divergence) used
+    size: float = 0.0  # spikes: the deviation in noise scales
+
+
+class SpikeDetector:
+    """A point far from the expected level, in the metric's bad direction.
+
+    The expected level is the median of the last ``level_window`` accepted values (a short window:
+    it follows a fast-falling loss with little lag); the noise scale is the median of the last
+    ``window`` absolute residuals against that level, a MAD that a trend does not inflate. A point
+    is a spike when its residual exceeds ``threshold`` scales. Positive series are judged on a log
+    scale (``log = true``): a loss near zero or a grad norm is noisy in proportion to its level,
+    and a one-sided heavy tail of natural outliers there would otherwise cry wolf. Spikes do not
+    enter the baseline, so a long one stays one alert; a shift that persists for ``level_window``
+    points becomes the new level.
+    """
+
+    __slots__ = (
+        "_calm",
+        "_in_spike",
+        "_level",
+        "_log",
+        "_outliers",
+        "_residuals",
+        "_seen",
+        "direction",
+        "s",
+    )
+
+    def __init__(self, settings: SpikeSettings, direction: str = UP) -> None:
+        self.s = settings
+        self.direction = direction
+        self._log = settings.log
+        self._level = RollingWindow(settings.level_window)
+        self._residuals = RollingWindow(settings.window)
+        self._seen = 0
+        self._in_spike = False
+        self._calm = 0
+        self._outliers = 0
+
+    def update(self, value: float) -> Finding | None:
+        """Takes the next finite value; returns a Finding when a new spike starts here."""
+        if self._log and value <= 0:  # not a positive series after all: judge it as it is
+            self._log = False
+            self._level.clear()
+            self._residuals.clear()
+            self._seen = 0
+        x = math.log(value) if self._log else value
+        self._seen += 1
+        if len(self._level) < 3:
+            self._level.add(x)
+            return None
+        level = self._level.median()
+        residual = x - level
+        floor = SCALE_FLOOR * (1.0 if self._log else abs(level))
+        scale = max(self._residuals.median() if self._residuals else 0.0, floor)
+        if self.direction == UP:
+            deviation = residual
+        elif self.direction == DOWN:
+            deviation = -residual
+        else:
+            deviation = abs(residual)
+        s = self.s
+        ready = self._seen > s.warmup and len(self._residuals) >= min(s.warmup, s.window)
+        if ready and scale > 0 and deviation > s.threshold * scale:
+            self._outliers += 1
+            self._calm = 0
+            if self._outliers >= s.level_window:  # not a spike: the level moved
+                self._level.add(x)
+            if self._in_spike:
+                return None
+            self._in_spike = True
+            baseline = math.exp(level) if self._log else level
+            return Finding(value, baseline, scale, deviation / scale)
+        self._outliers = 0
+        self._level.add(x)
+        self._residuals.add(abs(residual))
+        if self._in_spike:
+            self._calm += 1
+            if self._calm >= s.merge_steps:
+                self._in_spike = False
+        return None
+
+
+class DivergenceDetector:
+    """The training loss's rolling median far above the best it reached, after warm-up."""
+
+    __slots__ = ("_best", "_diverging", "_level", "_residuals", "_seen", "s")
+
+    def __init__(self, settings: DivergenceSettings) -> None:
+        self.s = settings
+        self._level = RollingWindow(settings.window)
+        self._residuals = RollingWindow(100)
+        self._best = math.inf
+        self._seen = 0
+        self._diverging = False
+
+    def update(self, value: float) -> Finding | None:
+        """Takes the next finite loss; returns a Finding when divergence starts here."""
+        self._seen += 1
+        if self._level:
+            self._residuals.add(abs(value - self._level.median()))
+        self._level.add(value)
+        if self._seen < max(self.s.warmup, self.s.window):
+            return None
+        level = self._level.median()
+        if level < self._best:
+            self._best = level
+        margin = max(self.s.ratio * abs(self._best), self.s.noise * self._residuals.median())
+        if not self._diverging and level > self._best + margin:
+            self._diverging = True
+            return Finding(level, self._best, margin)
+        if self._diverging and level < self._best + margin / 2:
+            self._diverging = False
+        return None
+
+
+class ClippingDetector:
+    """Grad norm above ``max_grad_norm`` on most of the recent steps."""
+
+    __slots__ = ("_above", "_flags", "_saturated", "max_norm", "s")
+
+    def __init__(self, settings: ClippingSettings, max_norm: float) -> None:
+        self.s = settings
+        self.max_norm = max_norm
+        self._flags: deque[bool] = deque(maxlen=settings.window)
+        self._above = 0
+        self._saturated = False
+
+    def update(self, grad_norm: float) -> Finding | None:
+        """Takes the next finite grad norm; returns a Finding when saturation starts here."""
+        if len(self._flags) == self._flags.maxlen and self._flags[0]:
+            self._above -= 1
+        above = grad_norm > self.max_norm
+        self._flags.append(above)
+        self._above += above
+        if len(self._flags) < self.s.min_points:
+            return None
+        fraction = self._above / len(self._flags)
+        if not self._saturated and fraction >= self.s.fraction:
+            self._saturated = True
+            return Finding(fraction, self.max_norm)
+        if self._saturated and fraction < 0.5:
+            self._saturated = False
+        return None
+
+
+class LearningRateDetector:
+    """A learning rate at zero after warm-up: cut abruptly, or never raised from zero."""
+
+    __slots__ = ("_alerted", "_peak", "_previous", "s", "warmup_steps")
+
+    def __init__(self, settings: LearningRateSettings, warmup_steps: int = 0) -> None:
+        self.s = settings
+        self.warmup_steps = warmup_steps
+        self._peak = 0.0
+        self._previous: float | None = None
+        self._alerted = False
+
+    def update(self, rate: float, step: int) -> Finding | None:
+        """Takes the next finite learning rate; returns a Finding when it is newly stuck at zero."""
+        previous, self._previous = self._previous, rate
+        if rate > 0:
+            self._peak = max(self._peak, rate)
+            self._alerted = False
+            return None
+        if self._alerted:
+            return None
+        if self._peak > 0:
+            # A schedule that decays to zero gets there from a small value; a cut does not.
+            if previous is not None and previous > self.s.abrupt_fraction * self._peak:
+                self._alerted = True
+                return Finding(rate, previous)
+            return None
+        if step >= self.warmup_steps + self.s.zero_steps:
+            self._alerted = True
+            return Finding(rate, 0.0)
+        return None
+
+
+class Latch:
+    """An episode flag with hysteresis: on above ``high``, off again below ``low``."""
+
+    __slots__ = ("high", "low", "on")
+
+    def __init__(self, high: float, low: float) -> None:
+        self.high, self.low, self.on = high, low, False
+
+    def update(self, value: float) -> bool:
+        """True when ``value`` starts a new episode."""
+        if not self.on and value > self.high:
+            self.on = True
+            return True
+        if self.on and value < self.low:
+            self.on = False
+        return False

@@ -1,0 +1,142 @@
+"""Training loss against eval loss: the overfitting alert and the run's learning-curve diagnosis.
+
+Evaluations are sparse (every few hundred steps) and the training loss is noisy, so each
+evaluation is paired with the training loss's rolling median at that moment. Overfitting is the
+eval loss rising over K consecutive evaluations, to at least ``min_rise`` above its best, while
+the training loss did not rise over the same evaluations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .alert_settings import OverfittingSettings
+from .detectors import Finding, RollingWindow
+
+MAX_EVALS = 64  # recent evaluations kept; the best one is kept apart
+TRAIN_WINDOW = 25
+
+
+@dataclass(slots=True, frozen=True)
+class Evaluation:
+    """One eval loss with the training loss's level when it arrived."""
+
+    step: int
+    eval_loss: float
+    train_loss: float  # NaN before any training loss
+
+
+@dataclass(slots=True, frozen=True)
+class Diagnosis:
+    """The learning-curve verdict: ``label`` is one of :data:`LABELS`, ``reason`` says why."""
+
+    label: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.reason}"
+
+
+NOT_ENOUGH_DATA, UNDERFITTING, OVERFITTING, FITTING_WELL = (
+    "not enough data",
+    "underfitting",
+    "overfitting",
+    "fitting well",
+)
+LABELS = (NOT_ENOUGH_DATA, UNDERFITTING, OVERFITTING, FITTING_WELL)
+MIN_EVALS = 3
+
+
+class LearningCurve:
+    """One rank's training and eval losses, reduced to what the verdicts need."""
+
+    __slots__ = ("_alerted", "_train", "best", "evals", "first", "s")
+
+    def __init__(self, settings: OverfittingSettings) -> None:
+        self.s = settings
+        self._train = RollingWindow(TRAIN_WINDOW)
+        self.evals: deque[Evaluation] = deque(maxlen=MAX_EVALS)
+        self.best: Evaluation | None = None
+        self.first: Evaluation | None = None
+        self._alerted = False
+
+    @property
+    def train_level(self) -> float:
+        """The training loss's rolling median (NaN before any)."""
+        return self._train.median()
+
+    def train(self, loss: float) -> None:
+        """Takes a finite training loss."""
+        self._train.add(loss)
+
+    def evaluate(self, eval_loss: float, step: int) -> Finding | None:
+        """Takes a finite eval loss; returns a Finding when overfitting starts here."""
+        point = Evaluation(step, eval_loss, self.train_level)
+        self.evals.append(point)
+        if self.first is None:
+            self.first = point
+        if self.best is None or eval_loss < self.best.eval_loss:
+            self.best = point
+            self._alerted = False
+            return None
+        k = self.s.evaluations
+        if self._alerted or len(self.evals) <= k:
+            return None
+        recent = list(self.evals)[-(k + 1) :]
+        rising = all(b.eval_loss > a.eval_loss for a, b in itertools.pairwise(recent))
+        floor = self.best.eval_loss + self.s.min_rise * abs(self.best.eval_loss)
+        train_then, train_now = recent[0].train_loss, recent[-1].train_loss
+        train_not_rising = not (train_now > train_then)  # NaN (no training loss) counts as falling
+        if rising and eval_loss >= floor and train_not_rising:
+            self._alerted = True
+            return Finding(eval_loss, self.best.eval_loss)
+        return None
+
+    def diagnose(self) -> Diagnosis:
+        """Underfitting, overfitting, fitting well, or not enough data, with the reason."""
+        count = len(self.evals)
+        if count < MIN_EVALS or self.best is None or self.first is None:
+            return Diagnosis(
+                NOT_ENOUGH_DATA,
+                f"{count} evaluation{'s' * (count != 1)} so far, {MIN_EVALS} needed",
+            )
+        last = self.evals[-1]
+        best = self.best
+        rise = _relative(last.eval_loss, best.eval_loss)
+        if best is not last and rise >= self.s.min_rise:
+            train_change = _relative(last.train_loss, best.train_loss)
+            if not train_change > 0:
+                fell = (
+                    ""
+                    if math.isnan(train_change)
+                    else f" while training loss fell {-train_change:.0%}"
+                )
+                return Diagnosis(
+                    OVERFITTING,
+                    f"eval loss {rise:.0%} above its best (step {best.step}){fell}",
+                )
+        earlier = self.evals[-MIN_EVALS]
+        eval_drop = -_relative(last.eval_loss, earlier.eval_loss)
+        gap = _relative(last.eval_loss, last.train_loss)
+        improving = eval_drop > 0.02
+        if improving and not gap > 0.1:
+            return Diagnosis(
+                UNDERFITTING,
+                f"eval loss still falling ({eval_drop:.0%} over the last {MIN_EVALS - 1} "
+                "evaluations) with training loss close to it: train longer or add capacity",
+            )
+        gap_text = "" if math.isnan(gap) else f", eval {gap:+.0%} against training loss"
+        return Diagnosis(
+            FITTING_WELL,
+            f"eval loss {last.eval_loss:.4g} within {max(rise, 0.0):.1%} of its best{gap_text}",
+        )
+
+
+def _relative(value: float, reference: float) -> float:
+    """(value - reference) / |reference|, NaN when undefined."""
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return math.nan
+    return (value - reference) / abs(reference)

@@ -1,0 +1,154 @@
+"""Stalled ranks and stragglers: the alerts that come from time, not from a metric's value.
+
+Step pace is measured on the publisher's clock (the ``t`` of consecutive metrics messages, per
+step), so a viewer that reads an hour of history in one second still sees each rank's true pace.
+Silence is measured on the viewer's clock (a Follower's ``RankState.last_seen``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .alert_settings import StallSettings, StragglerSettings
+from .detectors import Latch, RollingWindow
+
+
+class RankView(Protocol):
+    """What the detectors read of a Follower's RankState."""
+
+    rank: int
+    last_seen: float
+    last_step: int | None
+
+    @property
+    def done(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Pace:
+    """One rank's stepping pace on the publisher's clock."""
+
+    window: int = 20
+    step: int | None = None
+    t: float | None = None
+    intervals: RollingWindow = field(init=False)
+    stalled_at: float | None = None  # the last_seen of the silence already reported
+    slow: Latch = field(default_factory=lambda: Latch(math.inf, 0.0))
+    behind: Latch = field(default_factory=lambda: Latch(math.inf, 0.0))
+    straggling: bool = False  # an episode (slow, behind or both) already reported
+
+    def __post_init__(self) -> None:
+        self.intervals = RollingWindow(self.window)
+
+    def update(self, step: int, t: float) -> None:
+        """Takes a metrics message's step and publisher time."""
+        if self.step is not None and self.t is not None and step > self.step and t >= self.t:
+            self.intervals.add((t - self.t) / (step - self.step))
+        if self.step is None or step >= self.step:
+            self.step, self.t = step, t
+
+    @property
+    def step_seconds(self) -> float:
+        """The median seconds per step (NaN until measured)."""
+        return self.intervals.median()
+
+
+@dataclass(slots=True, frozen=True)
+class Stall:
+    """A rank silent for ``silent`` seconds, beyond ``limit``, while another rank progressed."""
+
+    rank: int
+    step: int | None
+    silent: float
+    limit: float
+
+
+@dataclass(slots=True, frozen=True)
+class Straggle:
+    """A rank slower than the others (``kind`` "slow", ratio of step times) or behind ("lag")."""
+
+    rank: int
+    step: int | None
+    kind: str
+    value: float
+    baseline: float
+
+
+def stalls(
+    now: float, ranks: Iterable[RankView], paces: dict[int, Pace], s: StallSettings
+) -> list[Stall]:
+    """The ranks of one live run newly found silent while another progresses."""
+    live = [r for r in ranks if not r.done]
+    found = []
+    for rank in live:
+        pace = paces.get(rank.rank)
+        if pace is None:
+            continue
+        if pace.stalled_at is not None and pace.stalled_at != rank.last_seen:
+            pace.stalled_at = None  # it spoke again
+        interval = pace.step_seconds
+        limit = max(s.min_seconds, s.intervals * interval if interval == interval else 0.0)
+        silent = now - rank.last_seen
+        if silent <= limit or pace.stalled_at is not None:
+            continue
+        if any(
+            o.last_seen > rank.last_seen and now - o.last_seen <= limit
+            for o in live
+            if o is not rank
+        ):
+            pace.stalled_at = rank.last_seen
+            found.append(Stall(rank.rank, rank.last_step, silent, limit))
+    return found
+
+
+def stragglers(
+    ranks: Iterable[RankView], paces: dict[int, Pace], s: StragglerSettings
+) -> list[Straggle]:
+    """The ranks of one live run newly found slower than the others or far behind the leader."""
+    live = [(r, paces[r.rank]) for r in ranks if not r.done and r.rank in paces]
+    if len(live) < 2:
+        return []
+    found: dict[int, Straggle] = {}
+    measured = [
+        (r, p, p.step_seconds) for r, p in live if len(p.intervals) >= max(2, s.window // 2)
+    ]
+    for rank, pace, seconds in measured:
+        others = sorted(x for o, _, x in measured if o is not rank)
+        if not others:
+            break
+        typical = _median(others)
+        pace.slow.high, pace.slow.low = s.ratio, s.rearm_ratio
+        if typical > 0 and pace.slow.update(seconds / typical):
+            found[rank.rank] = Straggle(rank.rank, pace.step, "slow", seconds, typical)
+    stepped = [(r, p) for r, p in live if p.step is not None and p.t is not None]
+    if len(stepped) >= 2:
+        leader = max(stepped, key=lambda rp: rp[1].step or 0)[1]
+        for rank, pace in stepped:
+            assert pace.step is not None and pace.t is not None and leader.step is not None
+            # Compare ranks at the same moment of the publisher's clock: a rank whose last message
+            # is much older is stalled (the stall alert) or not read yet (history loading).
+            interval = leader.step_seconds
+            near = max(30.0, 10 * interval) if interval == interval else 30.0
+            if leader.t is None or abs(leader.t - pace.t) > near:
+                continue
+            lag = leader.step - pace.step
+            pace.behind.high, pace.behind.low = s.lag_steps, s.lag_steps / 2
+            if pace.behind.update(lag) and rank.rank not in found:
+                found[rank.rank] = Straggle(
+                    rank.rank, pace.step, "lag", float(lag), float(leader.step)
+                )
+    # One alert per episode: a rank slow and then behind is one straggler.
+    out = []
+    for rank, pace in live:
+        if rank.rank in found and not pace.straggling:
+            out.append(found[rank.rank])
+        pace.straggling = pace.slow.on or pace.behind.on
+    return out
+
+
+def _median(values: list[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
