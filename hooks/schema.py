@@ -156,8 +156,9 @@ def decode(line: bytes | str) -> Message:
                 f"protocol v{version} is not supported by this lmtop (it speaks v{PROTOCOL_VERSION})"
             )
         raise BadMessage("missing or invalid protocol version 'v'")
-    run, rank, world, seq = data.get("run"), data.get("rank"), data.get("world"), data.get("seq")
-    t, kind, step = data.get("t"), data.get("kind"), data.get("step")
+    get = data.get
+    run, rank, world, seq = get("run"), get("rank"), get("world"), get("seq")
+    t, kind, step = get("t"), get("kind"), get("step")
     if type(run) is not str or not run or len(run) > MAX_NAME_CHARS:
         raise BadMessage("invalid 'run'")
     if type(rank) is not int or not 0 <= rank < MAX_RANK:
@@ -166,23 +167,29 @@ def decode(line: bytes | str) -> Message:
         raise BadMessage("invalid 'world'")
     if type(seq) is not int or seq < 0:
         raise BadMessage("invalid 'seq'")
-    if type(t) is int:
-        t = data["t"] = float(t)
-    if type(t) is not float or not math.isfinite(t):
-        raise BadMessage("invalid 't'")
+    if type(t) is not float or t - t != 0.0:
+        if type(t) is int:
+            t = data["t"] = float(t)
+        else:
+            raise BadMessage("invalid 't'")
     if kind not in KINDS:
         raise BadMessage(f"unknown kind {str(kind)[:40]!r}")
     if step is not None and type(step) is not int:
         raise BadMessage("invalid 'step'")
     metrics: dict[str, float] = {}
-    raw = data.get("m")
+    raw = get("m")
     if raw is not None:
         if type(raw) is not dict:
             raise BadMessage("invalid 'm'")
-        for name, value in raw.items():
-            number_ = _metric_value(value)
-            if number_ is not None and len(name) <= MAX_NAME_CHARS:
-                metrics[name] = number_
-        if len(metrics) != len(raw):
-            data["m"] = {name: finite_or_token(v) for name, v in metrics.items()}
+        if all(type(v) is float for v in raw.values()) and (
+            not raw or max(map(len, raw)) <= MAX_NAME_CHARS
+        ):
+            metrics = raw  # the common case, all finite floats: nothing to convert or drop
+        else:
+            for name, value in raw.items():
+                number_ = _metric_value(value)
+                if number_ is not None and len(name) <= MAX_NAME_CHARS:
+                    metrics[name] = number_
+            if len(metrics) != len(raw):
+                data["m"] = {name: finite_or_token(v) for name, v in metrics.items()}
     return Message(run, rank, world, seq, t, kind, step, metrics, data)

@@ -54,7 +54,7 @@ n        switch runs
 b        terminal bell on critical alerts: on / off
 
 Charts draw each terminal column's min and max from the full series: no spike is hidden.
-Red ✕ marks are NaN/Inf steps, yellow lines alert steps, a red line the clipping threshold.
+Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red line the clipping threshold.
 """
 
 
@@ -131,6 +131,7 @@ class LmtopApp(App[int]):
         self.store = Store()
         self.options = ViewOptions()
         self.refresh_hz = refresh_hz
+        self.drawn_at = 0.0  # monotonic time of the last frame
         self.engine = alerts
         self.alerts: list[Any] = []
         self.lock = threading.Lock()
@@ -157,7 +158,9 @@ class LmtopApp(App[int]):
 
     def on_mount(self) -> None:
         self.follow()
-        self.set_interval(1 / self.refresh_hz, self.redraw)
+        # Checked often, drawn at most refresh_hz times a second: new data waits at most 50 ms
+        # for a frame (not a whole period), and the frame rate stays capped.
+        self.set_interval(min(0.05, 1 / self.refresh_hz), self._tick)
         self.query(Chart).first().focus()
         self.call_after_refresh(self.layout_charts)
 
@@ -245,11 +248,20 @@ class LmtopApp(App[int]):
 
     # -- drawing --------------------------------------------------------------------------------
 
+    def _tick(self) -> None:
+        # While a long history is read, a frame a second shows progress; drawing more often
+        # would slow the reading down (both need the one interpreter lock).
+        catching_up = getattr(self.source, "catching_up", False)
+        period = max(1.0, 1 / self.refresh_hz) if catching_up else 1 / self.refresh_hz
+        if time.monotonic() - self.drawn_at >= period:
+            self.redraw()
+
     def redraw(self, force: bool = False) -> None:
         """Redraws the visible charts, the header and the tables if something changed."""
         if (self.paused and not force) or not (self.dirty or force):
             return
         started = time.perf_counter()
+        self.drawn_at = time.monotonic()
         with self.lock:
             self.dirty = False
             run = self.current_run()

@@ -99,6 +99,10 @@ class Line:
     y: list[float]
     color: str
     faint: bool = False
+    # "dot" (one cell per point) for the raw min-max envelope: braille would rasterise each
+    # column's whole min-max span at 2x4 dots per cell, which for a noisy series costs plotext
+    # ~10x more (benchmarks/README.md); the thin smoothed line keeps braille's resolution.
+    marker: str = "braille"
 
 
 @dataclass(slots=True)
@@ -238,7 +242,7 @@ def _envelope(pic: Picture, cols: Columns, label: str, color: str, options: View
             y += [low, high]
     _include(pic, cols.low + cols.high, options)
     smoothing = options.smoothing > 0 and len(cols.mean) > 2
-    pic.lines.append(Line(label, x, y, color, faint=smoothing))
+    pic.lines.append(Line(label, x, y, color, faint=smoothing, marker="dot"))
     if smoothing:
         pic.lines.append(
             Line(f"{label} (smoothed)", list(cols.x), smooth(cols.mean, options.smoothing), color)
@@ -304,7 +308,7 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
         if not points:
             continue
         xs, ys = zip(*points)
-        kwargs: dict[str, Any] = {"marker": "braille"}
+        kwargs: dict[str, Any] = {"marker": line.marker}
         if color:
             kwargs["color"] = "gray" if line.faint else line.color
         plt.plot(list(xs), list(ys), **kwargs)
@@ -315,11 +319,18 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
         high = low + (abs(low) * 0.1 or 1.0)
     for y, _why in pic.hlines:
         plt.hline(math.log10(y) if log else y, "red" if color else None)
-    for x, why in pic.marks:
-        plt.vline(x, ("red" if why != "alert" else "yellow") if color else None)
-    if any(why in ("nan", "inf") for _x, why in pic.marks):
-        bad = [x for x, why in pic.marks if why in ("nan", "inf")]
+    # NaN/Inf steps: a red line through the plot and an x on top, as the value has no y. Alert
+    # steps: a yellow ▼ on the top edge only, so that a run with many alerts stays readable.
+    bad = [x for x, why in pic.marks if why in ("nan", "inf")]
+    for x in bad:
+        plt.vline(x, "red" if color else None)
+    if bad:
         plt.scatter(bad, [high] * len(bad), marker="x", **({"color": "red"} if color else {}))
+    alerted = [x for x, why in pic.marks if why == "alert"]
+    if alerted:
+        plt.scatter(
+            alerted, [high] * len(alerted), marker="▼", **({"color": "yellow"} if color else {})
+        )
     plt.ylim(low, high)
     plt.xlim(pic.x_low, pic.x_high)
     if log:

@@ -180,6 +180,11 @@ class Follower:
         return out
 
     @property
+    def catching_up(self) -> bool:
+        """Whether files hold more than the last poll returned (a long history being read)."""
+        return bool(self._backlog)
+
+    @property
     def done(self) -> bool:
         """Whether nothing more will come: every run ended, or one pass was read without follow."""
         if self._backlog or not self._scanned_once:

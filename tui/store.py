@@ -186,31 +186,43 @@ class Store:
         self.points = 0
 
     def add(self, messages: Iterable[schema.Message]) -> int:
-        """Adds the metrics messages of a batch; returns the number of points added."""
-        pending: dict[tuple[str, int, str], tuple[list[int], list[float], list[float]]] = {}
+        """Adds the metrics messages of a batch; returns the number of points added.
+
+        Consecutive messages of one rank with the same metric names (the usual case) are added
+        as one group: one list of steps and times shared by its series, one list per metric.
+        """
         added = 0
+        group: list[schema.Message] = []
         for message in messages:
-            if message.kind != schema.METRICS or message.step is None:
+            if message.kind != schema.METRICS or message.step is None or not message.m:
                 continue
-            run, rank, step, t = message.run, message.rank, message.step, message.t
-            self.last_step[(run, rank)] = step
-            for name, value in message.m.items():
-                key = (run, rank, name)
-                lists = pending.get(key)
-                if lists is None:
-                    lists = pending[key] = ([], [], [])
-                lists[0].append(step)
-                lists[1].append(t)
-                lists[2].append(value)
-                added += 1
-        for key, (steps, times, values) in pending.items():
+            if group and not (
+                message.rank == group[0].rank
+                and message.run == group[0].run
+                and message.m.keys() == group[0].m.keys()
+            ):
+                added += self._add_group(group)
+                group = []
+            group.append(message)
+        if group:
+            added += self._add_group(group)
+        self.points += added
+        return added
+
+    def _add_group(self, group: list[schema.Message]) -> int:
+        first = group[0]
+        run, rank = first.run, first.rank
+        self.last_step[(run, rank)] = group[-1].step
+        steps = [m.step for m in group]
+        times = [m.t for m in group]
+        for name in first.m:
+            key = (run, rank, name)
             series = self.series.get(key)
             if series is None:
                 series = self.series[key] = Series()
-                self.metrics.setdefault(key[0], set()).add(key[2])
-            series.extend(steps, times, values)
-        self.points += added
-        return added
+                self.metrics.setdefault(run, set()).add(name)
+            series.extend(steps, times, [m.m[name] for m in group])
+        return len(group) * len(first.m)
 
     def ranks(self, run: str, metric: str) -> list[int]:
         """The ranks that published ``metric`` in ``run``."""

@@ -48,8 +48,8 @@ class Chart(PlotextPlot, can_focus=True):
 
     @property
     def columns(self) -> int:
-        """How many data columns fit: braille gives two per character cell."""
-        return max(8, 2 * (self.size.width - 12))
+        """How many data columns fit: one per character cell of the plot area."""
+        return max(8, self.size.width - 12)
 
 
 @dataclass(slots=True)
