@@ -3,14 +3,14 @@
     python benchmarks/viewer.py            # everything (about two minutes)
     python benchmarks/viewer.py frame 1000000
     python benchmarks/viewer.py first-frame
-    python benchmarks/viewer.py terminal
+    python benchmarks/viewer.py terminal [REDRAWS_PER_SECOND]
 
 Frame: one run, one rank, 4 series of N points each, 160x48; the time to compute every visible
 chart's picture and build its plotext text (what a redraw costs, without the terminal write).
 Memory: resident-set growth per stored point. First frame: time from starting the app on a
 100,000-step run directory (8 metrics) to the first frame holding the whole history.
 Terminal: bytes the real app writes to its pseudo-terminal per second at the default refresh
-(4 per second), 120x36 (4 charts), with a simulated rank publishing 40 steps a second.
+(2 per second; also at 4), 120x36 (4 charts), with a simulated rank publishing 40 steps a second.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def first_frame(steps: int = 100_000) -> None:
     print(f"first frame with a {steps:,}-step history (8 metrics): {seconds:.2f} s", flush=True)
 
 
-def terminal(seconds: float = 10.0) -> None:
-    """Bytes per second the real app writes to a 120x36 terminal at the default refresh."""
+def terminal(seconds: float = 10.0, refresh: float = 2.0) -> None:
+    """Bytes per second the real app writes to a 120x36 terminal at ``refresh`` frames/s."""
     folder = tempfile.mkdtemp(prefix="lmtop-bench-")
     publisher = subprocess.Popen(
         [sys.executable, "-m", "lmtop.tui.demo", "--rank-process", "1000000", "1.0"],
@@ -174,7 +174,10 @@ def terminal(seconds: float = 10.0) -> None:
         os.environ.pop("COLUMNS", None)
         os.environ.pop("LINES", None)
         os.environ["TERM"] = "xterm-256color"
-        os.execv(sys.executable, [sys.executable, "-m", "lmtop.tui", folder])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "lmtop.tui", "--refresh", str(refresh), folder],
+        )
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 36, 120, 0, 0))
     total = 0
     warm = time.monotonic() + 3.0  # skip start-up and the first full paint
@@ -202,7 +205,7 @@ def terminal(seconds: float = 10.0) -> None:
         publisher.kill()
         publisher.wait()
     print(
-        f"terminal output at the default refresh, 120x36, 4 charts updating: {counted / seconds / 1000:.1f} KB/s",
+        f"terminal output at {refresh:g} redraws/s, 120x36, 4 charts updating: {counted / seconds / 1000:.1f} KB/s",
         flush=True,
     )
 
@@ -214,13 +217,14 @@ def main() -> None:
     elif args[:1] == ["first-frame"]:
         first_frame()
     elif args[:1] == ["terminal"]:
-        terminal()
+        terminal(refresh=float(args[1]) if len(args) > 1 else 2.0)
     else:
         print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}", flush=True)
         for points in (10_000, 100_000, 1_000_000, 10_000_000):
             subprocess.run([sys.executable, __file__, "frame", str(points)], check=True)
         subprocess.run([sys.executable, __file__, "first-frame"], check=True)
-        subprocess.run([sys.executable, __file__, "terminal"], check=True)
+        for refresh in ("2", "4"):
+            subprocess.run([sys.executable, __file__, "terminal", refresh], check=True)
         print(
             f"peak RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB"
         )

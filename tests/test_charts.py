@@ -115,3 +115,36 @@ def test_frame_work_does_not_grow_with_the_series() -> None:
 
     cost(small), cost(big)
     assert cost(big) < 3 * cost(small)
+
+
+def test_compacted_styles_look_the_same_in_far_fewer_runs() -> None:
+    from lmtop.tui.widgets import compact_styles
+    from rich.style import Style
+    from rich.text import Text
+
+    store = million_steps()
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    options = ViewOptions(smoothing=0.6)
+    pic = picture(store, "run", loss, options, 60)
+    plot = Plot()
+    plot.plotsize(72, 20)
+    draw(plot, pic, options, color=True)
+    before = Text.from_ansi(plot.build())
+    after = compact_styles(before)
+
+    def cells(text: Text) -> list[Style]:
+        styles = [Style()] * len(text.plain)
+        for span in text.spans:
+            for i in range(span.start, span.end):
+                styles[i] = Style.parse(span.style) if isinstance(span.style, str) else span.style
+        return styles
+
+    assert after.plain == before.plain
+    for char, old, new in zip(before.plain, cells(before), cells(after)):
+        if char == "\n":
+            continue
+        if char == " ":
+            assert old.bgcolor == new.bgcolor, (old, new)
+        else:
+            assert old == new, (char, old, new)
+    assert len(after.spans) < 0.6 * len(before.spans), (len(before.spans), len(after.spans))

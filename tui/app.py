@@ -33,6 +33,10 @@ from .store import Store
 from .text import inert
 from .widgets import AlertsPanel, Chart, Header, RanksTable, header_text, now, rank_rows
 
+# Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
+# redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
+REFRESH_HZ = 2.0
+
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOWS: tuple[int | None, ...] = (None, 100, 1000, 10_000)
 RANK_MODES = ("overlay", "band", "one")
@@ -125,7 +129,7 @@ class LmtopApp(App[int]):
         Binding("left,up", "app.focus_previous", "previous chart", show=False),
     ]
 
-    def __init__(self, source: Source, refresh_hz: float = 4.0, alerts: Any = None) -> None:
+    def __init__(self, source: Source, refresh_hz: float = REFRESH_HZ, alerts: Any = None) -> None:
         super().__init__()
         self.source = source
         self.store = Store()
@@ -423,7 +427,7 @@ class LmtopApp(App[int]):
 def run_app(
     paths: Sequence[str],
     follow: bool = True,
-    refresh_hz: float = 4.0,
+    refresh_hz: float = REFRESH_HZ,
     settings: AlertSettings | None = None,
 ) -> int:
     """Opens the viewer on ``paths`` (or this user's live runs) until the user quits.

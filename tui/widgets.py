@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rich.text import Text
+from rich.style import Style
+from rich.text import Span, Text
+from textual.app import RenderResult
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
@@ -32,10 +34,14 @@ class Chart(PlotextPlot, can_focus=True):
         super().__init__(**kwargs)
         self.spec = spec
         self.picture: Picture | None = None
+        self._drawn_with: tuple[bool, bool] | None = None
 
     def show(self, picture: Picture, options: ViewOptions, color: bool) -> None:
-        """Replaces the picture and repaints."""
-        self.picture = picture
+        """Replaces the picture and repaints, unless it is the one already shown."""
+        key = (options.log_y, color)  # the drawing's other inputs besides the picture
+        if picture == self.picture and key == self._drawn_with:
+            return
+        self.picture, self._drawn_with = picture, key
         title = Text(picture.title)
         if picture.note:
             title.append(f" · {picture.note}")
@@ -46,10 +52,60 @@ class Chart(PlotextPlot, can_focus=True):
         draw(self.plt, picture, options, color)
         self.refresh()
 
+    def render(self) -> RenderResult:
+        """plotext's picture, with its style runs merged (see :func:`compact_styles`)."""
+        rendered = super().render()
+        return compact_styles(rendered) if isinstance(rendered, Text) else rendered
+
     @property
     def columns(self) -> int:
         """How many data columns fit: one per character cell of the plot area."""
         return max(8, self.size.width - 12)
+
+
+def compact_styles(text: Text) -> Text:
+    """The same picture in fewer style runs: what crosses a slow SSH link shrinks.
+
+    Every change of style costs a reset and a full SGR sequence (~25 bytes) on the terminal, and
+    plotext switches style at every blank between two points (a run of gray dots is
+    dot, blank, dot, blank, ...). A blank looks the same in any foreground colour, so blanks
+    join the run before them when the background (and anything else visible on a blank) is the
+    same; adjacent runs of one style merge.
+    """
+    plain = text.plain
+    styles: list[Style | str | None] = [None] * len(plain)
+    for span in text.spans:  # from_ansi spans do not overlap
+        styles[span.start : span.end] = [span.style] * (span.end - span.start)
+    spans: list[Span] = []
+    start, current = 0, styles[0] if styles else None
+    for index, char in enumerate(plain):
+        style = styles[index]
+        if style == current:
+            continue
+        if char == " " and _blank_alike(style, current):
+            continue
+        if char == "\n":
+            style = current  # a newline shows nothing; the run ends at the next visible change
+            continue
+        if current is not None and index > start:
+            spans.append(Span(start, index, current))
+        start, current = index, style
+    if current is not None and len(plain) > start:
+        spans.append(Span(start, len(plain), current))
+    compact = text.copy()
+    compact.spans = spans
+    return compact
+
+
+def _blank_alike(a: Style | str | None, b: Style | str | None) -> bool:
+    """Whether a blank looks the same in style ``a`` as in ``b``."""
+    if not isinstance(a, Style) or not isinstance(b, Style):
+        return False
+    return (
+        a.bgcolor == b.bgcolor
+        and not (a.reverse or b.reverse or a.underline or b.underline or a.strike or b.strike)
+        and not (a.overline or b.overline)
+    )
 
 
 @dataclass(slots=True)
@@ -133,11 +189,16 @@ class RanksTable(DataTable[Any]):
         self.cursor_type = "none"
         self.zebra_stripes = True
         self.add_columns("rank", "step", "s/step", "lag", "mem GB", "seen", "state")
+        self._shown: list[list[str]] | None = None
 
     def update_rows(self, rows: list[RankRow]) -> None:
-        """Replaces the rows."""
+        """Replaces the rows, when what they show changed (a repaint costs terminal bytes)."""
+        shown = [_cells(row) for row in rows]
+        if shown == self._shown:
+            return
+        self._shown = shown
         self.clear()
-        for row in rows:
+        for row, cells in zip(rows, shown):
             style = (
                 "bold red"
                 if row.silent or row.status == "crashed"
@@ -145,23 +206,24 @@ class RanksTable(DataTable[Any]):
                 if row.straggler
                 else ""
             )
-            note = row.status or (
-                "silent" if row.silent else "straggler" if row.straggler else "live"
-            )
-            cells = [
-                str(row.rank),
-                "-" if row.step is None else str(row.step),
-                "-" if row.step_time is None else f"{row.step_time:.3f}",
-                "-" if row.lag is None else str(row.lag),
-                "-" if row.memory is None else f"{row.memory:.1f}",
-                "-" if row.seen is None else _ago(row.seen),
-                note,
-            ]
             texts = [Text(c, style=style) for c in cells]
             texts[0].stylize(
                 RANK_COLORS[row.rank % len(RANK_COLORS)]
             )  # the rank's colour in charts
             self.add_row(*texts)
+
+
+def _cells(row: RankRow) -> list[str]:
+    note = row.status or ("silent" if row.silent else "straggler" if row.straggler else "live")
+    return [
+        str(row.rank),
+        "-" if row.step is None else str(row.step),
+        "-" if row.step_time is None else f"{row.step_time:.3f}",
+        "-" if row.lag is None else str(row.lag),
+        "-" if row.memory is None else f"{row.memory:.1f}",
+        "-" if row.seen is None else _ago(row.seen),
+        note,
+    ]
 
 
 def _ago(seconds: float) -> str:
@@ -267,12 +329,19 @@ class Header(Static):
 class AlertsPanel(DataTable[Any]):
     """The newest alerts first: severity, step, rank, what happened."""
 
+    DEFAULT_CSS = "AlertsPanel { overflow-x: hidden; }"
+
     def on_mount(self) -> None:
         self.cursor_type = "none"
         self.add_columns("", "step", "rank", "alert")
+        self._shown: tuple[int, Any] = (0, None)
 
     def update_alerts(self, alerts: list[Any]) -> None:
-        """Replaces the rows with the newest alerts."""
+        """Replaces the rows with the newest alerts, when there are new ones."""
+        shown = (len(alerts), alerts[-1] if alerts else None)
+        if shown == self._shown:
+            return
+        self._shown = shown
         self.clear()
         styles = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
         for alert in reversed(alerts[-200:]):
