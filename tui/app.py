@@ -36,6 +36,8 @@ from .widgets import AlertsPanel, Chart, Header, RanksTable, header_text, now, r
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
 REFRESH_HZ = 2.0
+# Messages of a long history held for the alert engine until the history is read (~1 KB each).
+DEFER_ALERT_MESSAGES = 200_000
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOWS: tuple[int | None, ...] = (None, 100, 1000, 10_000)
@@ -136,6 +138,8 @@ class LmtopApp(App[int]):
         self.options = ViewOptions()
         self.refresh_hz = refresh_hz
         self.drawn_at = 0.0  # monotonic time of the last frame
+        self._painted = threading.Event()  # a frame of data read to the end is on the screen
+        self._paint_pending = False
         self.engine = alerts
         self.alerts: list[Any] = []
         self.lock = threading.Lock()
@@ -198,9 +202,15 @@ class LmtopApp(App[int]):
         thread=True, exclusive=True, exit_on_error=False, group="follow", description="follow runs"
     )
     def follow(self) -> None:
-        """Polls the source until the app quits; adds every batch to the store."""
+        """Polls the source until the app quits; adds every batch to the store.
+
+        Alerts over a long history are computed once it is read and painted (its first frame
+        does not wait for them), holding at most DEFER_ALERT_MESSAGES messages meanwhile.
+        """
         worker = get_current_worker()
         ticked = 0.0
+        unalerted: list[list[Any]] = []
+        waiting = 0
         try:
             while not worker.is_cancelled:
                 batch = self.source.poll(0.1)
@@ -208,20 +218,40 @@ class LmtopApp(App[int]):
                 if now - ticked >= 0.5:  # stalls and stragglers, also while messages flow
                     ticked = now
                     self._tick_alerts()
-                if not batch:
-                    if self.source.done:
-                        time.sleep(0.1)
-                    continue
-                with self.lock:
-                    self.store.add(batch)
+                if batch:
+                    with self.lock:
+                        self.store.add(batch)
+                        self.dirty = True
                     if self.engine is not None:
-                        for message in batch:
-                            self._take_alerts(self.engine.feed(message))
-                    self.dirty = True
+                        unalerted.append(batch)
+                        waiting += len(batch)
+                catching_up = getattr(self.source, "catching_up", False)
+                if unalerted and (not catching_up or waiting > DEFER_ALERT_MESSAGES):
+                    if len(unalerted) > 1:  # a long history was read: paint it, then alert
+                        self._painted.clear()
+                        self._paint_pending = True
+                        self.dirty = True
+                        self._painted.wait(timeout=1.0)
+                    self._feed_alerts(unalerted)
+                    unalerted, waiting = [], 0
+                if not batch and self.source.done:
+                    time.sleep(0.1)
         finally:
             self.source.close()  # in this thread: the socket is never used by two threads
             if self.engine is not None and hasattr(self.engine, "close"):
                 self.engine.close()  # open snapshots are written
+
+    def painted(self) -> None:
+        """Called by a chart as it renders: once this pass ends, the frame is on the screen."""
+        if self._paint_pending:
+            self._paint_pending = False
+            self.call_later(self._painted.set)
+
+    def _feed_alerts(self, batches: list[list[Any]]) -> None:
+        """Runs batches through the engine (outside the lock: the screen does not wait)."""
+        raised = [alert for batch in batches for m in batch for alert in self.engine.feed(m)]
+        with self.lock:
+            self._take_alerts(raised)
 
     def _tick_alerts(self) -> None:
         if self.engine is None:

@@ -55,6 +55,9 @@ class Chart(PlotextPlot, can_focus=True):
     def render(self) -> RenderResult:
         """plotext's picture, with its style runs merged (see :func:`compact_styles`)."""
         rendered = super().render()
+        painted = getattr(self.app, "painted", None)
+        if painted is not None:
+            painted()
         return compact_styles(rendered) if isinstance(rendered, Text) else rendered
 
     @property
