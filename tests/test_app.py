@@ -313,3 +313,36 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
         assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
         lr = chart(app, "lr")
         assert lr.picture is not None and not [m for m in lr.picture.marks if m[1] == "alert"]
+
+
+async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path) -> None:
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+
+    spiky = write_run(
+        tmp_path / "runs", name="spiky", ranks=1, steps=300, extra={150: {"loss": 10.0}}
+    )
+    write_run(tmp_path / "runs", name="calm", ranks=1, steps=300)
+    source = Follower([str(tmp_path / "runs")], follow=False, live=False)
+    app = LmtopApp(source, refresh_hz=20, alerts=Alerting(AlertSettings(), source.runs))
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, points=2 * 300 * 7)
+        deadline = time.monotonic() + 10
+        while not app.alerts and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert {(a.run, a.step) for a in app.alerts} == {("spiky", 150)}
+        seen = set()
+        for key in list(app.source.runs):
+            app.run_key = key  # what choosing it in the run picker (n) does
+            app.redraw(force=True)
+            await pilot.pause()
+            run = app.current_run()
+            assert run is not None
+            seen.add(run.name)
+            panel = app.query_one("#alerts")
+            header = str(app.query_one(Header).render())
+            if run.name == spiky.name:
+                assert panel.row_count == 1 and "1 alerts" in header  # type: ignore[attr-defined]
+            else:
+                assert panel.row_count == 0 and "alerts" not in header  # type: ignore[attr-defined]
+        assert seen == {"spiky", "calm"}

@@ -300,7 +300,7 @@ class LmtopApp(App[int]):
             self.dirty = False
             run = self.current_run()
             self.query_one(Header).update(
-                header_text(self.store, run, len(self.source.runs), now(), self._counters())
+                header_text(self.store, run, len(self.source.runs), now(), self._counters(run))
             )
             if run is not None:
                 alerted = [
@@ -324,17 +324,20 @@ class LmtopApp(App[int]):
                     )
                     chart.show(pic, self.options, self.color)
                 self.query_one(RanksTable).update_rows(rank_rows(self.store, run, now()))
-            self.query_one(AlertsPanel).update_alerts(self.alerts)
+            shown = [a for a in self.alerts if run is not None and a.run == run.name]
+            self.query_one(AlertsPanel).update_alerts(shown)
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000
         if self.first_frame_at is None and self.store.points:
             self.first_frame_at = time.monotonic()
 
-    def _counters(self) -> dict[str, Any]:
+    def _counters(self, run: Run | None) -> dict[str, Any]:
+        """The header's counters; alerts are the shown run's."""
+        alerts = [a for a in self.alerts if run is not None and a.run == run.name]
         return {
             "bad_live": getattr(self.source, "bad_live", 0),
-            "alerts": len(self.alerts),
-            "critical": sum(1 for a in self.alerts if a.severity == "critical"),
+            "alerts": len(alerts),
+            "critical": sum(1 for a in alerts if a.severity == "critical"),
             "paused": self.paused,
         }
 
