@@ -8,6 +8,10 @@ paying it once per window instead of once per step keeps ``publish`` in single m
 The socket never blocks (a bounded high-water mark, then drops that a viewer fills from the file)
 and has LINGER 0, so no viewer, however frozen, can delay the exit of a training process.
 
+CUDA tensors take a detour that keeps the host from waiting on the device (``tensors.py``): their
+message is queued, in order, until its values have landed in pinned host memory, and is written
+(and numbered) at a later call once the copy is done, or at ``finish``.
+
 Nothing here raises into the training loop: every problem is counted and reported once on stderr.
 """
 
@@ -18,11 +22,12 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import registry, schema
+from . import registry, schema, tensors
 from ._version import __version__
 from .identity import Identity
 
@@ -33,6 +38,11 @@ SEND_HWM = 2000
 # How long finish() waits for the sender thread to hand over the last frame.
 CLOSE_TIMEOUT = 0.2
 MAX_TEXT_CHARS = 4096
+# How long finish() waits for the GPU values of queued messages before dropping them.
+FINISH_TENSOR_TIMEOUT = 0.5
+# Messages queued behind GPU copies; past this, publish waits for the oldest copy. The CPU runs
+# this far ahead of the GPU only in a loop that never synchronises at all.
+MAX_QUEUED = 4096
 
 
 class Problems:
@@ -150,6 +160,10 @@ class Publisher:
         self._torn = False  # a short write left a partial line: start the next on a new line
         self._live: LiveSender | None = None
         self._entry: Path | None = None
+        # Messages waiting for the GPU values of an earlier one: (kind, step, t, fields, transfer).
+        self._queue: deque[tuple[str, int, float, dict[str, Any], tensors.Transfer | None]] = (
+            deque()
+        )
         self.run = self._open(run, directory)
         if live:
             self._start_live()
@@ -232,27 +246,42 @@ class Publisher:
                     return
                 metrics = dict(metrics)
             clean: dict[str, Any] = {}
+            later: list[tuple[str, Any]] | None = None  # CUDA tensors, read once copied
             for name, value in metrics.items():
                 kind = type(value)
                 if kind is float:
                     if value - value != 0.0:
                         value = schema.finite_or_token(value)
                 elif kind is not int or not -(1 << 63) <= value < (1 << 64):
-                    self._add_slow(clean, name, value, 0)
+                    if later is None:
+                        later = []
+                    self._add_slow(clean, name, value, 0, later)
                     continue
                 if type(name) is not str or len(name) > schema.MAX_NAME_CHARS:
-                    self._add_slow(clean, name, value, 0)
+                    if later is None:
+                        later = []
+                    self._add_slow(clean, name, value, 0, later)
                     continue
                 clean[name] = value
             if len(clean) > schema.MAX_METRICS:
                 self.problems("metrics over the limit of 1000 per message dropped", len(clean))
                 clean = dict(list(clean.items())[: schema.MAX_METRICS])
-            self._emit(schema.METRICS, step, {"m": clean})
+                if later:
+                    later = [(name, value) for name, value in later if name in clean]
+            if later:
+                self._emit(schema.METRICS, step, {"m": clean}, self._transfer(clean, later))
+            else:
+                self._emit(schema.METRICS, step, {"m": clean})
         except Exception as exc:
             self.problems("publish failed", repr(exc)[:200])
 
-    def _add_slow(self, out: dict[str, Any], name: Any, value: Any, depth: int) -> None:
-        """Everything but plain finite floats and ints: other numbers, nested dicts, garbage."""
+    def _add_slow(
+        self, out: dict[str, Any], name: Any, value: Any, depth: int, later: list[tuple[str, Any]]
+    ) -> None:
+        """Everything but plain finite floats and ints: other numbers, tensors, dicts, garbage.
+
+        A one-element CUDA tensor keeps its place in ``out`` (as None) and goes to ``later``.
+        """
         if type(name) is not str:
             name = str(name)
         if len(name) > schema.MAX_NAME_CHARS:
@@ -263,7 +292,14 @@ class Publisher:
                 self.problems("metrics nested deeper than 4 dicts dropped", name)
                 return
             for key, inner in value.items():
-                self._add_slow(out, f"{name}/{key}", inner, depth + 1)
+                self._add_slow(out, f"{name}/{key}", inner, depth + 1, later)
+            return
+        if tensors.device_tensor(value):
+            if value.numel() == 1:
+                out[name] = None
+                later.append((name, value))
+            else:
+                self.problems("metrics that are not numbers dropped", f"{name}=tensor")
             return
         try:
             number = schema.number(value)
@@ -287,37 +323,110 @@ class Publisher:
         except Exception as exc:
             self.problems("event failed", repr(exc)[:200])
 
-    def _emit(self, kind: str, step: Any, fields: dict[str, Any]) -> None:
+    def _transfer(
+        self, clean: dict[str, Any], later: list[tuple[str, Any]]
+    ) -> tensors.Transfer | None:
+        """Starts the copies of a message's CUDA values; reads them directly if CUDA refuses."""
+        try:
+            return tensors.Transfer(later)
+        except Exception as exc:
+            self.problems("CUDA values read with a synchronisation (no async copy)", repr(exc))
+        for name, value in later:
+            try:
+                clean[name] = schema.number(value)
+            except Exception:
+                clean[name] = None
+            if clean[name] is None:
+                del clean[name]
+        return None
+
+    def _emit(
+        self,
+        kind: str,
+        step: Any,
+        fields: dict[str, Any],
+        transfer: tensors.Transfer | None = None,
+    ) -> None:
         with self._lock:
+            # The step is the caller's, now; the seq is the line's, when it is written.
             if step is None:
                 step = self.step + (kind == schema.METRICS)
             elif type(step) is not int:
                 step = self._step(step)
             if kind == schema.METRICS or step > self.step:
                 self.step = step
-            message = {
-                "v": schema.PROTOCOL_VERSION,
-                "run": self.run,
-                "rank": self.rank,
-                "world": self.world,
-                "seq": self.seq,
-                "t": time.time(),
-                "kind": kind,
-                "step": step if step >= 0 else None,
-                **fields,
-            }
-            try:
-                line = schema.encode(message)
-            except Exception as exc:
-                self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
+            if self._queue or transfer is not None:
+                self._queue.append((kind, step, time.time(), fields, transfer))
+                self._drain()
                 return
-            if len(line) > schema.MAX_MESSAGE_BYTES:
-                self.problems("messages over 64 KiB dropped", f"{len(line)} bytes")
-                return
-            self.seq += 1
-            self._write(line)
-            if self._live is not None:
-                self._live.put(line)
+            self._write_message(kind, step, time.time(), fields)
+
+    def _write_message(self, kind: str, step: int, t: float, fields: dict[str, Any]) -> None:
+        message = {
+            "v": schema.PROTOCOL_VERSION,
+            "run": self.run,
+            "rank": self.rank,
+            "world": self.world,
+            "seq": self.seq,
+            "t": t,
+            "kind": kind,
+            "step": step if step >= 0 else None,
+            **fields,
+        }
+        try:
+            line = schema.encode(message)
+        except Exception as exc:
+            self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
+            return
+        if len(line) > schema.MAX_MESSAGE_BYTES:
+            self.problems("messages over 64 KiB dropped", f"{len(line)} bytes")
+            return
+        self.seq += 1
+        self._write(line)
+        if self._live is not None:
+            self._live.put(line)
+
+    def _drain(self, wait: float = 0.0) -> None:
+        """Writes the queued messages whose values have landed, oldest first (holds the lock).
+
+        With ``wait``, waits that long in all for the copies, then drops what has not landed.
+        """
+        queue = self._queue
+        deadline = time.monotonic() + wait
+        while queue:
+            kind, step, t, fields, transfer = queue[0]
+            if transfer is not None:
+                landed = transfer.ready()
+                if not landed and (wait or len(queue) > MAX_QUEUED):
+                    remaining = deadline - time.monotonic() if wait else FINISH_TENSOR_TIMEOUT
+                    landed = transfer.wait(max(0.0, remaining))
+                if not landed:
+                    if not wait:
+                        return
+                    self.problems("metrics whose GPU values never landed dropped", f"step {step}")
+                    queue.popleft()
+                    continue
+                try:
+                    fields["m"].update(transfer.values())
+                except Exception as exc:
+                    self.problems("GPU values that could not be read dropped", repr(exc)[:200])
+                    fields["m"] = {k: v for k, v in fields["m"].items() if v is not None}
+            queue.popleft()
+            self._write_message(kind, step, t, fields)
+
+    def flush(self, timeout: float = 0.0) -> None:
+        """Writes the messages whose GPU values have landed; with ``timeout``, waits for them."""
+        try:
+            with self._lock:
+                if self._queue and not self.forked:
+                    self._drain(timeout)
+        except Exception as exc:
+            self.problems("flush failed", repr(exc)[:200])
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the GPU values of an earlier or their own message."""
+        return len(self._queue)
 
     def _step(self, step: Any) -> int:
         value = schema.number(step)
@@ -357,6 +466,7 @@ class Publisher:
         """Writes the ``end`` message and closes the file, the socket and the registry entry."""
         if self.forked or self.finished:
             return
+        self.flush(FINISH_TENSOR_TIMEOUT)
         try:
             fields: dict[str, Any] = {"status": str(status)[:40]}
             if error:
