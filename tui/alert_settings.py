@@ -40,7 +40,7 @@ class SpikeSettings:
     level_window: int = 9  # recent values whose median is the expected level
     warmup: int = 20  # points seen before the first alert
     merge_steps: int = 5  # points back at baseline before a new spike is a new alert
-    log: bool = False  # judge positive series on a log scale (see benchmarks/README-alerts.md)
+    log: bool = False  # judge positive series on a log scale (benchmarks/README.md)
     # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
     metrics: dict[str, str] = field(default_factory=dict)
 
