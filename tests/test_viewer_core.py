@@ -224,3 +224,28 @@ def test_a_finished_run_from_another_host_keeps_its_end_status(tmp_path: Path) -
     follower, out = read_all(str(run_dir), follow=True)
     (run,) = follower.runs.values()
     assert len(out) == 3 and run.ranks[0].status == "ok" and run.state == "finished"
+
+
+def test_a_long_history_reads_as_catching_up_from_the_other_thread_too(tmp_path: Path) -> None:
+    # The app's thread asks `catching_up` while the receiving thread is inside a poll; a
+    # moment of False there let partial frames through that slowed the first frame by 0.1 s.
+    run = tmp_path / "long"
+    run.mkdir()
+    lines = [message("long", 0, 0, kind="start")]
+    lines += [message("long", 0, seq, step=seq, pad="x" * 200) for seq in range(1, 60_000)]
+    (run / "rank-0.jsonl").write_bytes(b"".join(lines))  # ~17 MB: several read chunks
+    follower = Follower([str(run)], follow=False, live=False)
+    seen_during_reads: list[bool] = []
+    read = follower._read
+
+    def watched_read(*args: object) -> bool:
+        seen_during_reads.append(follower.catching_up)
+        return read(*args)  # type: ignore[arg-type]
+
+    follower._read = watched_read  # type: ignore[method-assign]
+    got = follower.poll(0)
+    while follower.catching_up:
+        got += follower.poll(0)
+    assert len(got) == 60_000
+    assert len(seen_during_reads) >= 4
+    assert all(seen_during_reads[1:]), seen_during_reads  # the first read starts the backlog

@@ -138,6 +138,8 @@ class LmtopApp(App[int]):
         self.options = ViewOptions()
         self.refresh_hz = refresh_hz
         self.drawn_at = 0.0  # monotonic time of the last frame
+        self.catching_up = False  # a long history is being read (set by the receiving thread)
+        self._was_catching_up = False
         self._painted = threading.Event()  # a frame of data read to the end is on the screen
         self._paint_pending = False
         self.engine = alerts
@@ -225,7 +227,8 @@ class LmtopApp(App[int]):
                     if self.engine is not None:
                         unalerted.append(batch)
                         waiting += len(batch)
-                catching_up = getattr(self.source, "catching_up", False)
+                # Read after the batch is in the store: the last batch of a history is drawn.
+                catching_up = self.catching_up = getattr(self.source, "catching_up", False)
                 if unalerted and (not catching_up or waiting > DEFER_ALERT_MESSAGES):
                     if len(unalerted) > 1:  # a long history was read: paint it, then alert
                         self._painted.clear()
@@ -285,8 +288,12 @@ class LmtopApp(App[int]):
     def _tick(self) -> None:
         # While a long history is read, a frame a second shows progress; drawing more often
         # would slow the reading down (both need the one interpreter lock).
-        catching_up = getattr(self.source, "catching_up", False)
+        # The moment it is all read, it is drawn, whenever the last progress frame was.
+        catching_up = self.catching_up
         period = max(1.0, 1 / self.refresh_hz) if catching_up else 1 / self.refresh_hz
+        if self._was_catching_up and not catching_up:
+            period = 0.0
+        self._was_catching_up = catching_up
         if time.monotonic() - self.drawn_at >= period:
             self.redraw()
 

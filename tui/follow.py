@@ -216,17 +216,18 @@ class Follower:
             for run in list(self.runs.values()):  # ranks that came and went between scans
                 if run.dir is not None:
                     self._add_run_dir(run.dir)
-        self._backlog = False
+        backlog = False  # set once at the end: the app's thread reads it meanwhile
         for run in self.runs.values():
             for rank in run.ranks.values():
                 if rank.done:
                     continue
                 if self._read(run, rank, out):
-                    self._backlog = True
+                    backlog = True
                 elif self.follow and not rank.done:
                     self._check_alive(run, rank, out, now)
             if run.done_since is None and run.ranks and all(r.done for r in run.ranks.values()):
                 run.done_since = now
+        self._backlog = backlog
         self._scanned_once = True
 
     def _discover_registry(self) -> None:

@@ -56,7 +56,9 @@ class Series:
         """The latest value (NaN for an empty series)."""
         return self.values[-1] if self.values else math.nan
 
-    def extend(self, steps: list[int], times: list[float], values: list[float]) -> None:
+    def extend(
+        self, steps: array[int] | list[int], times: array[float] | list[float], values: list[float]
+    ) -> None:
         """Appends points; the block summaries they touch are recomputed."""
         start = len(self.values)
         self.steps.extend(steps)
@@ -213,8 +215,9 @@ class Store:
         first = group[0]
         run, rank = first.run, first.rank
         self.last_step[(run, rank)] = group[-1].step
-        steps = [m.step for m in group]
-        times = [m.t for m in group]
+        # Converted once, copied as bytes into each series (not a float object at a time).
+        steps = array("q", [m.step for m in group])
+        times = array("d", [m.t for m in group])
         for name in first.m:
             key = (run, rank, name)
             series = self.series.get(key)
