@@ -8,7 +8,7 @@ current directory); or, instead of those two, the file given with ``--config``; 
 or under ``[alerts]``::
 
     [alerts.spike]
-    threshold = 6.0                 # × the robust noise scale (≈ MAD)
+    threshold = 8.0                 # MADs beyond the median of the last 50 values
     metrics = { tokens_per_second = "down" }   # added to loss and grad norm
 
 Reading TOML needs Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10.
@@ -35,9 +35,9 @@ class SpikeSettings:
     """Spikes: a value far from a robust rolling baseline, in the metric's bad direction."""
 
     enabled: bool = True
-    threshold: float = 6.0  # × the median absolute residual (≈ MAD) of the recent window
-    window: int = 100  # residuals kept for the noise scale
-    level_window: int = 9  # recent values whose median is the expected level
+    threshold: float = 7.5  # MADs beyond the rolling median
+    window: int = 50  # recent values whose median and MAD are the baseline
+    shift_steps: int = 10  # outliers in a row that are a new level, taken into the baseline
     warmup: int = 20  # points seen before the first alert
     merge_steps: int = 5  # points back at baseline before a new spike is a new alert
     log: bool = False  # judge positive series on a log scale (benchmarks/README.md)
