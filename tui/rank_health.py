@@ -8,6 +8,7 @@ Silence is measured on the viewer's clock (a Follower's ``RankState.last_seen``)
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +36,9 @@ class Pace:
     step: int | None = None
     t: float | None = None
     intervals: RollingWindow = field(init=False)
+    # (step, seconds per step of the interval ending there): lets ranks be compared over the
+    # same steps. Long enough for a rank up to ~200 steps ahead of the slowest one.
+    recent: deque[tuple[int, float]] = field(init=False)
     stalled_at: float | None = None  # the last_seen of the silence already reported
     slow: Latch = field(default_factory=lambda: Latch(math.inf, 0.0))
     behind: Latch = field(default_factory=lambda: Latch(math.inf, 0.0))
@@ -42,11 +46,14 @@ class Pace:
 
     def __post_init__(self) -> None:
         self.intervals = RollingWindow(self.window)
+        self.recent = deque(maxlen=256)
 
     def update(self, step: int, t: float) -> None:
         """Takes a metrics message's step and publisher time."""
         if self.step is not None and self.t is not None and step > self.step and t >= self.t:
-            self.intervals.add((t - self.t) / (step - self.step))
+            seconds = (t - self.t) / (step - self.step)
+            self.intervals.add(seconds)
+            self.recent.append((step, seconds))
         if self.step is None or step >= self.step:
             self.step, self.t = step, t
 
@@ -54,6 +61,12 @@ class Pace:
     def step_seconds(self) -> float:
         """The median seconds per step (NaN until measured)."""
         return self.intervals.median()
+
+    def step_seconds_until(self, step: int, window: int) -> float | None:
+        """The median seconds per step of the last ``window`` intervals ending at or before
+        ``step``; None while fewer than half a window of them are held."""
+        chosen = sorted([x for s, x in self.recent if s <= step][-window:])
+        return _median(chosen) if len(chosen) >= max(2, window // 2) else None
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,9 +125,16 @@ def stragglers(
     if len(live) < 2:
         return []
     found: dict[int, Straggle] = {}
-    measured = [
-        (r, p, p.step_seconds) for r, p in live if len(p.intervals) >= max(2, s.window // 2)
-    ]
+    # Step times are compared over the same steps: up to the step every rank has reached. Ranks
+    # of a data-parallel job publish a few ms apart, and when step times are uneven (a slow
+    # data-loader step now and then) one interval more can move a median by half.
+    common = min((p.step for _, p in live if p.step is not None), default=None)
+    measured = []
+    if common is not None:
+        for rank, pace in live:
+            seconds = pace.step_seconds_until(common, s.window)
+            if seconds is not None:
+                measured.append((rank, pace, seconds))
     for rank, pace, seconds in measured:
         others = sorted(x for o, _, x in measured if o is not rank)
         if not others:
