@@ -70,8 +70,13 @@ def group(clean: list[Case]) -> list[RankedCase]:
         ranks = []
         for r, case in enumerate(cases):
             messages = []
+            t_pub = t0  # a start: with rank 0's
             for m in case.messages:
-                t_pub = base.get(m.step, m.t) if m.step is not None else m.t
+                # A message with a step takes rank 0's time of that step; one without (start,
+                # events, end) stays beside the message before it. Its own time is another
+                # run's wall clock: kept, it would put a start minutes away from its steps.
+                if m.step is not None:
+                    t_pub = base.get(m.step, t_pub)
                 t = (t_pub - t0) * STRETCH + rng.uniform(0, 0.01) + (m.kind == schema.END) * 0.1
                 data = dict(m.data, run=key, rank=r, world=len(cases))
                 messages.append(
