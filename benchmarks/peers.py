@@ -39,18 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _metrics import NAMES  # benchmarks/ is on the path: these run as scripts
+
 LIBRARIES = ("lmtop", "lmtop+viewer", "wandb", "tensorboard", "trackio", "mlflow")
 MODULES = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow"}
-NAMES = (
-    "loss",
-    "learning_rate",
-    "grad_norm",
-    "tokens_per_second",
-    "step_time",
-    "memory_gb",
-    "epoch",
-    "perplexity",
-)
 CHILD_TIMEOUT = 600  # seconds for one library's run; MLflow's sqlite store is the slow one
 CLOSED = "closed"  # the child's marker: the library is closed, the read-back begins
 VIEWER_START_SECONDS = 1.0  # the viewer is up and watching before the run starts

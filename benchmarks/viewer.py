@@ -108,16 +108,8 @@ def first_frame(steps: int = 100_000) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="lmtop-bench-")) / "history"
     folder.mkdir()
-    names = [
-        "loss",
-        "learning_rate",
-        "grad_norm",
-        "tokens_per_second",
-        "step_time",
-        "memory_gb",
-        "epoch",
-        "x",
-    ]
+    from _metrics import NAMES as names
+
     with (folder / "rank-0.jsonl").open("wb") as f:
         f.write(
             schema.encode(

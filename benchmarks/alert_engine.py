@@ -1,6 +1,6 @@
 """The alert engine's cost per metrics message, with every default detector on.
 
-    .venv/bin/python benchmarks/alerts/engine_speed.py [--messages 100000] [--repeat 3]
+    .venv/bin/python benchmarks/alert_engine.py [--messages 100000] [--repeat 3]
 
 One rank's messages of 8 metrics (a falling noisy loss, a learning rate, a grad norm and five
 more), built in memory and fed through ``AlertEngine.feed``; prints µs per message for each
@@ -14,17 +14,16 @@ import math
 import random
 import time
 
+from _metrics import NAMES  # benchmarks/ is on the path: this runs as a script
 from lmtop.hooks import schema
 from lmtop.tui.alerts import AlertEngine
-
-NAMES = "loss learning_rate grad_norm tokens_per_second step_time memory_gb epoch perplexity"
 
 
 def messages(count: int) -> list[schema.Message]:
     rng = random.Random(0)
     out = []
     for step in range(count):
-        metrics = {name: 1.0 + 0.1 * rng.random() for name in NAMES.split()}
+        metrics = {name: 1.0 + 0.1 * rng.random() for name in NAMES}
         metrics["loss"] = 2.0 + math.exp(-step / 3000) + rng.gauss(0, 0.03)
         out.append(schema.Message("r", 0, 1, step + 1, float(step), "metrics", step, metrics, {}))
     return out
