@@ -63,8 +63,8 @@ def frame(points: int) -> None:
     before = rss_bytes()
     chunk = 65_536  # small batches, as the follower adds them: no big transient lists
     for index, name in enumerate(names):
-        series = app.store.series[("bench", 0, name)] = Series()
-        app.store.metrics.setdefault("bench", set()).add(name)
+        series = app.store.series[("memory:bench", 0, name)] = Series()
+        app.store.metrics.setdefault("memory:bench", set()).add(name)
         for lo in range(0, points, chunk):
             steps = list(range(lo, min(points, lo + chunk)))
             series.extend(

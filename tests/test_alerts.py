@@ -11,8 +11,10 @@ import pytest
 from lmtop.hooks import schema
 from lmtop.tui import alert_settings
 from lmtop.tui.alert_settings import AlertSettings, SettingsError
-from lmtop.tui.alerts import EVAL_LOSS, GRAD_NORM, LOSS, LR, OTHER, AlertEngine, classify
+from lmtop.tui.alerts import AlertEngine
 from lmtop.tui.detectors import RollingWindow
+from lmtop.tui.metrics import EVAL_LOSS, GRAD_NORM, LOSS, LR, OTHER, classify
+from lmtop.tui.runbook import RunBook
 
 RUN = "r"
 
@@ -44,11 +46,11 @@ def feed(
     config: dict[str, Any] | None = None,
 ):
     engine = engine or AlertEngine()
-    alerts = engine.feed(start(config or {}))
+    alerts = engine.feed(RUN, start(config or {}))
     length = max(len(v) for v in series.values())
     for step in range(length):
         alerts += engine.feed(
-            message(step, {k: v[step] for k, v in series.items() if step < len(v)})
+            RUN, message(step, {k: v[step] for k, v in series.items() if step < len(v)})
         )
     return alerts
 
@@ -172,13 +174,13 @@ def _curves(overfit: bool, evals: int = 12) -> tuple[dict[str, list[float]], Ale
             1.0 + 2.0 * math.exp(-step / 300) + (0.15 * max(0, k - 6) if overfit else 0)
         )
     engine = AlertEngine()
-    engine.feed(start({}))
+    engine.feed(RUN, start({}))
     alerts = []
     for step in range(steps):
         metrics = {"loss": loss[step]}
-        alerts += engine.feed(message(step, metrics))
+        alerts += engine.feed(RUN, message(step, metrics))
         if not math.isnan(eval_loss[step]):  # evaluations arrive as their own messages
-            alerts += engine.feed(message(step, {"eval_loss": eval_loss[step]}))
+            alerts += engine.feed(RUN, message(step, {"eval_loss": eval_loss[step]}))
     return {"alerts": alerts}, engine  # type: ignore[dict-item]
 
 
@@ -186,12 +188,12 @@ def test_eval_loss_rising_over_three_evaluations_while_training_loss_falls_is_ov
     result, engine = _curves(overfit=True)
     alerts = of(result["alerts"], "overfitting")
     assert [(a.step, a.metric) for a in alerts] == [(899, "eval_loss")]  # 3 rises after the 6th
-    assert engine.diagnosis(RUN).startswith("overfitting")
+    assert str(engine.diagnose(RUN)).startswith("overfitting")
 
 
 def test_periodic_evaluation_gaps_raise_nothing_and_the_diagnosis_follows_the_curves() -> None:
     engine = AlertEngine()
-    assert engine.diagnosis(RUN).startswith("not enough data")
+    assert str(engine.diagnose(RUN)).startswith("not enough data")
     result, engine = _curves(overfit=False, evals=2)
     assert result["alerts"] == []
     assert engine.diagnose(RUN).label == "not enough data"
@@ -236,23 +238,10 @@ def test_memory_above_95_percent_of_a_known_total_alerts_once() -> None:
 # -- time: stalls and stragglers ----------------------------------------------------------------
 
 
-class FakeRank:
-    def __init__(self, rank: int) -> None:
-        self.rank, self.last_seen, self.last_step, self.status = rank, 0.0, None, None
-
-    @property
-    def done(self) -> bool:
-        return self.status is not None
-
-
-class FakeRun:
-    def __init__(self, world: int) -> None:
-        self.name, self.ranks, self.all_done = RUN, {r: FakeRank(r) for r in range(world)}, False
-
-
 def _drive(world: int, seconds_per_step, steps: int, until: float):
     """Ranks publishing on a simulated clock; ``seconds_per_step(rank, step)`` (None: silent)."""
-    engine, run = AlertEngine(), FakeRun(world)
+    engine, book = AlertEngine(), RunBook()
+    run = book.run(RUN, RUN, None)
     events = []
     for rank in range(world):
         t = 0.0
@@ -268,10 +257,14 @@ def _drive(world: int, seconds_per_step, steps: int, until: float):
         now += 1.0
         while index < len(events) and events[index][0] <= now:
             t, rank, step = events[index]
-            run.ranks[rank].last_seen, run.ranks[rank].last_step = t, step
-            alerts += engine.feed(message(step, {"loss": 2.0}, rank=rank, t=t))
+            state = book.rank(run, rank)
+            published = message(step, {"loss": 2.0}, rank=rank, t=t)
+            published.seq = state.applied + 1
+            book.apply(run, state, published)
+            state.last_seen = t  # the simulated clock, not the machine's
+            alerts += engine.feed(RUN, published)
             index += 1
-        alerts += engine.tick(now, {"k": run})
+        alerts += engine.tick(book.health(now))
     return alerts
 
 
@@ -347,7 +340,7 @@ def test_settings_from_toml_then_flags(tmp_path: Path, monkeypatch: pytest.Monke
     (runs / "lmtop.toml").write_text("[alerts\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         alert_settings.load([str(runs)])
-    assert AlertEngine(AlertSettings(enabled=False)).feed(message(1, {"loss": math.nan})) == []
+    assert AlertEngine(AlertSettings(enabled=False)).feed(RUN, message(1, {"loss": math.nan})) == []
 
 
 def test_rolling_window_median_matches_a_sort() -> None:

@@ -112,9 +112,9 @@ def test_kill_9_loses_nothing_published_and_the_run_is_crashed(lmtop_env: dict[s
     while not follower.done and time.monotonic() < deadline:
         follower.poll(0.1)
     follower.close()
-    (run,) = follower.runs.values()
+    (run,) = follower.book.snapshot()
     assert run.state == "crashed"
-    assert run.ranks[1].status == "crashed" and run.ranks[0].status == "ok"
+    assert run.rank(1).status == "crashed" and run.rank(0).status == "ok"
 
 
 def test_an_empty_folder_with_no_follow_prints_nothing(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from lmtop import hooks
 from lmtop.hooks import schema
-from lmtop.tui.follow import Follower, Run
+from lmtop.tui.follow import Follower
+from lmtop.tui.runbook import RunView
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 EXAMPLE_TIMEOUT = 150  # seconds per try; a 2-rank example takes 10-40 s
@@ -86,16 +87,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def read_run(folder: str) -> tuple[Run, list[schema.Message]]:
+def read_run(folder: str) -> tuple[RunView, list[schema.Message]]:
     """The one run under ``folder``, read by the viewer core, and all its messages."""
     follower = Follower([folder], follow=False, live=False)
     messages: list[schema.Message] = []
     for _ in range(50):
-        messages += follower.poll(0)
+        messages += [m for _, m in follower.poll(0)]
         if follower.done:
             break
     assert len(follower.runs) == 1, list(follower.runs)
-    (run,) = follower.runs.values()
+    (run,) = follower.book.snapshot()
     return run, messages
 
 
@@ -137,7 +138,7 @@ def fresh_hooks() -> Iterator[None]:
 def test_plain_loop_trains_and_publishes_every_step(lmtop_env: dict[str, str]) -> None:
     run_example("plain_loop.py", "--steps", "30", "--warmup", "5", "--eval-every", "10")
     run, messages = read_run(lmtop_env["LMTOP_DIR"])
-    assert run.state == "finished" and sorted(run.ranks) == [0]
+    assert run.state == "finished" and sorted(r.rank for r in run.ranks) == [0]
     assert run.config["total_steps"] == 30 and run.config["max_grad_norm"] == 1.0
     records = steps_with(messages, 0, "loss")
     assert_warmup_cosine(records, peak=3e-3, warmup=5)
@@ -161,7 +162,7 @@ def test_trainer_lora_on_two_ranks_gives_the_viewer_everything(
     output = str(tmp_path / "checkpoints")
     run_example("trainer_lora.py", "--max-steps", "24", "--output-dir", output, processes=2)
     run, messages = read_run(lmtop_env["LMTOP_DIR"])
-    assert run.state == "finished" and sorted(run.ranks) == [0, 1]
+    assert run.state == "finished" and sorted(r.rank for r in run.ranks) == [0, 1]
     config = run.config
     assert config["peft"]["type"] == "LORA" and config["peft"]["r"] == 8
     assert 0 < config["trainable_params"] < config["total_params"]
@@ -173,7 +174,7 @@ def test_trainer_lora_on_two_ranks_gives_the_viewer_everything(
     assert config["effective_batch_size"] == 16 * 2 * 2
     assert config["lr_scheduler_type"] == "cosine" and config["learning_rate"] == 1e-2
     for rank in (0, 1):
-        assert run.ranks[rank].info and run.ranks[rank].info["config"] == config
+        assert run.rank(rank).info and run.rank(rank).info["config"] == config
         records = steps_with(messages, rank, "loss")  # one record per optimizer step
         assert_warmup_cosine(records, peak=1e-2, warmup=config["warmup_steps"])
         for step, m in records.items():
@@ -213,15 +214,15 @@ def test_accelerate_loop_on_two_ranks_publishes_from_both(lmtop_env: dict[str, s
         "accelerate_loop.py", "--steps", "20", "--warmup", "4", "--eval-every", "10", processes=2
     )
     run, messages = read_run(lmtop_env["LMTOP_DIR"])
-    assert run.state == "finished" and sorted(run.ranks) == [0, 1]
+    assert run.state == "finished" and sorted(r.rank for r in run.ranks) == [0, 1]
     for rank in (0, 1):
-        info = run.ranks[rank].info or {}
+        info = run.rank(rank).info or {}
         assert info["config"]["world_size"] == 2 and info["config"]["total_steps"] == 20
         records = steps_with(messages, rank, "loss")
         assert_warmup_cosine(records, peak=3e-3, warmup=4)
         assert all(m["micro_batches"] == 2 and m["grad_norm"] > 0 for m in records.values())
         assert sorted(steps_with(messages, rank, "eval_loss")) == [10, 20]
-        assert run.ranks[rank].status == "ok"
+        assert run.rank(rank).status == "ok"
 
 
 def test_trainer_publishes_a_nan_loss_at_its_step_despite_the_filter(
@@ -343,8 +344,8 @@ def test_an_evaluation_before_training_joins_its_run_and_a_second_train_gets_its
     follower = Follower([lmtop_env["LMTOP_DIR"]], follow=False, live=False)
     messages: list[schema.Message] = []
     while not follower.done:
-        messages += follower.poll(0)
-    first, second = sorted(follower.runs.values(), key=lambda run: run.name)
+        messages += [m for _, m in follower.poll(0)]
+    first, second = sorted(follower.book.snapshot(), key=lambda run: run.name)
     assert first.config["model_class"] == "LlamaForCausalLM"
     assert second.config["total_steps"] == 3
     by_run = {run.name: [m for m in messages if m.run == run.name] for run in (first, second)}

@@ -59,7 +59,7 @@ def read_all(*paths: str, follow: bool = False) -> tuple[Follower, list[schema.M
     follower = Follower(list(paths), follow=follow, live=False)
     out: list[schema.Message] = []
     for _ in range(20):
-        out += follower.poll(0)
+        out += [m for _, m in follower.poll(0)]
         if follower.done:
             break
     return follower, out
@@ -80,7 +80,7 @@ def test_garbage_lines_in_a_file_are_skipped_and_counted(
     (run_dir / "rank-0.jsonl").write_bytes(b"".join(content))
     follower, out = read_all(str(run_dir))
     assert [m.seq for m in out] == [0, 1, 2, 3]
-    (run,) = follower.runs.values()
+    (run,) = follower.book.snapshot()
     assert run.bad_lines == sum(1 for line in lines if line.strip())
 
 
@@ -154,12 +154,12 @@ def test_ranks_and_runs_that_appear_later_are_noticed(tmp_path: Path) -> None:
     (folder / "a").mkdir(parents=True)
     (folder / "a" / "rank-0.jsonl").write_bytes(message("a", 0, 0, step=0))
     time.sleep(1.1)  # folders are searched about once a second
-    assert [(m.run, m.rank) for m in follower.poll(0)] == [("a", 0)]
+    assert [(m.run, m.rank) for _, m in follower.poll(0)] == [("a", 0)]
     (folder / "a" / "rank-1.jsonl").write_bytes(message("a", 1, 0, step=0))
     (folder / "b").mkdir()
     (folder / "b" / "rank-0.jsonl").write_bytes(message("b", 0, 0, step=0))
     time.sleep(1.1)
-    assert sorted((m.run, m.rank) for m in follower.poll(0)) == [("a", 1), ("b", 0)]
+    assert sorted((m.run, m.rank) for _, m in follower.poll(0)) == [("a", 1), ("b", 0)]
     follower.close()
 
 
@@ -187,7 +187,7 @@ def test_garbage_on_the_live_socket_is_counted_and_the_stream_goes_on(
     )
     follower = Follower([str(run_dir)])
     try:
-        assert [m.seq for m in follower.poll(0)] == [0]
+        assert [m.seq for _, m in follower.poll(0)] == [0]
         seq = 1
         deadline = time.monotonic() + 10
         while True:  # the slow joiner: publish until the subscription has arrived
@@ -201,7 +201,7 @@ def test_garbage_on_the_live_socket_is_counted_and_the_stream_goes_on(
         pub.send(message(name, 0, 10_000_000, step=7))
         arrived: list[schema.Message] = []
         while not arrived and time.monotonic() < deadline:
-            arrived = [m for m in follower.poll(0.05) if m.step == 7]
+            arrived = [m for _, m in follower.poll(0.05) if m.step == 7]
         assert arrived, "a good message after garbage must still arrive"
         bad_lines = sum(
             1 for frame in frames for line in frame.split(b"\n") if line and not _is_message(line)
@@ -222,7 +222,7 @@ def test_a_finished_run_from_another_host_keeps_its_end_status(tmp_path: Path) -
         + message("elsewhere", 0, 2, kind="end", step=0, status="ok")
     )
     follower, out = read_all(str(run_dir), follow=True)
-    (run,) = follower.runs.values()
+    (run,) = follower.book.snapshot()
     assert len(out) == 3 and run.ranks[0].status == "ok" and run.state == "finished"
 
 

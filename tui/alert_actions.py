@@ -19,8 +19,10 @@ from typing import Any
 import orjson
 from lmtop.hooks import schema
 
+from . import rank_health
 from .alert_settings import AlertSettings
 from .alerts import CRITICAL, Alert, AlertEngine
+from .learning_curve import Diagnosis
 
 SNAPSHOT_STEPS = 50
 MAX_RUNNING = 4
@@ -79,24 +81,23 @@ class Snapshots:
     """Every metric ±50 steps around each critical alert, written into the run's directory."""
 
     def __init__(self) -> None:
-        self._recent: dict[tuple[str, int], deque[schema.Message]] = {}
+        self._recent: dict[tuple[str, int], deque[schema.Message]] = {}  # (run key, rank)
         self._pending: list[tuple[Alert, Path, list[schema.Message]]] = []
-        self._world: dict[str, int] = {}  # run -> its world size, from its messages
+        self._world: dict[str, int] = {}  # run key -> its world size, from its messages
         self.written: list[Path] = []
         self.errors = 0
 
-    def observe(self, message: schema.Message) -> None:
-        """Takes every metrics message (before the alerts it raised are given)."""
+    def observe(self, key: str, message: schema.Message) -> None:
+        """Takes every metrics message of run ``key`` (before the alerts it raised are given)."""
         if message.kind != schema.METRICS or message.step is None:
             return
-        self._world[message.run] = max(message.world, self._world.get(message.run, 1))
-        key = (message.run, message.rank)
-        recent = self._recent.get(key)
+        self._world[key] = max(message.world, self._world.get(key, 1))
+        recent = self._recent.get((key, message.rank))
         if recent is None:
-            recent = self._recent[key] = deque(maxlen=4 * SNAPSHOT_STEPS)
+            recent = self._recent[(key, message.rank)] = deque(maxlen=4 * SNAPSHOT_STEPS)
         recent.append(message)
         for alert, _, lines in self._pending:
-            if alert.run == message.run and abs(message.step - (alert.step or 0)) <= SNAPSHOT_STEPS:
+            if alert.key == key and abs(message.step - (alert.step or 0)) <= SNAPSHOT_STEPS:
                 lines.append(message)
         self._flush(done=False)
 
@@ -107,7 +108,7 @@ class Snapshots:
         lines = [
             m
             for (run, _), recent in self._recent.items()
-            if run == alert.run
+            if run == alert.key
             for m in recent
             if m.step is not None and abs(m.step - alert.step) <= SNAPSHOT_STEPS
         ]
@@ -123,11 +124,11 @@ class Snapshots:
             ranks_past = [
                 recent[-1].step
                 for (run, _), recent in self._recent.items()
-                if run == alert.run and recent
+                if run == alert.key and recent
             ]
             # Complete once every rank of the run (not only those seen so far: a viewer may read
             # rank 0's whole file before rank 1's) is 50 steps past the alert.
-            complete = len(ranks_past) >= self._world.get(alert.run, 1) and all(
+            complete = len(ranks_past) >= self._world.get(alert.key, 1) and all(
                 (s or 0) >= (alert.step or 0) + SNAPSHOT_STEPS for s in ranks_past
             )
             if done or complete:
@@ -157,8 +158,8 @@ class Snapshots:
 class Alerting:
     """The engine, ``--on-alert`` and the snapshots together: what headless and the app both run.
 
-    ``feed`` and ``tick`` have the engine's signatures; ``runs`` is the Follower's mapping of runs
-    (objects with ``name`` and ``dir``), consulted for a run's directory when a snapshot starts.
+    ``feed`` and ``tick`` have the engine's signatures; ``runs`` is the run book's mapping of
+    runs by key (objects with ``dir``), consulted for a run's directory when a snapshot starts.
     """
 
     def __init__(self, settings: AlertSettings, runs: Mapping[Any, Any]) -> None:
@@ -176,16 +177,20 @@ class Alerting:
         """Whether any critical alert fired."""
         return self.engine.critical
 
-    def feed(self, message: schema.Message) -> list[Alert]:
+    def feed(self, key: str, message: schema.Message) -> list[Alert]:
         """The alerts ``message`` raised, after starting their commands and snapshots."""
-        alerts = self.engine.feed(message)
+        alerts = self.engine.feed(key, message)
         if self.snapshots is not None:
-            self.snapshots.observe(message)
+            self.snapshots.observe(key, message)
         return self._act(alerts)
 
-    def tick(self, now: float, runs: Mapping[Any, Any]) -> list[Alert]:
+    def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
         """Stalls and stragglers (see ``AlertEngine.tick``)."""
-        return self._act(self.engine.tick(now, runs))
+        return self._act(self.engine.tick(episodes))
+
+    def diagnose(self, key: str) -> Diagnosis:
+        """The run's learning-curve verdict (see ``AlertEngine.diagnose``)."""
+        return self.engine.diagnose(key)
 
     def close(self) -> None:
         """Writes the snapshots still open and reports rate-limited commands."""
@@ -199,11 +204,6 @@ class Alerting:
             if self.command is not None:
                 self.command(alert)
             if self.snapshots is not None and alert.severity == CRITICAL:
-                self.snapshots.alert(alert, self._run_dir(alert.run))
+                run = self._runs.get(alert.key)
+                self.snapshots.alert(alert, run.dir if run is not None else None)
         return alerts
-
-    def _run_dir(self, name: str) -> Path | None:
-        for run in list(self._runs.values()):
-            if run.name == name:
-                return Path(run.dir) if run.dir is not None else None
-        return None

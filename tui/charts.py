@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .store import Columns, Store
 from .text import inert
 
@@ -34,42 +36,12 @@ class ChartSpec:
 
 
 DEFAULT_CHARTS = (
-    ChartSpec(
-        "loss",
-        "loss",
-        (("loss", "train/loss", "train_loss"), ("eval_loss", "eval/loss")),
-        ("train", "eval"),
-    ),
-    ChartSpec("lr", "learning rate", (("learning_rate", "lr", "train/learning_rate"),)),
-    ChartSpec("grad_norm", "grad norm", (("grad_norm", "train/grad_norm", "grad-norm"),)),
-    ChartSpec(
-        "throughput",
-        "throughput",
-        (
-            (
-                "tokens_per_second",
-                "tokens_per_sec",
-                "train/tokens_per_second",
-                "samples_per_second",
-                "samples_per_sec",
-            ),
-        ),
-    ),
-    ChartSpec("step_time", "step time (s)", (("step_time", "step_time_s", "train/step_time"),)),
-    ChartSpec(
-        "memory",
-        "memory (GB)",
-        (
-            (
-                "memory_gb",
-                "gpu_memory_allocated_gb",
-                "memory_allocated_gb",
-                "gpu_mem_gb",
-                "host_rss_gb",
-                "rss_gb",
-            ),
-        ),
-    ),
+    ChartSpec("loss", "loss", (metrics.LOSS_NAMES, metrics.EVAL_LOSS_NAMES), ("train", "eval")),
+    ChartSpec("lr", "learning rate", (metrics.LR_NAMES,)),
+    ChartSpec("grad_norm", "grad norm", (metrics.GRAD_NORM_NAMES,)),
+    ChartSpec("throughput", "throughput", (metrics.THROUGHPUT_NAMES,)),
+    ChartSpec("step_time", "step time (s)", (metrics.STEP_TIME_NAMES,)),
+    ChartSpec("memory", "memory (GB)", (metrics.MEMORY_GB_NAMES,)),
 )
 
 
@@ -138,7 +110,7 @@ class Picture:
 
 def resolve(spec: ChartSpec, names: set[str]) -> list[str | None]:
     """The metric each line of ``spec`` draws in a run that publishes ``names``."""
-    return [next((n for n in candidates if n in names), None) for candidates in spec.lines]
+    return [metrics.first_present(candidates, names) for candidates in spec.lines]
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -150,13 +122,11 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def x_range(
-    store: Store, run: str, metrics: list[str], options: ViewOptions
-) -> tuple[float, float]:
+def x_range(store: Store, run: str, names: list[str], options: ViewOptions) -> tuple[float, float]:
     """The x range the charts of a run share: the whole run, or its last ``window`` steps."""
     low, high = math.inf, -math.inf
     for (r, _rank, name), series in store.series.items():
-        if r != run or name not in metrics or not len(series):
+        if r != run or name not in names or not len(series):
             continue
         keys = series.times if options.by_time else series.steps
         low, high = min(low, keys[0]), max(high, keys[-1])
@@ -173,18 +143,18 @@ def picture(
     spec: ChartSpec,
     options: ViewOptions,
     ncols: int,
-    config: dict[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     alert_steps: list[int] | None = None,
 ) -> Picture:
     """Computes what one chart shows: min/max per column from the full series, never sampled."""
-    metrics = resolve(spec, store.metrics.get(run, set()))
-    found = [m for m in metrics if m is not None]
+    picked = resolve(spec, store.metrics.get(run, set()))
+    found = [m for m in picked if m is not None]
     pic = Picture(title=inert(spec.title))
     if not found:
         return pic
     pic.x_low, pic.x_high = x_low, x_high = x_range(store, run, found, options)
     width = (x_high - x_low) / max(ncols, 1)
-    for index, metric in enumerate(metrics):
+    for index, metric in enumerate(picked):
         if metric is None:
             continue
         label = (
@@ -211,11 +181,11 @@ def picture(
                 name = label if len(per_rank) == 1 else f"{label} r{rank}"
                 color = RANK_COLORS[(rank + 3 * index) % len(RANK_COLORS)]
                 _envelope(pic, cols, name, color, options)
-    threshold = (config or {}).get("max_grad_norm")
-    if spec.key == "grad_norm" and isinstance(threshold, (int, float)) and threshold > 0:
-        pic.hlines.append((float(threshold), "clip"))
-        pic.note = _clipped_share(store, run, found[0], float(threshold))
-        _include(pic, [float(threshold)], options)
+    threshold = metrics.max_grad_norm(config or {})
+    if spec.key == "grad_norm" and threshold is not None:
+        pic.hlines.append((threshold, "clip"))
+        pic.note = _clipped_share(store, run, found[0], threshold)
+        _include(pic, [threshold], options)
     if alert_steps and not options.by_time:
         pic.marks.extend((float(s), "alert") for s in alert_steps if x_low <= s <= x_high)
     return pic
@@ -277,16 +247,18 @@ def _band(
 
 
 def _clipped_share(store: Store, run: str, metric: str, threshold: float, last: int = 1000) -> str:
-    """The share of the last ``last`` steps whose grad norm was above the clipping threshold."""
-    clipped = total = 0
-    for rank in store.ranks(run, metric):
-        series = store.get(run, rank, metric)
-        if series is None:
-            continue
-        values = series.values[-last:]
-        total += len(values)
-        clipped += sum(1 for v in values if v > threshold)
-    return f"clipped {100 * clipped / total:.0f}% of last {min(last, total)} steps" if total else ""
+    """The share of the last ``last`` optimizer steps whose grad norm was above the threshold.
+
+    One rank's series is counted: a data-parallel grad norm is all-reduced, the same on every
+    rank, and counting every rank's copy would count rank-steps, not steps.
+    """
+    ranks = store.ranks(run, metric)
+    series = store.get(run, ranks[0], metric) if ranks else None
+    if series is None or not len(series):
+        return ""
+    values = series.values[-last:]
+    clipped = sum(1 for v in values if v > threshold)
+    return f"clipped {100 * clipped / len(values):.0f}% of last {len(values)} steps"
 
 
 def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> None:

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         "--spike-threshold",
         type=float,
         metavar="MADS",
-        help="spike threshold in robust noise scales (≈ MAD; default 6)",
+        help=f"spike threshold in robust noise scales (≈ MAD; default {AlertSettings().spike.threshold:g})",
     )
     alerts.add_argument(
         "--on-alert",

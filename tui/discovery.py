@@ -17,6 +17,11 @@ from lmtop.hooks import registry
 RANK_FILE = re.compile(r"^rank-(\d{1,7})\.jsonl$")
 
 
+def rank_file(run_dir: Path, rank: int) -> Path:
+    """The path of one rank's file in a run directory (the hook writes the same name)."""
+    return run_dir / f"rank-{rank}.jsonl"
+
+
 def rank_files(run_dir: Path) -> dict[int, Path]:
     """The rank files of a run directory, by rank."""
     found = {}
@@ -58,7 +63,7 @@ def _mtime(path: Path) -> float:
 
 def live_runs() -> list[dict[str, Any]]:
     """Registry entries of this user's live publishing processes (one per rank)."""
-    return [e for e in registry.live_entries() if e.get("dir")]
+    return registry.live_entries()
 
 
 def resolve(paths: list[str]) -> tuple[list[Path], list[Path]]:

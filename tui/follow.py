@@ -7,8 +7,10 @@ it live, so a live message that skips ahead means the file already holds the one
 they are read from there, never invented. Files are also read on a timer, which picks up ranks
 without a live path and anything the live path dropped.
 
-A run ends when every rank sent ``end``; a rank whose process is gone without one is ``crashed``.
-Nothing here imports Textual: the app and the headless printer are two views of a Follower.
+Each rank's socket is its own SUB socket, so a live frame is routed by the endpoint it came
+from to exactly one (run, rank): two runs that share a name never mix. The follower owns
+discovery, the files and the sockets; what is known of runs and ranks lives in its
+:class:`~.runbook.RunBook`. Nothing here imports Textual.
 """
 
 from __future__ import annotations
@@ -17,111 +19,25 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmtop.hooks import registry, schema
 
 from . import discovery
+from .alert_settings import StallSettings, StragglerSettings
+from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
-MISSING_RANK_GRACE = 5.0  # ranks that never showed up stop holding a finished run open
 SILENT_UNKNOWN_SECONDS = 10.0  # a rank whose liveness cannot be checked, silent this long, is done
 LIVE_DRAIN_FRAMES = 2000
 LIVE_DRAIN_SECONDS = 0.05
 
 HOST = socket.gethostname()
 
-
-@dataclass(slots=True)
-class RankState:
-    """What is known of one rank of a run."""
-
-    rank: int
-    file: RankFile | None = None
-    applied: int = -1  # seq of the last message applied
-    gaps: int = 0  # messages that never arrived (seq numbers skipped)
-    messages: int = 0
-    info: dict[str, Any] | None = None  # the start message's info
-    status: str | None = None  # "ok", "error", "crashed", "unknown" once done
-    error: str | None = None
-    pid: int | None = None
-    start_ticks: int | None = None
-    host: str | None = None
-    endpoint: str | None = None
-    last_step: int | None = None
-    started: float | None = None  # the publisher's clock at its start message
-    last_t: float | None = None  # the publisher's clock at its last message
-    last_seen: float = 0.0  # our monotonic clock when it last changed
-    problems: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        """Whether this rank will publish nothing more."""
-        return self.status is not None
-
-
-@dataclass(slots=True)
-class Run:
-    """One run: every rank's state, by rank."""
-
-    key: str  # the run directory's real path, or "live:<name>" without one
-    name: str
-    dir: Path | None
-    ranks: dict[int, RankState] = field(default_factory=dict)
-    world: int = 1
-    first_seen: float = field(default_factory=time.monotonic)
-    done_since: float | None = None
-
-    @property
-    def bad_lines(self) -> int:
-        """Lines of the run files that were not protocol messages."""
-        return sum(r.file.bad_lines for r in self.ranks.values() if r.file)
-
-    @property
-    def dropped(self) -> int:
-        """Messages that never arrived (gaps in ``seq``)."""
-        return sum(r.gaps for r in self.ranks.values())
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The start info of the lowest rank that has one."""
-        for rank in sorted(self.ranks):
-            if self.ranks[rank].info:
-                return self.ranks[rank].info or {}
-        return {}
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The hyper-parameters recorded at start."""
-        config = self.info.get("config")
-        return config if isinstance(config, dict) else {}
-
-    @property
-    def all_done(self) -> bool:
-        """Every rank has ended (or crashed) and no missing rank is still awaited."""
-        if not self.ranks or not all(r.done for r in self.ranks.values()):
-            return False
-        if len(self.ranks) >= self.world:
-            return True
-        return (
-            self.done_since is not None and time.monotonic() - self.done_since > MISSING_RANK_GRACE
-        )
-
-    @property
-    def state(self) -> str:
-        """``live``, ``finished``, ``failed`` (a rank ended with an error) or ``crashed``."""
-        statuses = {r.status for r in self.ranks.values()}
-        if not self.all_done:
-            return "crashed" if "crashed" in statuses and None not in statuses else "live"
-        if "crashed" in statuses:
-            return "crashed"
-        if statuses - {"ok", "unknown"}:
-            return "failed"
-        return "finished"
+Keyed = tuple[str, schema.Message]  # (the run's key, one of its messages)
 
 
 class Follower:
@@ -131,48 +47,46 @@ class Follower:
         paths: run directories, rank files or folders of runs; none means this user's live runs.
         follow: keep reading as runs grow; without it, read what is there and stop.
         live: subscribe to the ranks' ZeroMQ sockets (files alone otherwise).
+        stall: when a rank counts as silent; straggler: when it counts as a straggler.
     """
 
-    def __init__(self, paths: Sequence[str] = (), follow: bool = True, live: bool = True) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str] = (),
+        follow: bool = True,
+        live: bool = True,
+        stall: StallSettings | None = None,
+        straggler: StragglerSettings | None = None,
+    ) -> None:
         self.follow = follow
-        self.runs: dict[str, Run] = {}
-        self._by_name: dict[str, Run] = {}
+        self.book = RunBook(stall, straggler)
         self._use_registry = not paths
         run_dirs, folders = discovery.resolve(list(paths))
         self._run_dirs = [Path(os.path.realpath(p)) for p in run_dirs]
         self._folders = [Path(os.path.realpath(p)) for p in folders]
+        self._files: dict[tuple[str, int], RankFile] = {}
         self._last_scan = -1e9
         self._last_folder_scan = -1e9
         self._backlog = False
-        self._connected: set[str] = set()
-        self._zmq: Any = None
-        self._context: Any = None
-        self._sub: Any = None
-        self._poller: Any = None
-        if follow and live:
-            import zmq
-
-            self._zmq = zmq
-            self._context = zmq.Context(io_threads=1)
-            self._sub = self._context.socket(zmq.SUB)
-            self._sub.setsockopt(zmq.LINGER, 0)
-            self._sub.setsockopt(zmq.RCVHWM, 100_000)
-            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self._poller = zmq.Poller()
-            self._poller.register(self._sub, zmq.POLLIN)
         self._scanned_once = False
+        self._live = _LiveSockets() if follow and live else None
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        """Every run by key (owned by the polling thread; other threads take snapshots)."""
+        return self.book.runs
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def poll(self, timeout: float = 0.1) -> list[schema.Message]:
-        """Returns the messages that became known since the last call, waiting at most
-        ``timeout`` seconds for live ones when there is nothing to read."""
-        out: list[schema.Message] = []
+    def poll(self, timeout: float = 0.1) -> list[Keyed]:
+        """Returns the messages that became known since the last call, with their run's key,
+        waiting at most ``timeout`` seconds for live ones when there is nothing to read."""
+        out: list[Keyed] = []
         now = time.monotonic()
         if self._backlog or now - self._last_scan >= SCAN_SECONDS:
             self._scan(out, now)
-        if self._sub is not None:
+        if self._live is not None:
             wait = 0.0 if (out or self._backlog) else min(timeout, SCAN_SECONDS)
             self._drain_live(out, wait)
         elif not out and not self._backlog and timeout > 0:
@@ -191,20 +105,19 @@ class Follower:
             return False
         if not self.follow:
             return True
-        return bool(self.runs) and all(run.all_done for run in self.runs.values())
+        return self.book.done(time.monotonic())
 
     def close(self) -> None:
-        """Closes the live socket; returns at once (LINGER 0)."""
-        if self._sub is not None:
-            self._sub.close(linger=0)
-            self._context.term()
-            self._sub = None
+        """Closes the live sockets; returns at once (LINGER 0)."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
 
     # -- discovery and files --------------------------------------------------------------------
 
-    def _scan(self, out: list[schema.Message], now: float) -> None:
+    def _scan(self, out: list[Keyed], now: float) -> None:
         self._last_scan = now
-        if self._use_registry or (self.follow and self._sub is not None):
+        if self._use_registry or (self.follow and self._live is not None):
             self._discover_registry()
         if now - self._last_folder_scan >= FOLDER_SCAN_SECONDS or not self._scanned_once:
             self._last_folder_scan = now
@@ -225,8 +138,7 @@ class Follower:
                     backlog = True
                 elif self.follow and not rank.done:
                     self._check_alive(run, rank, out, now)
-            if run.done_since is None and run.ranks and all(r.done for r in run.ranks.values()):
-                run.done_since = now
+        self.book.settle(now)
         self._backlog = backlog
         self._scanned_once = True
 
@@ -234,72 +146,59 @@ class Follower:
         wanted = set(map(str, self._run_dirs))
         folders = set(map(str, self._folders))
         for entry in discovery.live_runs():
-            run_dir = Path(os.path.realpath(entry["dir"]))
-            if (
-                not self._use_registry
-                and str(run_dir) not in wanted
-                and str(run_dir.parent) not in folders
+            name = str(entry["run"])
+            if entry.get("dir"):
+                run_dir: Path | None = Path(os.path.realpath(entry["dir"]))
+            else:  # an old hook that could not write its run directory
+                run_dir = None
+            if not self._use_registry and (
+                run_dir is None
+                or (str(run_dir) not in wanted and str(run_dir.parent) not in folders)
             ):
                 continue
-            run = self._add_run_dir(run_dir, name=str(entry["run"]))
+            if run_dir is not None:
+                run = self._add_run_dir(run_dir, name=name)
+            else:
+                run = self.book.run(f"live:{name}", name, None)
             try:
-                rank = self._rank(run, int(entry["rank"]))
+                rank = self.book.rank(run, int(entry["rank"]))
             except (TypeError, ValueError):
                 continue
             rank.pid = rank.pid or int(entry["pid"])
             rank.start_ticks = rank.start_ticks or entry.get("start_ticks")
             rank.host = rank.host or entry.get("host")
-            endpoint = str(entry["endpoint"])
-            rank.endpoint = endpoint
-            if (
-                self._sub is not None
-                and endpoint not in self._connected
-                and endpoint.startswith("ipc://")
-            ):
+            rank.endpoint = str(entry["endpoint"])
+            if self._live is not None and not rank.done:
                 # Subscribe before reading the file: nothing can fall between the two.
-                self._sub.connect(endpoint)
-                self._connected.add(endpoint)
+                self._live.connect(rank.endpoint, run.key, rank.rank)
 
     def _add_run_dir(self, run_dir: Path, name: str | None = None) -> Run:
-        key = str(run_dir)
-        run = self.runs.get(key)
-        if run is None:
-            run = Run(key=key, name=name or run_dir.name, dir=run_dir)
-            self.runs[key] = run
-            self._by_name.setdefault(run.name, run)
+        run = self.book.run(str(run_dir), name or run_dir.name, run_dir)
         for number in discovery.rank_files(run_dir):
-            self._rank(run, number)
+            self.book.rank(run, number)
         return run
 
-    def _rank(self, run: Run, number: int) -> RankState:
-        rank = run.ranks.get(number)
-        if rank is None:
-            rank = RankState(rank=number, last_seen=time.monotonic())
-            run.ranks[number] = rank
-            run.world = max(run.world, number + 1)
-            run.done_since = None
-        if rank.file is None and run.dir is not None:
-            path = run.dir / f"rank-{number}.jsonl"
+    def _file(self, run: Run, rank: RankState) -> RankFile | None:
+        key = (run.key, rank.rank)
+        file = self._files.get(key)
+        if file is None and run.dir is not None:
+            path = discovery.rank_file(run.dir, rank.rank)
             if path.exists():
-                rank.file = RankFile(path, number)
-        return rank
+                file = self._files[key] = RankFile(path, rank.rank)
+        return file
 
-    def _read(self, run: Run, rank: RankState, out: list[schema.Message]) -> bool:
+    def _read(self, run: Run, rank: RankState, out: list[Keyed]) -> bool:
         """Applies what the rank's file holds beyond what was applied; True if more waits."""
-        if rank.file is None:
-            if run.dir is None:
-                return False
-            self._rank(run, rank.rank)
-            if rank.file is None:
-                return False
-        messages, more = rank.file.read()
+        file = self._file(run, rank)
+        if file is None:
+            return False
+        messages, more = file.read()
         for message in messages:
             self._apply(run, rank, message, out)
+        rank.bad_lines = file.bad_lines
         return more
 
-    def _check_alive(
-        self, run: Run, rank: RankState, out: list[schema.Message], now: float
-    ) -> None:
+    def _check_alive(self, run: Run, rank: RankState, out: list[Keyed], now: float) -> None:
         if rank.host is not None and rank.host != HOST:
             rank.status = "unknown"  # another machine's process: its file is all we can know
             return
@@ -314,64 +213,45 @@ class Follower:
             pass
         if rank.done:
             return
-        if rank.file is not None:
-            rank.file.close()
-        rank.status = "crashed"
-        rank.last_seen = now
+        file = self._files.get((run.key, rank.rank))
+        if file is not None:
+            file.close()
+            rank.bad_lines = file.bad_lines
+        self.book.crashed(run, rank)
+        if self._live is not None and rank.endpoint:
+            self._live.disconnect(rank.endpoint)
+
+    def unsupported(self, key: str) -> str | None:
+        """The first "unsupported protocol version" complaint of the run's files."""
+        for (run_key, _), file in self._files.items():
+            if run_key == key and file.unsupported:
+                return file.unsupported
+        return None
 
     # -- applying messages ----------------------------------------------------------------------
 
-    def _apply(
-        self, run: Run, rank: RankState, message: schema.Message, out: list[schema.Message]
-    ) -> None:
-        if message.seq <= rank.applied or rank.done:
-            return
-        rank.gaps += message.seq - rank.applied - 1
-        rank.applied = message.seq
-        rank.messages += 1
-        rank.last_t = message.t
-        rank.last_seen = time.monotonic()
-        if message.step is not None:
-            rank.last_step = message.step
-        kind = message.kind
-        if kind == schema.START:
-            rank.started = message.t
-            info = message.data.get("info")
-            if isinstance(info, dict):
-                rank.info = info
-                pid, ticks, host = info.get("pid"), info.get("start_ticks"), info.get("host")
-                rank.pid = pid if type(pid) is int else rank.pid
-                rank.start_ticks = ticks if type(ticks) is int else rank.start_ticks
-                rank.host = host if type(host) is str else rank.host
-            if run.name != message.run and run.name == (run.dir.name if run.dir else None):
-                run.name = message.run
-            self._by_name.setdefault(message.run, run)
-        elif kind == schema.END:
-            status = message.data.get("status")
-            rank.status = status if isinstance(status, str) and status else "ok"
-            error = message.data.get("error")
-            rank.error = error if isinstance(error, str) else None
-            problems = message.data.get("problems")
-            if isinstance(problems, dict):
-                rank.problems = {str(k): v for k, v in problems.items() if type(v) is int}
-        run.world = max(run.world, message.world)
-        out.append(message)
+    def _apply(self, run: Run, rank: RankState, message: schema.Message, out: list[Keyed]) -> None:
+        if self.book.apply(run, rank, message):
+            out.append((run.key, message))
+            if rank.done and self._live is not None and rank.endpoint:
+                self._live.disconnect(rank.endpoint)
 
-    def _drain_live(self, out: list[schema.Message], wait: float) -> None:
-        zmq = self._zmq
-        if not self._poller.poll(wait * 1000):
-            return
+    def _drain_live(self, out: list[Keyed], wait: float) -> None:
+        assert self._live is not None
         deadline = time.monotonic() + LIVE_DRAIN_SECONDS
         for _ in range(LIVE_DRAIN_FRAMES):
-            try:
-                frame = self._sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            received = self._live.receive(wait)
+            if received is None:
                 return
-            self._apply_frame(frame, out)
+            wait = 0.0
+            (key, number), frame = received
+            self._apply_frame(key, number, frame, out)
             if time.monotonic() > deadline:
                 return
 
-    def _apply_frame(self, frame: bytes, out: list[schema.Message]) -> None:
+    def _apply_frame(self, key: str, number: int, frame: bytes, out: list[Keyed]) -> None:
+        run = self.runs.get(key)
+        rank = run.ranks.get(number) if run is not None else None
         for line in frame.split(b"\n"):
             if not line:
                 continue
@@ -380,13 +260,76 @@ class Follower:
             except schema.BadMessage:
                 self.bad_live += 1
                 continue
-            run = self._by_name.get(message.run)
-            rank = run.ranks.get(message.rank) if run is not None else None
-            if run is None or rank is None:
-                continue  # not a rank we follow (yet); its file will bring it
+            if run is None or rank is None or message.rank != number:
+                self.bad_live += 1  # not what this endpoint publishes
+                continue
             if message.seq <= rank.applied:
                 continue
             if message.seq > rank.applied + 1:
                 while self._read(run, rank, out):  # the file holds everything before it
                     pass
             self._apply(run, rank, message, out)
+
+
+class _LiveSockets:
+    """One SUB socket per publishing rank, so each frame is known by where it came from."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self._context = zmq.Context(io_threads=1)
+        self._poller = zmq.Poller()
+        self._sockets: dict[str, Any] = {}  # endpoint -> socket
+        self._routes: dict[Any, tuple[str, int]] = {}  # socket -> (run key, rank)
+        self._ready: list[Any] = []
+
+    def connect(self, endpoint: str, key: str, rank: int) -> None:
+        """Subscribes to ``endpoint`` (an ``ipc://`` path) as rank ``rank`` of run ``key``."""
+        if endpoint in self._sockets or not endpoint.startswith("ipc://"):
+            return
+        zmq = self._zmq
+        sock = self._context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(endpoint)
+        self._sockets[endpoint] = sock
+        self._routes[sock] = (key, rank)
+        self._poller.register(sock, zmq.POLLIN)
+
+    def disconnect(self, endpoint: str) -> None:
+        """Closes the socket of a rank that ended."""
+        sock = self._sockets.pop(endpoint, None)
+        if sock is not None:
+            self._poller.unregister(sock)
+            self._routes.pop(sock, None)
+            self._ready = [s for s in self._ready if s is not sock]
+            sock.close(linger=0)
+
+    def receive(self, wait: float) -> tuple[tuple[str, int], bytes] | None:
+        """The next frame and its route, waiting at most ``wait`` seconds; None when idle."""
+        zmq = self._zmq
+        while True:
+            while self._ready:  # round robin: a busy rank does not starve the others
+                sock = self._ready.pop(0)
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                self._ready.append(sock)
+                return self._routes[sock], frame
+            if not self._sockets:
+                if wait > 0:
+                    time.sleep(wait)
+                return None
+            self._ready = [sock for sock, _ in self._poller.poll(int(wait * 1000))]
+            if not self._ready:
+                return None
+            wait = 0.0
+
+    def close(self) -> None:
+        """Closes every socket; returns at once (LINGER 0)."""
+        for endpoint in list(self._sockets):
+            self.disconnect(endpoint)
+        self._context.term()

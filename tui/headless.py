@@ -36,8 +36,9 @@ def run(
     documented defaults) configures the alerts; ``AlertSettings(enabled=False)`` turns them off.
     """
     stream = out if out is not None else sys.stdout.buffer
-    follower = Follower(paths, follow=follow)
-    alerting = Alerting(settings if settings is not None else AlertSettings(), follower.runs)
+    settings = settings if settings is not None else AlertSettings()
+    follower = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
+    alerting = Alerting(settings, follower.runs)
     started = time.monotonic()
     told_waiting = False
 
@@ -45,11 +46,11 @@ def run(
         while True:
             batch = follower.poll(0.25)
             chunks: list[bytes] = []
-            for message in batch:
+            for key, message in batch:
                 chunks.append(message.encode())
-                chunks.extend(_lines(alerting.feed(message)))
+                chunks.extend(_lines(alerting.feed(key, message)))
             if follow:
-                chunks.extend(_lines(alerting.tick(time.monotonic(), follower.runs)))
+                chunks.extend(_lines(alerting.tick(follower.book.health(time.monotonic()))))
             if chunks:
                 stream.write(b"".join(chunks))
                 stream.flush()
@@ -83,16 +84,15 @@ def _lines(alerts: list[Alert]) -> list[bytes]:
 
 
 def _report(follower: Follower) -> None:
-    for run in follower.runs.values():
+    for run in follower.book.snapshot():
         notes = []
         if run.bad_lines:
             notes.append(f"{run.bad_lines} bad lines skipped")
         if run.dropped:
             notes.append(f"{run.dropped} messages missing")
-        for rank in run.ranks.values():
-            if rank.file is not None and rank.file.unsupported:
-                notes.append(rank.file.unsupported)
-                break
+        unsupported = follower.unsupported(run.key)
+        if unsupported:
+            notes.append(unsupported)
         if notes:
             print(f"lmtop: {run.name}: " + "; ".join(notes), file=sys.stderr)
     if follower.bad_live:

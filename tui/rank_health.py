@@ -2,7 +2,11 @@
 
 Step pace is measured on the publisher's clock (the ``t`` of consecutive metrics messages, per
 step), so a viewer that reads an hour of history in one second still sees each rank's true pace.
-Silence is measured on the viewer's clock (a Follower's ``RankState.last_seen``).
+Silence is measured on the viewer's clock (``RankState.last_seen``).
+
+These are the only rules of a rank's health: the ranks table, the header's run state and the
+stall and straggler alerts all read them, with the same settings (``[alerts.stall]`` and
+``[alerts.straggler]``).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from typing import Protocol
 from .alert_settings import StallSettings, StragglerSettings
 from .detectors import Latch, RollingWindow
 
+LIVE, SILENT, STRAGGLER = "live", "silent", "straggler"
 
-class RankView(Protocol):
-    """What the detectors read of a Follower's RankState."""
+
+class RankLike(Protocol):
+    """What the rules read of a run book's RankState."""
 
     rank: int
     last_seen: float
     last_step: int | None
+    pace: Pace
 
     @property
     def done(self) -> bool: ...
@@ -69,10 +76,25 @@ class Pace:
         return _median(chosen) if len(chosen) >= max(2, window // 2) else None
 
 
+def silence_limit(pace: Pace, s: StallSettings) -> float:
+    """Seconds of silence after which a live rank is silent: ``min_seconds``, or ``intervals``
+    times its median step interval when that is longer (a slow step is not a stall)."""
+    interval = pace.step_seconds
+    return max(s.min_seconds, s.intervals * interval if interval == interval else 0.0)
+
+
+def health(rank: RankLike, now: float, s: StallSettings) -> str:
+    """``live``, ``silent`` or ``straggler`` for a rank that has not ended."""
+    if now - rank.last_seen > silence_limit(rank.pace, s):
+        return SILENT
+    return STRAGGLER if rank.pace.straggling else LIVE
+
+
 @dataclass(slots=True, frozen=True)
 class Stall:
     """A rank silent for ``silent`` seconds, beyond ``limit``, while another rank progressed."""
 
+    run: str  # the run's key
     rank: int
     step: int | None
     silent: float
@@ -83,6 +105,7 @@ class Stall:
 class Straggle:
     """A rank slower than the others (``kind`` "slow", ratio of step times) or behind ("lag")."""
 
+    run: str  # the run's key
     rank: int
     step: int | None
     kind: str
@@ -90,20 +113,25 @@ class Straggle:
     baseline: float
 
 
-def stalls(
-    now: float, ranks: Iterable[RankView], paces: dict[int, Pace], s: StallSettings
-) -> list[Stall]:
+Episode = Stall | Straggle
+
+
+def judge(
+    run: str, now: float, ranks: list[RankLike], stall: StallSettings, straggler: StragglerSettings
+) -> list[Episode]:
+    """The silences and stragglers of one live run that begin now (each episode once)."""
+    return [*stalls(run, now, ranks, stall), *stragglers(run, ranks, straggler)]
+
+
+def stalls(run: str, now: float, ranks: Iterable[RankLike], s: StallSettings) -> list[Stall]:
     """The ranks of one live run newly found silent while another progresses."""
     live = [r for r in ranks if not r.done]
     found = []
     for rank in live:
-        pace = paces.get(rank.rank)
-        if pace is None:
-            continue
+        pace = rank.pace
         if pace.stalled_at is not None and pace.stalled_at != rank.last_seen:
             pace.stalled_at = None  # it spoke again
-        interval = pace.step_seconds
-        limit = max(s.min_seconds, s.intervals * interval if interval == interval else 0.0)
+        limit = silence_limit(pace, s)
         silent = now - rank.last_seen
         if silent <= limit or pace.stalled_at is not None:
             continue
@@ -113,15 +141,13 @@ def stalls(
             if o is not rank
         ):
             pace.stalled_at = rank.last_seen
-            found.append(Stall(rank.rank, rank.last_step, silent, limit))
+            found.append(Stall(run, rank.rank, rank.last_step, silent, limit))
     return found
 
 
-def stragglers(
-    ranks: Iterable[RankView], paces: dict[int, Pace], s: StragglerSettings
-) -> list[Straggle]:
+def stragglers(run: str, ranks: Iterable[RankLike], s: StragglerSettings) -> list[Straggle]:
     """The ranks of one live run newly found slower than the others or far behind the leader."""
-    live = [(r, paces[r.rank]) for r in ranks if not r.done and r.rank in paces]
+    live = [(r, r.pace) for r in ranks if not r.done]
     if len(live) < 2:
         return []
     found: dict[int, Straggle] = {}
@@ -142,7 +168,7 @@ def stragglers(
         typical = _median(others)
         pace.slow.high, pace.slow.low = s.ratio, s.rearm_ratio
         if typical > 0 and pace.slow.update(seconds / typical):
-            found[rank.rank] = Straggle(rank.rank, pace.step, "slow", seconds, typical)
+            found[rank.rank] = Straggle(run, rank.rank, pace.step, "slow", seconds, typical)
     stepped = [(r, p) for r, p in live if p.step is not None and p.t is not None]
     if len(stepped) >= 2:
         leader = max(stepped, key=lambda rp: rp[1].step or 0)[1]
@@ -158,7 +184,7 @@ def stragglers(
             pace.behind.high, pace.behind.low = s.lag_steps, s.lag_steps / 2
             if pace.behind.update(lag) and rank.rank not in found:
                 found[rank.rank] = Straggle(
-                    rank.rank, pace.step, "lag", float(lag), float(leader.step)
+                    run, rank.rank, pace.step, "lag", float(lag), float(leader.step)
                 )
     # One alert per episode: a rank slow and then behind is one straggler.
     out = []

@@ -2,28 +2,33 @@
 
 The app and the headless printer read through :class:`Source`. :class:`~.follow.Follower` is the
 real one (run files plus ZeroMQ); :class:`MemorySource` replays fixed messages for tests and
-snapshots, through the same bookkeeping of runs and ranks.
+snapshots, through the same :class:`~.runbook.RunBook`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Protocol
 
 from lmtop.hooks import schema
 
-from .follow import Follower, Run
+from .follow import Keyed
+from .runbook import RunBook
 
 
 class Source(Protocol):
-    """A stream of messages and the state of the runs they belong to."""
+    """A stream of messages, each with its run's key, and the book of the runs they belong to."""
 
-    runs: dict[str, Run]
+    book: RunBook
     bad_live: int
 
-    def poll(self, timeout: float = 0.1) -> list[schema.Message]:
+    def poll(self, timeout: float = 0.1) -> list[Keyed]:
         """New messages since the last call, each once, in per-rank order."""
+        ...
+
+    @property
+    def catching_up(self) -> bool:
+        """Whether a long history is still being read."""
         ...
 
     @property
@@ -36,32 +41,41 @@ class Source(Protocol):
         ...
 
 
-class MemorySource(Follower):
-    """Replays fixed messages (or JSON lines) once, as if read from finished runs."""
+class MemorySource:
+    """Replays fixed messages (or JSON lines) once, as if read from finished runs.
+
+    A run's key is ``memory:<name>``: fixed data has no directory.
+    """
 
     def __init__(self, messages: Iterable[schema.Message | bytes]) -> None:
-        super().__init__(follow=False, live=False)
-        self._use_registry = False
-        self._pending: list[schema.Message] = []
+        self.book = RunBook()
+        self.bad_live = 0
+        self._pending: list[Keyed] = []
+        self._polled = False
         for item in messages:
             message = item if isinstance(item, schema.Message) else schema.decode(item)
-            run = self._by_name.get(message.run)
-            if run is None:
-                run = Run(key=f"memory:{message.run}", name=message.run, dir=None)
-                self.runs[run.key] = run
-                self._by_name[message.run] = run
-            self._apply(run, self._rank(run, message.rank), message, self._pending)
-        for run in self.runs.values():
+            run = self.book.run(f"memory:{message.run}", message.run, None)
+            if self.book.apply(run, self.book.rank(run, message.rank), message):
+                self._pending.append((run.key, message))
+        for run in self.book.runs.values():
             for rank in run.ranks.values():
                 rank.status = rank.status or "unknown"
 
-    def poll(self, timeout: float = 0.1) -> list[schema.Message]:
+    def poll(self, timeout: float = 0.1) -> list[Keyed]:
         """Everything on the first call, nothing after."""
-        self._scanned_once = True
+        self._polled = True
         out, self._pending = self._pending, []
         return out
 
     @property
-    def run_dir(self) -> Path | None:
-        """Memory runs have no directory."""
-        return None
+    def catching_up(self) -> bool:
+        """Never: everything comes in the first poll."""
+        return False
+
+    @property
+    def done(self) -> bool:
+        """After the first poll."""
+        return self._polled
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -179,53 +179,72 @@ class Series:
 
 
 class Store:
-    """Every series of every run: ``(run, rank, metric) -> Series``, fed message batches."""
+    """Every series of every run: ``(run key, rank, metric) -> Series``, fed message batches.
+
+    Steps of a series never go back (the min/max pyramid and the x axis bisect them): a point
+    whose step is below the series' last one is dropped and counted in ``backwards``, as W&B
+    drops a step lower than the current one. Equal steps are kept.
+    """
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, int, str], Series] = {}
-        self.metrics: dict[str, set[str]] = {}  # run -> metric names
+        self.metrics: dict[str, set[str]] = {}  # run key -> metric names
         self.last_step: dict[tuple[str, int], int] = {}
+        self.backwards: dict[str, int] = {}  # run key -> points dropped for a step that went back
         self.points = 0
 
-    def add(self, messages: Iterable[schema.Message]) -> int:
-        """Adds the metrics messages of a batch; returns the number of points added.
+    def add(self, batch: Iterable[tuple[str, schema.Message]]) -> int:
+        """Adds the metrics messages of a batch of (run key, message); returns points added.
 
         Consecutive messages of one rank with the same metric names (the usual case) are added
         as one group: one list of steps and times shared by its series, one list per metric.
         """
         added = 0
         group: list[schema.Message] = []
-        for message in messages:
+        group_key = ""
+        for key, message in batch:
             if message.kind != schema.METRICS or message.step is None or not message.m:
                 continue
             if group and not (
-                message.rank == group[0].rank
-                and message.run == group[0].run
+                key == group_key
+                and message.rank == group[0].rank
                 and message.m.keys() == group[0].m.keys()
+                and message.step >= group[-1].step
             ):
-                added += self._add_group(group)
+                added += self._add_group(group_key, group)
                 group = []
             group.append(message)
+            group_key = key
         if group:
-            added += self._add_group(group)
+            added += self._add_group(group_key, group)
         self.points += added
         return added
 
-    def _add_group(self, group: list[schema.Message]) -> int:
+    def _add_group(self, run: str, group: list[schema.Message]) -> int:
+        """Adds one rank's messages with the same names and non-decreasing steps."""
         first = group[0]
-        run, rank = first.run, first.rank
-        self.last_step[(run, rank)] = group[-1].step
+        rank = first.rank
         # Converted once, copied as bytes into each series (not a float object at a time).
         steps = array("q", [m.step for m in group])
         times = array("d", [m.t for m in group])
+        self.last_step[(run, rank)] = max(steps[-1], self.last_step.get((run, rank), steps[-1]))
+        added = 0
         for name in first.m:
             key = (run, rank, name)
             series = self.series.get(key)
             if series is None:
                 series = self.series[key] = Series()
                 self.metrics.setdefault(run, set()).add(name)
-            series.extend(steps, times, [m.m[name] for m in group])
-        return len(group) * len(first.m)
+            start = 0
+            if len(series) and series.steps[-1] > steps[0]:  # went back: keep what is not
+                start = bisect_left(steps, series.steps[-1])
+                self.backwards[run] = self.backwards.get(run, 0) + start
+            if start == 0:
+                series.extend(steps, times, [m.m[name] for m in group])
+            elif start < len(group):
+                series.extend(steps[start:], times[start:], [m.m[name] for m in group[start:]])
+            added += len(group) - start
+        return added
 
     def ranks(self, run: str, metric: str) -> list[int]:
         """The ranks that published ``metric`` in ``run``."""

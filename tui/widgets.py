@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +12,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from .charts import RANK_COLORS, ChartSpec, Picture, ViewOptions, draw, rich_color
-from .follow import Run
-from .store import Store
 from .text import inert
-
-STALL_SECONDS = 60.0  # a live run silent this long is shown as stalled
 
 
 class Chart(PlotextPlot, can_focus=True):
@@ -120,69 +113,8 @@ class RankRow:
     step_time: float | None
     lag: int | None
     memory: float | None
-    seen: float | None  # seconds since its last message
-    status: str | None
-    straggler: bool = False
-    silent: bool = False
-
-
-def step_time(store: Store, run: str, rank: int, metrics: set[str], last: int = 50) -> float | None:
-    """Seconds per step of a rank: its ``step_time`` metric, else from its recent wall times."""
-    for name in ("step_time", "step_time_s", "train/step_time"):
-        series = store.get(run, rank, name)
-        if series is not None and len(series):
-            return series.last
-    for name in sorted(metrics):
-        series = store.get(run, rank, name)
-        if series is not None and len(series) > 2:
-            n = min(last, len(series) - 1)
-            steps = series.steps[-1] - series.steps[-1 - n]
-            return (series.times[-1] - series.times[-1 - n]) / steps if steps > 0 else None
-    return None
-
-
-def rank_rows(store: Store, run: Run, now_wall: float) -> list[RankRow]:
-    """Per-rank figures, with stragglers (step time > 1.5x the median) and silent ranks marked."""
-    metrics = store.metrics.get(run.name, set())
-    rows = []
-    for number in sorted(run.ranks):
-        state = run.ranks[number]
-        memory = None
-        for name in (
-            "memory_gb",
-            "gpu_memory_allocated_gb",
-            "memory_allocated_gb",
-            "host_rss_gb",
-            "rss_gb",
-        ):
-            series = store.get(run.name, number, name)
-            if series is not None and len(series):
-                memory = series.last
-                break
-        seen = now_wall - state.last_t if state.last_t and not state.done else None
-        rows.append(
-            RankRow(
-                number,
-                state.last_step,
-                step_time(store, run.name, number, metrics),
-                None,
-                memory,
-                seen,
-                state.status,
-            )
-        )
-    steps = [r.step for r in rows if r.step is not None]
-    leader = max(steps) if steps else None
-    times = [r.step_time for r in rows if r.step_time]
-    median = statistics.median(times) if times else None
-    for row in rows:
-        if leader is not None and row.step is not None:
-            row.lag = leader - row.step
-        row.straggler = bool(
-            median and row.step_time and len(times) > 1 and row.step_time > 1.5 * median
-        )
-        row.silent = row.status is None and row.seen is not None and row.seen > 30
-    return rows
+    seen: float | None  # seconds since its last message, on the publisher's clock
+    state: str  # live, silent, straggler, or how it ended
 
 
 class RanksTable(DataTable[Any]):
@@ -202,13 +134,7 @@ class RanksTable(DataTable[Any]):
         self._shown = shown
         self.clear()
         for row, cells in zip(rows, shown):
-            style = (
-                "bold red"
-                if row.silent or row.status == "crashed"
-                else "yellow"
-                if row.straggler
-                else ""
-            )
+            style = ROW_STYLES.get(row.state, "")
             texts = [Text(c, style=style) for c in cells]
             texts[0].stylize(
                 RANK_COLORS[row.rank % len(RANK_COLORS)]
@@ -216,8 +142,10 @@ class RanksTable(DataTable[Any]):
             self.add_row(*texts)
 
 
+ROW_STYLES = {"silent": "bold red", "crashed": "bold red", "error": "red", "straggler": "yellow"}
+
+
 def _cells(row: RankRow) -> list[str]:
-    note = row.status or ("silent" if row.silent else "straggler" if row.straggler else "live")
     return [
         str(row.rank),
         "-" if row.step is None else str(row.step),
@@ -225,7 +153,7 @@ def _cells(row: RankRow) -> list[str]:
         "-" if row.lag is None else str(row.lag),
         "-" if row.memory is None else f"{row.memory:.1f}",
         "-" if row.seen is None else _ago(row.seen),
-        note,
+        row.state,
     ]
 
 
@@ -235,92 +163,6 @@ def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def run_state(run: Run, now_wall: float) -> str:
-    """live / finished / failed / crashed, or stalled for a live run silent too long."""
-    state = run.state
-    if state == "live":
-        last = max((r.last_t or 0.0) for r in run.ranks.values()) if run.ranks else 0.0
-        if last and now_wall - last > STALL_SECONDS:
-            return "stalled"
-    return state
-
-
-def total_steps(config: dict[str, Any]) -> int | None:
-    """The run's planned number of steps, when its config says."""
-    for key in ("total_steps", "max_steps", "num_training_steps", "steps"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def header_text(
-    store: Store, run: Run | None, runs: int, now_wall: float, extra: dict[str, Any]
-) -> Text:
-    """The header line: run, host, state, elapsed, step/total and ETA, epoch, world, counters."""
-    text = Text(no_wrap=True, overflow="ellipsis")
-    if run is None:
-        text.append("lmtop", style="bold")
-        text.append("  waiting for a run… (start a training job that calls lmtop.hooks.publish)")
-        return text
-    info = run.info
-    state = run_state(run, now_wall)
-    colors = {
-        "live": "green",
-        "finished": "blue",
-        "failed": "red",
-        "crashed": "bold red",
-        "stalled": "yellow",
-    }
-    text.append(inert(run.name, 60), style="bold")
-    if runs > 1:
-        text.append(f" ({runs} runs)")
-    text.append(f"  {inert(info.get('host', '?'), 30)}  ")
-    text.append(f" {state} ", style=f"reverse {colors.get(state, '')}")
-    first_t = min((r.started for r in run.ranks.values() if r.started), default=None)
-    rank0 = run.ranks.get(min(run.ranks)) if run.ranks else None
-    steps = [r.last_step for r in run.ranks.values() if r.last_step is not None]
-    step = max(steps) if steps else None
-    total = total_steps(run.config)
-    last_t = max((r.last_t or 0.0) for r in run.ranks.values()) if run.ranks else None
-    if first_t and last_t:
-        text.append(f"  {_duration((now_wall if state == 'live' else last_t) - first_t)}")
-    if step is not None:
-        text.append(f"  step {step}" + (f"/{total}" if total else ""))
-        seconds = (
-            step_time(store, run.name, rank0.rank, store.metrics.get(run.name, set()))
-            if rank0
-            else None
-        )
-        if total and seconds and state == "live" and step < total:
-            text.append(f" ETA {_duration((total - step) * seconds)}")
-    epoch = None
-    for rank in sorted(run.ranks):
-        series = store.get(run.name, rank, "epoch")
-        if series is not None and len(series):
-            epoch = series.last
-            break
-    if epoch is not None and math.isfinite(epoch):
-        text.append(f"  epoch {epoch:.2f}")
-    text.append(f"  world {run.world}")
-    dropped, bad = run.dropped, run.bad_lines + extra.get("bad_live", 0)
-    text.append(f"  dropped {dropped}", style="yellow" if dropped else "dim")
-    text.append(f"  bad {bad}", style="yellow" if bad else "dim")
-    alerts = extra.get("alerts", 0)
-    if alerts:
-        critical = extra.get("critical", 0)
-        text.append(f"  ⚠ {alerts} alerts", style="bold red" if critical else "bold yellow")
-    if extra.get("paused"):
-        text.append("  PAUSED", style="reverse")
-    return text
 
 
 class Header(Static):
@@ -357,8 +199,3 @@ class AlertsPanel(DataTable[Any]):
                 Text("-" if rank is None else str(rank)),
                 Text(inert(getattr(alert, "message", ""), 300), style=style),
             )
-
-
-def now() -> float:
-    """Wall-clock time (the publishers' clock in messages is wall time too)."""
-    return time.time()

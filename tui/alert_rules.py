@@ -1,0 +1,230 @@
+"""One small rule per alert type: what it watches, how it builds its detector, how it words it.
+
+A rule watches metric *roles* (see :mod:`.metrics`). For each metric name of a rank that has one
+of those roles, the engine asks the rule to ``build`` a detector once, then feeds it every finite
+value with its step; a detector returns a :class:`~.detectors.Finding` when a new episode starts,
+and the rule's ``word`` turns it into the alert's message. NaN/Inf (any metric) and the
+time-driven stall and straggler alerts are not metric rules; the engine words them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .alert_settings import AlertSettings
+from .detectors import (
+    BOTH,
+    DOWN,
+    UP,
+    ClippingDetector,
+    DivergenceDetector,
+    Finding,
+    Latch,
+    LearningRateDetector,
+    SpikeDetector,
+)
+from .learning_curve import LearningCurve
+
+INFO, WARNING, CRITICAL = "info", "warning", "critical"
+SEVERITIES = (INFO, WARNING, CRITICAL)
+
+SPIKE, NONFINITE, DIVERGENCE, OVERFITTING = "spike", "nonfinite", "divergence", "overfitting"
+CLIPPING, LEARNING_RATE, MEMORY, STALL, STRAGGLER = (
+    "clipping",
+    "learning_rate",
+    "memory",
+    "stall",
+    "straggler",
+)
+
+Detector = Callable[[float, int], Finding | None]  # (value, step) -> a new episode, or None
+
+
+@dataclass(slots=True)
+class RankContext:
+    """What a rule may consult about the rank it builds a detector for."""
+
+    config: dict[str, Any]  # the run's start config
+    curve: LearningCurve  # the rank's training and eval losses, shared by two rules
+    memory_total: float | None = None  # a device-memory total published by the rank
+    extra_spikes: dict[str, str] = field(default_factory=dict)  # normalised name -> direction
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One alert type over metric values."""
+
+    type: str
+    severity: str
+    roles: tuple[int, ...]
+    enabled: Callable[[AlertSettings], bool]
+    build: Callable[[AlertSettings, RankContext, str], Detector | None]
+    word: Callable[[AlertSettings, str, int, Finding], str]
+
+
+def _percent(value: float, baseline: float) -> str:
+    if baseline == 0 or baseline != baseline or abs(baseline) == float("inf"):
+        return f"{value - baseline:+.3g}"
+    return f"{(value - baseline) / abs(baseline):.0%}"
+
+
+def _values(detector: Any) -> Detector:
+    """A detector that judges values alone (``update(value)``), as one that takes the step."""
+    return lambda value, step: detector.update(value)
+
+
+def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
+    role = metrics.classify(name)
+    direction = (
+        UP
+        if role in (metrics.LOSS, metrics.GRAD_NORM)
+        else ctx.extra_spikes.get(metrics.normalise(name))
+    )
+    if direction not in (UP, DOWN, BOTH):
+        return None
+    return _values(SpikeDetector(s.spike, direction))
+
+
+def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    word = "drop" if f.value < f.baseline else "spike"
+    return (
+        f"{name} {word} to {f.value:.4g} at step {step} "
+        f"(baseline {f.baseline:.4g}, {f.size:.0f}× the noise)"
+    )
+
+
+def _divergence(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
+    return _values(DivergenceDetector(s.divergence))
+
+
+def _word_divergence(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    return (
+        f"{name} diverging at step {step}: its rolling median {f.value:.4g} is "
+        f"{_percent(f.value, f.baseline)} above its best {f.baseline:.4g}"
+    )
+
+
+def _overfitting(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
+    curve = ctx.curve
+    if metrics.classify(name) == metrics.LOSS:
+        return lambda value, step: curve.train(value)  # the training side: never alerts
+
+    def evaluate(value: float, step: int) -> Finding | None:
+        found = curve.evaluate(value, step)  # fed even with the alert off: the diagnosis reads it
+        return found if s.overfitting.enabled else None
+
+    return evaluate
+
+
+def _word_overfitting(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    return (
+        f"overfitting: {name} rose over {s.overfitting.evaluations} evaluations "
+        f"to {f.value:.4g}, {_percent(f.value, f.baseline)} above its best "
+        f"{f.baseline:.4g}, while the training loss did not rise"
+    )
+
+
+def _clipping(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
+    max_norm = metrics.max_grad_norm(ctx.config)
+    return None if max_norm is None else _values(ClippingDetector(s.clipping, max_norm))
+
+
+def _word_clipping(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    return (
+        f"{name} above max_grad_norm {f.baseline:g} on {f.value:.0%} of the last "
+        f"{s.clipping.window} steps: the learning rate may be too high"
+    )
+
+
+def _learning_rate(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
+    detector = LearningRateDetector(s.learning_rate, metrics.warmup_steps(ctx.config))
+
+    def update(value: float, step: int) -> Finding | None:
+        found = detector.update(value, step)
+        return None if found is None else Finding(value, found.baseline)
+
+    return update
+
+
+def _word_learning_rate(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    why = f"cut from {f.baseline:.3g}" if f.baseline else "still zero after warm-up"
+    return f"{name} is {f.value:g} at step {step}: {why}"
+
+
+def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
+    latch = Latch(s.memory.fraction, s.memory.rearm_fraction)
+    percent = metrics.classify(name) == metrics.MEM_PERCENT
+
+    def update(value: float, step: int) -> Finding | None:
+        total = (
+            100.0
+            if percent
+            else ctx.memory_total or metrics.config_number(ctx.config, metrics.MEMORY_TOTAL_KEYS)
+        )
+        if not total or total <= 0:
+            return None
+        fraction = value / total
+        if fraction > 1.5:  # units that do not match (GiB against bytes): no verdict
+            return None
+        return Finding(fraction, s.memory.fraction, scale=total) if latch.update(fraction) else None
+
+    return update
+
+
+def _word_memory(s: AlertSettings, name: str, step: int, f: Finding) -> str:
+    return f"{name} at {f.value:.0%} of device memory ({f.scale:.4g}) at step {step}"
+
+
+RULES = (
+    Rule(
+        SPIKE,
+        WARNING,
+        (metrics.LOSS, metrics.GRAD_NORM, metrics.OTHER),
+        lambda s: s.spike.enabled,
+        _spike,
+        _word_spike,
+    ),
+    Rule(
+        DIVERGENCE,
+        CRITICAL,
+        (metrics.LOSS,),
+        lambda s: s.divergence.enabled,
+        _divergence,
+        _word_divergence,
+    ),
+    Rule(
+        OVERFITTING,
+        WARNING,
+        (metrics.LOSS, metrics.EVAL_LOSS),
+        lambda s: True,  # see _overfitting
+        _overfitting,
+        _word_overfitting,
+    ),
+    Rule(
+        CLIPPING,
+        WARNING,
+        (metrics.GRAD_NORM,),
+        lambda s: s.clipping.enabled,
+        _clipping,
+        _word_clipping,
+    ),
+    Rule(
+        LEARNING_RATE,
+        WARNING,
+        (metrics.LR,),
+        lambda s: s.learning_rate.enabled,
+        _learning_rate,
+        _word_learning_rate,
+    ),
+    Rule(
+        MEMORY,
+        WARNING,
+        (metrics.MEM_USED, metrics.MEM_PERCENT),
+        lambda s: s.memory.enabled,
+        _memory,
+        _word_memory,
+    ),
+)

@@ -1,0 +1,140 @@
+"""What one frame shows, computed from a run's snapshot and the store: the header line, the ranks
+table's rows and the charts' pictures. Plain functions, called with the store's lock held; the
+widgets then draw the results."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from rich.text import Text
+
+from . import metrics
+from .charts import Picture, ViewOptions, picture
+from .runbook import RunView
+from .store import Store
+from .text import inert
+from .widgets import Chart, RankRow
+
+STATE_COLORS = {
+    "live": "green",
+    "finished": "blue",
+    "failed": "red",
+    "crashed": "bold red",
+    "stalled": "yellow",
+}
+
+
+def last_value(store: Store, key: str, rank: int, names: tuple[str, ...]) -> float | None:
+    """The latest value of the first of ``names`` the rank publishes."""
+    for name in names:
+        series = store.get(key, rank, name)
+        if series is not None and len(series):
+            return series.last
+    return None
+
+
+def step_time(store: Store, key: str, rank: int, measured: float | None) -> float | None:
+    """Seconds per step of a rank: its ``step_time`` metric, else its measured pace."""
+    return last_value(store, key, rank, metrics.STEP_TIME_NAMES) or measured
+
+
+def rank_rows(store: Store, run: RunView, now_wall: float) -> list[RankRow]:
+    """Per-rank figures; the state is the run book's health (the alerts' rules)."""
+    leader = run.last_step
+    return [
+        RankRow(
+            rank=r.rank,
+            step=r.last_step,
+            step_time=step_time(store, run.key, r.rank, r.step_seconds),
+            lag=leader - r.last_step if leader is not None and r.last_step is not None else None,
+            memory=last_value(store, run.key, r.rank, metrics.MEMORY_GB_NAMES),
+            seen=now_wall - r.last_t if r.last_t and not r.done else None,
+            state=r.health,
+        )
+        for r in run.ranks
+    ]
+
+
+def duration(seconds: float) -> str:
+    """``1:02:03`` or ``2:03``."""
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def header_text(
+    store: Store, run: RunView | None, runs: int, now_wall: float, extra: dict[str, Any]
+) -> Text:
+    """The header line: run, host, state, elapsed, step/total and ETA, epoch, world, counters."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    if run is None:
+        text.append("lmtop", style="bold")
+        text.append("  waiting for a run… (start a training job that calls lmtop.hooks.publish)")
+        return text
+    state = run.state
+    text.append(inert(run.name, 60), style="bold")
+    if runs > 1:
+        text.append(f" ({runs} runs)")
+    text.append(f"  {inert(run.info.get('host', '?'), 30)}  ")
+    text.append(f" {state} ", style=f"reverse {STATE_COLORS.get(state, '')}")
+    first_t, last_t, step = run.started, run.last_t, run.last_step
+    live = state in ("live", "stalled")
+    if first_t and last_t:
+        text.append(f"  {duration((now_wall if live else last_t) - first_t)}")
+    if step is not None:
+        total = metrics.total_steps(run.config)
+        text.append(f"  step {step}" + (f"/{total}" if total else ""))
+        rank0 = run.ranks[0] if run.ranks else None
+        seconds = step_time(store, run.key, rank0.rank, rank0.step_seconds) if rank0 else None
+        if total and seconds and state == "live" and step < total:
+            text.append(f" ETA {duration((total - step) * seconds)}")
+    epoch = next(
+        (e for r in run.ranks if (e := last_value(store, run.key, r.rank, metrics.EPOCH_NAMES))),
+        None,
+    )
+    if epoch is not None and math.isfinite(epoch):
+        text.append(f"  epoch {epoch:.2f}")
+    text.append(f"  world {run.world}")
+    dropped, bad = run.dropped, run.bad_lines + extra.get("bad_live", 0)
+    text.append(f"  dropped {dropped}", style="yellow" if dropped else "dim")
+    text.append(f"  bad {bad}", style="yellow" if bad else "dim")
+    backwards = store.backwards.get(run.key, 0)
+    if backwards:
+        text.append(f"  {backwards} points whose step went back", style="yellow")
+    alerts = extra.get("alerts", 0)
+    if alerts:
+        critical = extra.get("critical", 0)
+        text.append(f"  ⚠ {alerts} alerts", style="bold red" if critical else "bold yellow")
+    if extra.get("paused"):
+        text.append("  PAUSED", style="reverse")
+    return text
+
+
+def pictures(
+    store: Store,
+    run: RunView,
+    charts: list[Chart],
+    options: ViewOptions,
+    alerted: list[tuple[str | None, int]],
+) -> list[tuple[Chart, Picture]]:
+    """The picture of each visible chart, with the alert marks of its metrics."""
+    out = []
+    for chart in charts:
+        names = {name for line in chart.spec.lines for name in line}
+        steps = [step for metric, step in alerted if metric in names]
+        pic = picture(store, run.key, chart.spec, options, chart.columns, run.config, steps)
+        out.append((chart, pic))
+    return out
+
+
+def run_label(run: RunView) -> str:
+    """A run in the run picker: its name, state, ranks and directory."""
+    where = f"  {inert(str(run.dir.parent), 40)}" if run.dir is not None else ""
+    return f"{inert(run.name, 50)}  {run.state}  {len(run.ranks)} ranks{where}"
+
+
+def now() -> float:
+    """Wall-clock time (the publishers' clock in messages is wall time too)."""
+    return time.time()

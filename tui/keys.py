@@ -1,0 +1,182 @@
+"""The app's keys: the bindings (the one place they are listed; the help is built from them),
+what each does to the view options, and the layout of the charts grid."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.containers import Grid
+
+from . import export, frame
+from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart
+from .screens import HelpScreen, PickScreen, help_text
+from .text import inert
+from .widgets import Chart
+
+if TYPE_CHECKING:
+    from .runbook import RunView
+    from .store import Store
+
+SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
+WINDOWS: tuple[int | None, ...] = (None, 100, 1000, 10_000)
+RANK_MODES = ("overlay", "band", "one")
+
+BINDINGS: list[BindingType] = [
+    Binding("q", "quit", "quit"),
+    Binding("question_mark", "help", "help", tooltip="this help"),
+    Binding("enter", "zoom", "zoom", tooltip="zoom the chart to the whole screen, and back"),
+    Binding("c", "pick_metric", "chart", tooltip="pick the metric the chart shows"),
+    Binding("s", "smoothing", "smooth", tooltip="smoothing: off, 0.6, 0.9, 0.99 (over a faint raw series)"),
+    Binding("l", "log", "log y", tooltip="log y axis"),
+    Binding("w", "window", "window", tooltip="window: whole run, last 100 / 1000 / 10000 steps"),
+    Binding("x", "x_axis", "x axis", tooltip="x axis: step or wall time"),
+    Binding("r", "ranks", "ranks", tooltip="ranks: overlay, min-median-max band, one rank (r again: next rank)"),
+    Binding("p", "pause", "pause", tooltip="pause the picture (data keeps arriving)"),
+    Binding("e", "export", "export", tooltip="export an SVG screenshot and a CSV of the run's series into the run directory"),
+    Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
+    Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
+    Binding("right,down", "app.focus_next", "next chart", show=False),
+    Binding("left,up", "app.focus_previous", "previous chart", show=False),
+]  # fmt: skip
+
+
+class Keys(App[int]):
+    """What the keys do: the app's base, changing its view state on the UI thread."""
+
+    options: ViewOptions
+    zoomed: bool
+    paused: bool
+    bell_on: bool
+    dirty: bool
+    store: Store
+    store_lock: threading.Lock
+    runs: tuple[RunView, ...]
+    run_key: str | None
+    exported: tuple[Path, Path]
+
+    if TYPE_CHECKING:  # the app's own
+
+        def current_run(self) -> RunView | None: ...
+        def _changed(self, note: str | None) -> None: ...
+        def redraw(self, force: bool = False) -> None: ...
+
+    def on_resize(self) -> None:
+        self.layout_charts()
+
+    def layout_charts(self) -> None:
+        """As many charts as fit: 2 at 80x24, all 6 on a big terminal; one when zoomed."""
+        width, height = self.size
+        charts = list(self.query(Chart))
+        columns = 1 if width < 60 else 2 if width < 180 else 3
+        rows = max(1, (height - 12) // 9) if not self.zoomed else 1
+        count = 1 if self.zoomed else min(len(charts), columns * rows)
+        if self.zoomed:
+            columns = 1
+        focused = self.focused if isinstance(self.focused, Chart) else charts[0]
+        visible = [focused] if self.zoomed else charts[:count]
+        if focused not in visible:
+            visible[-1] = focused
+        for chart in charts:
+            chart.set_class(chart not in visible, "hidden")
+        grid = self.query_one("#charts", Grid)
+        grid.styles.grid_size_columns = min(columns, len(visible))
+        grid.styles.grid_size_rows = -(-len(visible) // min(columns, len(visible)))
+        self.set_class(self.zoomed, "zoomed")
+        self.dirty = True
+
+    def action_zoom(self) -> None:
+        self.zoomed = not self.zoomed
+        self.layout_charts()
+
+    def action_smoothing(self) -> None:
+        steps = SMOOTHING_STEPS
+        index = steps.index(self.options.smoothing) if self.options.smoothing in steps else 0
+        self.options.smoothing = steps[(index + 1) % len(steps)]
+        self._changed(f"smoothing {self.options.smoothing or 'off'}")
+
+    def action_log(self) -> None:
+        self.options.log_y = not self.options.log_y
+        self._changed(f"log y {'on' if self.options.log_y else 'off'}")
+
+    def action_window(self) -> None:
+        index = WINDOWS.index(self.options.window)
+        self.options.window = window = WINDOWS[(index + 1) % len(WINDOWS)]
+        self._changed(f"window: {'whole run' if window is None else f'last {window} steps'}")
+
+    def action_x_axis(self) -> None:
+        self.options.by_time = not self.options.by_time
+        self._changed(f"x axis: {'wall time' if self.options.by_time else 'step'}")
+
+    def action_ranks(self) -> None:
+        run = self.current_run()
+        ranks = [r.rank for r in run.ranks] if run and run.ranks else [0]
+        options = self.options
+        if options.rank_mode == "one" and options.rank != ranks[-1]:
+            later = [r for r in ranks if r > options.rank]
+            options.rank = later[0] if later else ranks[0]
+        else:
+            options.rank_mode = RANK_MODES[(RANK_MODES.index(options.rank_mode) + 1) % 3]
+            options.rank = ranks[0]
+        detail = f" {options.rank}" if options.rank_mode == "one" else ""
+        self._changed(f"ranks: {options.rank_mode}{detail}")
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        self.redraw(force=True)
+        self.notify("paused: data keeps arriving" if self.paused else "resumed", timeout=2)
+
+    def action_toggle_bell(self) -> None:
+        self.bell_on = not self.bell_on
+        self.notify(f"bell on critical alerts {'on' if self.bell_on else 'off'}", timeout=2)
+
+    def action_pick_metric(self) -> None:
+        run = self.current_run()
+        chart = self.focused if isinstance(self.focused, Chart) else None
+        if run is None or chart is None:
+            return
+        with self.store_lock:
+            names = sorted(self.store.metrics.get(run.key, set()))
+        choices = [(spec.key, spec.title) for spec in DEFAULT_CHARTS]
+        choices += [(f"metric:{n}", inert(n)) for n in names]
+
+        def chosen(key: str | None) -> None:
+            if key is None:
+                return
+            spec = next((s for s in DEFAULT_CHARTS if s.key == key), None)
+            chart.spec = spec or metric_chart(key.removeprefix("metric:"))
+            self._changed(None)
+
+        self.push_screen(PickScreen("chart", choices), chosen)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(help_text(self.BINDINGS)))
+
+    def action_pick_run(self) -> None:
+        runs = sorted(self.runs, key=lambda r: r.started or 0.0, reverse=True)
+        choices = [(r.key, frame.run_label(r)) for r in runs]
+
+        def chosen(key: str | None) -> None:
+            if key is not None:
+                self.run_key = key
+                self._changed(None)
+
+        self.push_screen(PickScreen("runs", choices), chosen)
+
+    def action_export(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self.notify("nothing to export yet", severity="warning")
+            return
+        with self.store_lock:
+            table = export.series_csv(self.store, run.key)
+        try:
+            self.exported = export.export(run, self.export_screenshot(), table)
+        except OSError as exc:
+            self.notify(f"export failed: {exc}", severity="error", markup=False)
+            return
+        svg, csv = self.exported
+        self.notify(f"saved {svg} and {csv}", timeout=8, markup=False)

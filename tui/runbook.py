@@ -1,0 +1,311 @@
+"""The run book: every run and rank the viewer knows, keyed by the run's directory.
+
+A run *is* its directory: two runs that share a name in two folders are two runs, and every
+consumer (store, alerts, snapshots, live routing) keys runs by :attr:`Run.key`, the directory's
+real path (``live:<name>`` or ``memory:<name>`` for a run without one). The name is for display.
+
+The thread that polls the source owns the book and is the only one that changes it. Views are
+taken with :meth:`RunBook.snapshot`: frozen :class:`RunView` and :class:`RankView` objects that
+another thread (the UI) may read while the book moves on. Time is an input of a view: a rank's
+health (silent, straggling) and a run's state (stalled, crashed) are judged at the moment the
+snapshot is taken, with the same rules and settings the stall and straggler alerts use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmtop.hooks import schema
+
+from . import rank_health
+from .alert_settings import StallSettings, StragglerSettings
+
+MISSING_RANK_GRACE = 5.0  # ranks that never showed up stop holding a finished run open
+
+LIVE, STALLED, FINISHED, FAILED, CRASHED = "live", "stalled", "finished", "failed", "crashed"
+
+
+@dataclass(slots=True)
+class RankState:
+    """What is known of one rank of a run (owned by the polling thread)."""
+
+    rank: int
+    applied: int = -1  # seq of the last message applied
+    gaps: int = 0  # messages that never arrived (seq numbers skipped)
+    messages: int = 0
+    bad_lines: int = 0  # lines of its file that were not messages (set by the reader)
+    info: dict[str, Any] | None = None  # the start message's info
+    status: str | None = None  # "ok", "error", "crashed", "unknown" once done
+    error: str | None = None
+    pid: int | None = None
+    start_ticks: int | None = None
+    host: str | None = None
+    endpoint: str | None = None
+    last_step: int | None = None
+    started: float | None = None  # the publisher's clock at its start message
+    last_t: float | None = None  # the publisher's clock at its last message
+    last_seen: float = 0.0  # our monotonic clock when it last changed
+    problems: dict[str, int] = field(default_factory=dict)
+    points: int = 0  # metrics messages applied (the step of a message without one)
+    pace: rank_health.Pace = field(default_factory=rank_health.Pace)
+
+    @property
+    def done(self) -> bool:
+        """Whether this rank will publish nothing more."""
+        return self.status is not None
+
+
+@dataclass(slots=True)
+class Run:
+    """One run: every rank's state, by rank."""
+
+    key: str  # the run directory's real path, or "live:<name>" / "memory:<name>" without one
+    name: str
+    dir: Path | None
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    world: int = 1
+    done_since: float | None = None  # monotonic time every known rank was done
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The start info of the lowest rank that has one."""
+        for rank in sorted(self.ranks):
+            info = self.ranks[rank].info
+            if info:
+                return info
+        return {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The hyper-parameters recorded at start."""
+        config = self.info.get("config")
+        return config if isinstance(config, dict) else {}
+
+    def all_done(self, now: float) -> bool:
+        """Every rank has ended (or crashed) and no missing rank is still awaited."""
+        if not self.ranks or not all(r.done for r in self.ranks.values()):
+            return False
+        if len(self.ranks) >= self.world:
+            return True
+        return self.done_since is not None and now - self.done_since > MISSING_RANK_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class RankView:
+    """One rank as it stood when the snapshot was taken."""
+
+    rank: int
+    status: str | None  # "ok", "error", "crashed", "unknown" once done, else None
+    health: str  # "live", "silent" or "straggler" while not done, else the status
+    last_step: int | None
+    started: float | None
+    last_t: float | None
+    silent_for: float  # seconds since it last spoke, on the viewer's clock
+    step_seconds: float | None  # median seconds per step, on the publisher's clock
+    host: str | None
+    error: str | None
+    messages: int
+    gaps: int
+    info: Mapping[str, Any] | None  # its start message's info (host, pid, argv, config, ...)
+
+    @property
+    def done(self) -> bool:
+        """Whether this rank will publish nothing more."""
+        return self.status is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    """One run as it stood when the snapshot was taken; safe to read from any thread."""
+
+    key: str
+    name: str
+    dir: Path | None
+    state: str  # live, stalled, finished, failed, crashed
+    world: int
+    ranks: tuple[RankView, ...]
+    info: Mapping[str, Any]
+    config: Mapping[str, Any]
+    dropped: int  # messages that never arrived (gaps in seq)
+    bad_lines: int
+
+    @property
+    def started(self) -> float | None:
+        """The publisher's clock at the earliest start message."""
+        return min((r.started for r in self.ranks if r.started), default=None)
+
+    @property
+    def last_t(self) -> float | None:
+        """The publisher's clock at the latest message."""
+        return max((r.last_t for r in self.ranks if r.last_t), default=None)
+
+    @property
+    def last_step(self) -> int | None:
+        """The furthest step any rank reached."""
+        return max((r.last_step for r in self.ranks if r.last_step is not None), default=None)
+
+    def rank(self, number: int) -> RankView | None:
+        """One rank's view, or None."""
+        return next((r for r in self.ranks if r.rank == number), None)
+
+
+class RunBook:
+    """Every run by key, the messages applied to them once each, and their health.
+
+    Args:
+        stall: when a rank counts as silent (the stall alert's settings).
+        straggler: when a rank counts as a straggler (the straggler alert's settings).
+    """
+
+    def __init__(
+        self, stall: StallSettings | None = None, straggler: StragglerSettings | None = None
+    ) -> None:
+        self.runs: dict[str, Run] = {}
+        self.stall = stall or StallSettings()
+        self.straggler = straggler or StragglerSettings()
+
+    def run(self, key: str, name: str, directory: Path | None) -> Run:
+        """The run with ``key``, created when new."""
+        run = self.runs.get(key)
+        if run is None:
+            run = self.runs[key] = Run(key=key, name=name, dir=directory)
+        return run
+
+    def rank(self, run: Run, number: int) -> RankState:
+        """The rank ``number`` of ``run``, created when new."""
+        rank = run.ranks.get(number)
+        if rank is None:
+            rank = run.ranks[number] = RankState(rank=number, last_seen=time.monotonic())
+            run.world = max(run.world, number + 1)
+            run.done_since = None
+        return rank
+
+    def apply(self, run: Run, rank: RankState, message: schema.Message) -> bool:
+        """Applies a message of ``rank``; False when it is old (already applied) or late."""
+        if message.seq <= rank.applied or rank.done:
+            return False
+        rank.gaps += message.seq - rank.applied - 1
+        rank.applied = message.seq
+        rank.messages += 1
+        rank.last_t = message.t
+        rank.last_seen = time.monotonic()
+        if message.step is not None:
+            rank.last_step = message.step
+        kind = message.kind
+        if kind == schema.METRICS and message.m:
+            rank.points += 1
+            step = message.step if message.step is not None else rank.points - 1
+            rank.pace.update(step, message.t)
+        elif kind == schema.START:
+            self._start(run, rank, message)
+        elif kind == schema.END:
+            self._end(rank, message)
+        run.world = max(run.world, message.world)
+        return True
+
+    def crashed(self, run: Run, rank: RankState) -> None:
+        """Marks a rank whose process is gone without an end message."""
+        rank.status = "crashed"
+        rank.last_seen = time.monotonic()
+
+    def settle(self, now: float) -> None:
+        """Notes the moment each run's known ranks were all done (see ``Run.all_done``)."""
+        for run in self.runs.values():
+            if run.done_since is None and run.ranks and all(r.done for r in run.ranks.values()):
+                run.done_since = now
+
+    def done(self, now: float) -> bool:
+        """Whether every run has ended (and there is at least one)."""
+        return bool(self.runs) and all(run.all_done(now) for run in self.runs.values())
+
+    def health(self, now: float) -> list[rank_health.Episode]:
+        """Judges every live run's ranks; returns the silences and stragglers that began now."""
+        episodes: list[rank_health.Episode] = []
+        for run in self.runs.values():
+            if not run.all_done(now):
+                episodes += rank_health.judge(
+                    run.key, now, list(run.ranks.values()), self.stall, self.straggler
+                )
+        return episodes
+
+    def snapshot(self, now: float | None = None) -> tuple[RunView, ...]:
+        """Frozen views of every run, judged at ``now`` (the monotonic clock)."""
+        now = time.monotonic() if now is None else now
+        return tuple(self._view(run, now) for run in self.runs.values())
+
+    # -- inside --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _start(run: Run, rank: RankState, message: schema.Message) -> None:
+        rank.started = message.t
+        info = message.data.get("info")
+        if isinstance(info, dict):
+            rank.info = info
+            pid, ticks, host = info.get("pid"), info.get("start_ticks"), info.get("host")
+            rank.pid = pid if type(pid) is int else rank.pid
+            rank.start_ticks = ticks if type(ticks) is int else rank.start_ticks
+            rank.host = host if type(host) is str else rank.host
+        if run.name != message.run and run.name == (run.dir.name if run.dir else None):
+            run.name = message.run  # the launch's own name over its folder's
+
+    @staticmethod
+    def _end(rank: RankState, message: schema.Message) -> None:
+        status = message.data.get("status")
+        rank.status = status if isinstance(status, str) and status else "ok"
+        error = message.data.get("error")
+        rank.error = error if isinstance(error, str) else None
+        problems = message.data.get("problems")
+        if isinstance(problems, dict):
+            rank.problems = {str(k): v for k, v in problems.items() if type(v) is int}
+
+    def _view(self, run: Run, now: float) -> RunView:
+        ranks = tuple(self._rank_view(run.ranks[n], now) for n in sorted(run.ranks))
+        return RunView(
+            key=run.key,
+            name=run.name,
+            dir=run.dir,
+            state=self._state(run, ranks, now),
+            world=run.world,
+            ranks=ranks,
+            info=run.info,
+            config=run.config,
+            dropped=sum(r.gaps for r in run.ranks.values()),
+            bad_lines=sum(r.bad_lines for r in run.ranks.values()),
+        )
+
+    def _rank_view(self, rank: RankState, now: float) -> RankView:
+        seconds = rank.pace.step_seconds
+        return RankView(
+            rank=rank.rank,
+            status=rank.status,
+            health=rank.status or rank_health.health(rank, now, self.stall),
+            last_step=rank.last_step,
+            started=rank.started,
+            last_t=rank.last_t,
+            silent_for=max(0.0, now - rank.last_seen),
+            step_seconds=seconds if seconds == seconds else None,
+            host=rank.host,
+            error=rank.error,
+            messages=rank.messages,
+            gaps=rank.gaps,
+            info=rank.info,
+        )
+
+    def _state(self, run: Run, ranks: tuple[RankView, ...], now: float) -> str:
+        statuses = {r.status for r in ranks}
+        if not run.all_done(now):
+            if "crashed" in statuses and None not in statuses:
+                return CRASHED
+            live = [r for r in ranks if not r.done]
+            if live and all(r.health == rank_health.SILENT for r in live):
+                return STALLED
+            return LIVE
+        if "crashed" in statuses:
+            return CRASHED
+        if statuses - {"ok", "unknown"}:
+            return FAILED
+        return FINISHED

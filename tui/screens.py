@@ -1,0 +1,76 @@
+"""The app's modal screens: the keys (built from the app's own bindings) and a picker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.screen import ModalScreen
+from textual.widgets import OptionList, Static
+from textual.widgets.option_list import Option
+
+KEY_NAMES = {
+    "question_mark": "?",
+    "enter": "enter",
+    "tab": "tab",
+    "right,down": "→ ↓",
+    "left,up": "← ↑",
+}
+
+LEGEND = """
+Charts draw each terminal column's min and max from the full series: no spike is hidden.
+Grey dots are that raw min-max envelope under the smoothed line.
+Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red line the clipping threshold."""
+
+
+def help_text(bindings: Iterable[BindingType]) -> str:
+    """One line per key, from the bindings themselves: the help cannot drift from the keys."""
+    lines = ["tab      move between charts (shift+tab back)"]
+    for binding in bindings:
+        if not isinstance(binding, Binding):
+            continue
+        key = KEY_NAMES.get(binding.key, binding.key)
+        lines.append(f"{key:<8} {binding.tooltip or binding.description}")
+    return "\n".join(lines) + "\n" + LEGEND
+
+
+class HelpScreen(ModalScreen[None]):
+    """The keys."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+    DEFAULT_CSS = "HelpScreen { align: center middle; } #help { width: auto; max-width: 110; border: round $accent; padding: 1 2; background: $surface; }"
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(self.text), id="help")
+
+    def action_dismiss(self, result: None = None) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class PickScreen(ModalScreen[str | None]):
+    """A list to pick from: a metric for a chart, or a run."""
+
+    BINDINGS = [Binding("escape,q", "cancel", "cancel")]
+    DEFAULT_CSS = "PickScreen { align: center middle; } PickScreen OptionList { width: 70; max-height: 80%; border: round $accent; }"
+
+    def __init__(self, title: str, choices: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.choices = choices
+
+    def compose(self) -> ComposeResult:
+        options = OptionList(*(Option(Text(label), id=key) for key, label in self.choices))
+        options.border_title = self.title_text
+        yield options
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
