@@ -78,6 +78,7 @@ def test_viewers_before_during_and_after_see_every_message_once(
 @pytest.mark.slow
 def test_kill_9_loses_nothing_published_and_the_run_is_crashed(lmtop_env: dict[str, str]) -> None:
     during = viewer("--no-alerts", lmtop_env["LMTOP_DIR"])
+    alerting = viewer(lmtop_env["LMTOP_DIR"])  # with alerts: the crash is a critical record
     steady = launch("publish_steps.py", "3000", rank=0, world=2)
     victim = launch(
         "publish_steps.py", "1000000", "--pace-every", "10", "--pace", "0.001", rank=1, world=2
@@ -94,6 +95,10 @@ def test_kill_9_loses_nothing_published_and_the_run_is_crashed(lmtop_env: dict[s
 
     out, err = during.communicate(timeout=60)
     assert during.returncode == 0, err.decode()
+    records = [orjson.loads(line) for line in alerting.communicate(timeout=60)[0].splitlines()]
+    crashes = [r for r in records if r.get("kind") == "alert" and r["type"] == "crashed"]
+    assert [(r["rank"], r["severity"]) for r in crashes] == [(1, "critical")]
+    assert alerting.returncode == 2
     killed = [m for m in _messages(out) if m.rank == 1 and m.kind == "metrics"]
     assert [m.step for m in killed][: last_returned + 1] == list(range(last_returned + 1))
 
@@ -117,10 +122,15 @@ def test_kill_9_loses_nothing_published_and_the_run_is_crashed(lmtop_env: dict[s
     assert run.rank(1).status == "crashed" and run.rank(0).status == "ok"
 
 
-def test_an_empty_folder_with_no_follow_prints_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["empty-folder", "does-not-exist"])
+def test_a_path_with_nothing_to_read_says_so_and_fails(tmp_path: Path, name: str) -> None:
+    if name == "empty-folder":
+        (tmp_path / name).mkdir()
     proc = subprocess.run(
-        [os.sys.executable, "-m", "lmtop.tui", "--headless", "--no-follow", str(tmp_path)],  # type: ignore[attr-defined]
+        [os.sys.executable, "-m", "lmtop.tui", "--headless", "--no-follow", str(tmp_path / name)],  # type: ignore[attr-defined]
         capture_output=True,
         timeout=30,
     )
-    assert proc.returncode == 0 and proc.stdout == b""
+    assert proc.returncode == 1 and proc.stdout == b""
+    reason = "no lmtop run" if name == "empty-folder" else "no such file or directory"
+    assert reason in proc.stderr.decode() and name in proc.stderr.decode()

@@ -32,12 +32,13 @@ INFO, WARNING, CRITICAL = "info", "warning", "critical"
 SEVERITIES = (INFO, WARNING, CRITICAL)
 
 SPIKE, NONFINITE, DIVERGENCE, OVERFITTING = "spike", "nonfinite", "divergence", "overfitting"
-CLIPPING, LEARNING_RATE, MEMORY, STALL, STRAGGLER = (
+CLIPPING, LEARNING_RATE, MEMORY, STALL, STRAGGLER, CRASHED = (
     "clipping",
     "learning_rate",
     "memory",
     "stall",
     "straggler",
+    "crashed",
 )
 
 Detector = Callable[[float, int], Finding | None]  # (value, step) -> a new episode, or None

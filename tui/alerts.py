@@ -13,6 +13,7 @@ vocabulary; what is watched for is :mod:`.alert_rules`' rules.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from lmtop.hooks import schema
 
 from . import metrics, rank_health
 from .alert_rules import (
+    CRASHED,
     CRITICAL,
     NONFINITE,
     RULES,
@@ -173,8 +175,11 @@ class AlertEngine:
         out = []
         s = self.settings
         for e in episodes if s.enabled else ():
-            stall = isinstance(e, rank_health.Stall)
-            if s.stall.enabled if stall else s.straggler.enabled:
+            if isinstance(e, rank_health.Straggle):
+                wanted = s.straggler.enabled
+            else:
+                wanted = s.stall.enabled if isinstance(e, rank_health.Stall) else True
+            if wanted:
                 type_, severity, metric, value, baseline, text = _word_episode(e)
                 out.append(
                     Alert(type=type_, severity=severity, run=self._names.get(e.run, e.run),
@@ -272,7 +277,11 @@ class AlertEngine:
 
 
 def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, float, str]:
-    """(type, severity, metric, value, baseline, message) of a stall or a straggler."""
+    """(type, severity, metric, value, baseline, message) of a crash, a stall or a straggler."""
+    if isinstance(e, rank_health.Crash):
+        after = "before its first step" if e.step is None else f"after step {e.step}"
+        text = f"rank {e.rank} exited without an end message {after} (killed, os._exit or OOM?)"
+        return CRASHED, CRITICAL, None, math.nan, math.nan, text
     if isinstance(e, rank_health.Stall):
         text = f"rank {e.rank} silent for {e.silent:.0f} s after step {e.step} while other ranks progress"
         return STALL, CRITICAL, None, e.silent, e.limit, text

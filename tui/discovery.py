@@ -22,15 +22,15 @@ def rank_file(run_dir: Path, rank: int) -> Path:
     return run_dir / f"rank-{rank}.jsonl"
 
 
-def rank_files(run_dir: Path) -> dict[int, Path]:
-    """The rank files of a run directory, by rank."""
-    found = {}
+def ranks(run_dir: Path) -> list[int]:
+    """The ranks whose files a run directory holds (no path objects: 10,000 ranks are cheap)."""
+    found = []
     try:
         with os.scandir(run_dir) as entries:
             for entry in entries:
                 match = RANK_FILE.match(entry.name)
                 if match and entry.is_file():
-                    found[int(match.group(1))] = Path(entry.path)
+                    found.append(int(match.group(1)))
     except OSError:
         pass
     return found
@@ -38,7 +38,11 @@ def rank_files(run_dir: Path) -> dict[int, Path]:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds at least one rank file."""
-    return bool(rank_files(path))
+    try:
+        with os.scandir(path) as entries:
+            return any(RANK_FILE.match(e.name) and e.is_file() for e in entries)
+    except OSError:
+        return False
 
 
 def run_dirs(folder: Path) -> list[Path]:

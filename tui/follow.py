@@ -30,6 +30,9 @@ from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
+# A rank that said nothing is read (and its process checked) less and less often, up to this:
+# following 10,000 idle ranks must not cost a core. Any message of it resets the pace.
+IDLE_SECONDS = 2.0
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
 SILENT_UNKNOWN_SECONDS = 10.0  # a rank whose liveness cannot be checked, silent this long, is done
 LIVE_DRAIN_FRAMES = 2000
@@ -65,6 +68,8 @@ class Follower:
         self._run_dirs = [Path(os.path.realpath(p)) for p in run_dirs]
         self._folders = [Path(os.path.realpath(p)) for p in folders]
         self._files: dict[tuple[str, int], RankFile] = {}
+        self._idle: dict[tuple[str, int], tuple[float, float]] = {}  # -> (next read, interval)
+        self._listed: dict[str, int] = {}  # run key -> its folder's mtime when last listed
         self._last_scan = -1e9
         self._last_folder_scan = -1e9
         self._backlog = False
@@ -127,17 +132,25 @@ class Follower:
                 for run_dir in discovery.run_dirs(folder):
                     self._add_run_dir(Path(os.path.realpath(run_dir)))
             for run in list(self.runs.values()):  # ranks that came and went between scans
-                if run.dir is not None:
+                if run.dir is not None and run.dir not in self._run_dirs:
                     self._add_run_dir(run.dir)
         backlog = False  # set once at the end: the app's thread reads it meanwhile
         for run in self.runs.values():
             for rank in run.ranks.values():
                 if rank.done:
                     continue
+                key = (run.key, rank.rank)
+                due, interval = self._idle.get(key, (0.0, SCAN_SECONDS))
+                if now < due:
+                    continue
+                before = rank.applied
                 if self._read(run, rank, out):
                     backlog = True
                 elif self.follow and not rank.done:
                     self._check_alive(run, rank, out, now)
+                if rank.applied == before:  # nothing new: look again later, up to IDLE_SECONDS
+                    interval = min(2 * interval, IDLE_SECONDS)
+                    self._idle[key] = (now + interval, interval)
         self.book.settle(now)
         self._backlog = backlog
         self._scanned_once = True
@@ -174,8 +187,16 @@ class Follower:
 
     def _add_run_dir(self, run_dir: Path, name: str | None = None) -> Run:
         run = self.book.run(str(run_dir), name or run_dir.name, run_dir)
-        for number in discovery.rank_files(run_dir):
-            self.book.rank(run, number)
+        try:
+            changed = os.stat(run_dir).st_mtime_ns
+        except OSError:
+            return run
+        # A new file changes its folder's mtime; a recent mtime is listed again regardless, for
+        # filesystems whose timestamps are coarse (NFS: a second or two).
+        if self._listed.get(run.key) != changed or time.time() - changed / 1e9 < 5.0:
+            self._listed[run.key] = changed
+            for number in discovery.ranks(run_dir):
+                self.book.rank(run, number)
         return run
 
     def _file(self, run: Run, rank: RankState) -> RankFile | None:
@@ -233,6 +254,7 @@ class Follower:
     def _apply(self, run: Run, rank: RankState, message: schema.Message, out: list[Keyed]) -> None:
         if self.book.apply(run, rank, message):
             out.append((run.key, message))
+            self._idle.pop((run.key, rank.rank), None)  # it speaks: read it at the full pace
             if rank.done and self._live is not None and rank.endpoint:
                 self._live.disconnect(rank.endpoint)
 

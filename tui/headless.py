@@ -1,8 +1,9 @@
 """``lmtop --headless``: every message of the selected runs as JSON lines on stdout, and alerts.
 
-Alert records (``{"kind": "alert", "type", "severity", "run", "rank", "metric", "step", "value",
-"baseline", "message", "t"}``) follow the message that raised them; the exit status is 2 when a
-critical alert fired, 0 otherwise.
+Alert records (``{"kind": "alert", "type", "severity", "run", "dir", "rank", "metric", "step",
+"value", "baseline", "message", "t"}``) follow the message that raised them; a rank whose process
+is gone without an end message is a critical ``crashed`` alert. The exit status is 2 when a
+critical alert fired, 1 when ``--no-follow`` found nothing to read, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -76,7 +77,23 @@ def run(
         follower.close()
         alerting.close()
     _report(follower)
+    if not follow and not follower.runs:
+        print(f"lmtop: {_nothing_in(paths)}", file=sys.stderr)
+        return 1
     return 2 if alerting.critical else 0
+
+
+def _nothing_in(paths: Sequence[str]) -> str:
+    """Why there was nothing to print, path by path."""
+    if not paths:
+        return "no live runs of this user"
+    reasons = []
+    for text in paths:
+        if not os.path.exists(text):
+            reasons.append(f"{text}: no such file or directory")
+        else:
+            reasons.append(f"{text}: no lmtop run (rank-N.jsonl files) in it")
+    return "; ".join(reasons)
 
 
 def _lines(alerts: list[Alert]) -> list[bytes]:

@@ -113,7 +113,16 @@ class Straggle:
     baseline: float
 
 
-Episode = Stall | Straggle
+@dataclass(slots=True, frozen=True)
+class Crash:
+    """A rank whose process is gone without an end message (``kill -9``, ``os._exit``, OOM)."""
+
+    run: str  # the run's key
+    rank: int
+    step: int | None
+
+
+Episode = Stall | Straggle | Crash
 
 
 def judge(

@@ -51,6 +51,8 @@ class RankState:
     last_seen: float = 0.0  # our monotonic clock when it last changed
     problems: dict[str, int] = field(default_factory=dict)
     points: int = 0  # metrics messages applied (the step of a message without one)
+    bad_seq: int = 0  # messages whose seq jumped ahead of the rank's own sequence
+    jump: tuple[int, int] | None = None  # (from, to) of the last forward jump, until confirmed
     pace: rank_health.Pace = field(default_factory=rank_health.Pace)
 
     @property
@@ -130,8 +132,8 @@ class RunView:
     ranks: tuple[RankView, ...]
     info: Mapping[str, Any]
     config: Mapping[str, Any]
-    dropped: int  # messages that never arrived (gaps in seq)
-    bad_lines: int
+    dropped: int  # messages that never arrived (gaps in seq), and values the hook dropped
+    bad_lines: int  # lines that were not messages, and messages whose seq was not the rank's
 
     @property
     def started(self) -> float | None:
@@ -165,6 +167,7 @@ class RunBook:
         self, stall: StallSettings | None = None, straggler: StragglerSettings | None = None
     ) -> None:
         self.runs: dict[str, Run] = {}
+        self._crashes: list[rank_health.Crash] = []  # found since the last health()
         self.stall = stall or StallSettings()
         self.straggler = straggler or StragglerSettings()
 
@@ -185,9 +188,22 @@ class RunBook:
         return rank
 
     def apply(self, run: Run, rank: RankState, message: schema.Message) -> bool:
-        """Applies a message of ``rank``; False when it is old (already applied) or late."""
-        if message.seq <= rank.applied or rank.done:
+        """Applies a message of ``rank``; False when it is old (already applied) or late.
+
+        A jump ahead in ``seq`` is a gap (messages lost) once the next message continues from
+        it. If the next one continues the sequence from before the jump instead, the jump was
+        not the rank's (a corrupt or planted line): it is counted as bad and undone, so one
+        wild ``seq`` cannot hide the rest of the rank.
+        """
+        if rank.done:
             return False
+        if message.seq <= rank.applied:
+            jump = rank.jump
+            if jump is None or message.seq != jump[0] + 1:
+                return False
+            rank.gaps -= jump[1] - jump[0] - 1
+            rank.applied, rank.bad_seq = jump[0], rank.bad_seq + 1
+        rank.jump = (rank.applied, message.seq) if message.seq > rank.applied + 1 else None
         rank.gaps += message.seq - rank.applied - 1
         rank.applied = message.seq
         rank.messages += 1
@@ -211,6 +227,7 @@ class RunBook:
         """Marks a rank whose process is gone without an end message."""
         rank.status = "crashed"
         rank.last_seen = time.monotonic()
+        self._crashes.append(rank_health.Crash(run.key, rank.rank, rank.last_step))
 
     def settle(self, now: float) -> None:
         """Notes the moment each run's known ranks were all done (see ``Run.all_done``)."""
@@ -223,8 +240,10 @@ class RunBook:
         return bool(self.runs) and all(run.all_done(now) for run in self.runs.values())
 
     def health(self, now: float) -> list[rank_health.Episode]:
-        """Judges every live run's ranks; returns the silences and stragglers that began now."""
-        episodes: list[rank_health.Episode] = []
+        """Judges every live run's ranks; returns the crashes found since the last call and the
+        silences and stragglers that began now."""
+        episodes: list[rank_health.Episode] = list(self._crashes)
+        self._crashes.clear()
         for run in self.runs.values():
             if not run.all_done(now):
                 episodes += rank_health.judge(
@@ -273,8 +292,8 @@ class RunBook:
             ranks=ranks,
             info=run.info,
             config=run.config,
-            dropped=sum(r.gaps for r in run.ranks.values()),
-            bad_lines=sum(r.bad_lines for r in run.ranks.values()),
+            dropped=sum(r.gaps + _dropped_values(r.problems) for r in run.ranks.values()),
+            bad_lines=sum(r.bad_lines + r.bad_seq for r in run.ranks.values()),
         )
 
     def _rank_view(self, rank: RankState, now: float) -> RankView:
@@ -309,3 +328,9 @@ class RunBook:
         if statuses - {"ok", "unknown"}:
             return FAILED
         return FINISHED
+
+
+def _dropped_values(problems: dict[str, int]) -> int:
+    """Values a rank's hook dropped, from its end message's problem counts (live frames a slow
+    viewer missed are not lost: they are in the file)."""
+    return sum(n for kind, n in problems.items() if "dropped" in kind and "live" not in kind)

@@ -1,0 +1,105 @@
+"""The viewer on a shared box, against hostile or odd input: the viewer's half of issue 14."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from lmtop.tui.follow import IDLE_SECONDS, Follower
+from lmtop.tui.runbook import RunView
+from runs import T0, line, write_run
+
+
+def _snapshot(follower: Follower) -> tuple[RunView, ...]:
+    while not follower.runs or follower.catching_up:
+        follower.poll(0)
+    return follower.book.snapshot()
+
+
+def test_values_the_hook_dropped_count_in_the_runs_dropped_figure(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "runs", name="lossy", ranks=1, steps=10, ended=False)
+    with (run_dir / "rank-0.jsonl").open("ab") as f:
+        f.write(
+            line(
+                "lossy", 0, 1, 11, "end", 9, T0 + 20, status="ok",
+                problems={
+                    "metrics that are not numbers dropped": 7,
+                    "live frames dropped (a slow viewer; it reads them from the file)": 40,
+                },
+            )
+        )  # fmt: skip
+    (run,) = _snapshot(Follower([str(run_dir)], follow=False, live=False))
+    # 7 values were lost; the 40 live frames were not (the file holds them).
+    assert run.dropped == 7
+
+
+def test_idle_ranks_are_read_less_and_less_often_and_one_that_speaks_is_seen(
+    tmp_path: Path,
+) -> None:
+    ranks = 200
+    run_dir = write_run(
+        tmp_path / "runs",
+        name="idle",
+        ranks=ranks,
+        steps=2,
+        ended=False,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )  # alive: followed
+    follower = Follower([str(run_dir)], live=False)
+    _snapshot(follower)
+    reads: dict[int, int] = {}
+    read = follower._read
+
+    def counted(run, rank, out):  # type: ignore[no-untyped-def]
+        reads[rank.rank] = reads.get(rank.rank, 0) + 1
+        return read(run, rank, out)
+
+    follower._read = counted  # type: ignore[method-assign]
+    started = time.monotonic()
+    while time.monotonic() - started < 4.0:
+        follower.poll(0.05)
+    # At the full pace (every 0.25 s) each rank would be read 16 times in 4 s.
+    assert max(reads.values()) <= 6, max(reads.values())
+    with (run_dir / "rank-7.jsonl").open("ab") as f:
+        f.write(line("idle", 7, ranks, 3, "metrics", 2, T0 + 5, m={"loss": 0.5}))
+    spoke = time.monotonic()
+    seen: list[int] = []
+    while not seen and time.monotonic() - spoke < IDLE_SECONDS + 2:
+        seen = [m.rank for _, m in follower.poll(0.05)]
+    assert seen == [7]
+    follower.close()
+
+
+def test_one_wild_seq_does_not_hide_the_rest_of_the_rank(tmp_path: Path) -> None:
+    run_dir = tmp_path / "wild"
+    run_dir.mkdir()
+    lines = [line("wild", 0, 1, 0, "start", None, T0)]
+    lines += [
+        line("wild", 0, 1, s, "metrics", s - 1, T0 + s, m={"loss": 1.0}) for s in range(1, 101)
+    ]
+    lines.append(line("wild", 0, 1, 10**12, "metrics", 100, T0 + 101, m={"loss": 1.0}))
+    lines += [
+        line("wild", 0, 1, s, "metrics", s, T0 + s + 1, m={"loss": 1.0}) for s in range(101, 201)
+    ]
+    (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    steps = []
+    while not follower.done:
+        steps += [m.step for _, m in follower.poll(0) if m.kind == "metrics"]
+    (run,) = follower.book.snapshot()
+    assert steps[-100:] == list(range(101, 201))  # every later message is shown
+    assert run.bad_lines == 1 and run.dropped == 0
+
+
+def test_a_real_gap_in_seq_is_counted_once_and_the_rank_goes_on(tmp_path: Path) -> None:
+    run_dir = tmp_path / "gap"
+    run_dir.mkdir()
+    lines = [line("gap", 0, 1, s, "metrics", s, T0 + s, m={"loss": 1.0}) for s in range(50)]
+    lines += [line("gap", 0, 1, s, "metrics", s, T0 + s, m={"loss": 1.0}) for s in range(80, 120)]
+    (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    (run,) = _snapshot(follower)
+    assert run.dropped == 30 and run.bad_lines == 0 and run.last_step == 119
