@@ -181,6 +181,7 @@ class Publisher:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
                 self._fd = os.open(path, flags, 0o644)
                 self.path: Path | None = path
+                self.dir = path.parent
                 return run
             except FileExistsError:
                 n += 1
@@ -188,6 +189,7 @@ class Publisher:
             except OSError as exc:
                 self.problems("cannot write the run directory; publishing live only", exc)
                 self.path = None
+                self.dir = directory / run  # where it would be: a viewer keys the run by it
                 return run
 
     def _start_live(self) -> None:
@@ -203,7 +205,8 @@ class Publisher:
                     "run": self.run,
                     "rank": self.rank,
                     "world": self.world,
-                    "dir": str(self.path.parent) if self.path else None,
+                    "dir": str(self.dir),
+                    "live_only": self.path is None,
                     "endpoint": endpoint,
                     "started": time.time(),
                 }

@@ -6,6 +6,7 @@ root (they are skipped otherwise); the rest run as anyone.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +26,14 @@ needs_root = pytest.mark.skipif(os.getuid() != 0, reason="handing a file to anot
 
 
 def python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-    """Runs ``code`` in a fresh interpreter; returns its stdout, failing with its stderr."""
+    """Runs ``code`` in a fresh interpreter (in ``env``, else this process's environment);
+    returns its stdout, failing with its stderr."""
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, **(env or {})),
+        env=os.environ if env is None else env,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -132,3 +134,109 @@ def test_a_config_owned_by_another_user_is_refused(
     os.chown(beside / "lmtop.toml", NOBODY, NOBODY)
     assert alert_settings.load([str(beside)]).spike.threshold == 7.5
     assert "owned by uid 65534" in capfd.readouterr().err
+
+
+# -- 2. the registry: every candidate, none of another user's -----------------------------------
+
+LIVE_JOB = """
+import sys
+from lmtop import hooks
+hooks.init(run=sys.argv[1])
+hooks.publish({"x": 1.0}, step=0)
+print("up", flush=True)
+sys.stdin.read()
+"""
+LIST_ENTRIES = (
+    "import json; from lmtop.hooks import registry; print(json.dumps(registry.live_entries()))"
+)
+
+
+def _job(run: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    job = subprocess.Popen(
+        [sys.executable, "-c", LIVE_JOB, run],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert job.stdout is not None and job.stdout.readline() == "up\n"
+    return job
+
+
+def _short_dir(tmp_path: Path, name: str) -> Path:
+    """A directory with a short path (ipc socket paths are limited to about 100 bytes)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=f"lt{name}", dir="/tmp"))
+    (tmp_path / f"short-{name}").symlink_to(path)  # for the record; removed with tmp_path
+    return path
+
+
+def test_the_viewer_finds_a_job_started_without_xdg_runtime_dir(
+    tmp_path: Path, lmtop_env: dict[str, str]
+) -> None:
+    xdg, tmp = _short_dir(tmp_path, "x"), _short_dir(tmp_path, "t")
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("LMTOP_RUNTIME_DIR", "XDG_RUNTIME_DIR")
+    }
+    cron = _job("cron", dict(base, TMPDIR=str(tmp)))  # registers under $TMPDIR/lmtop-<uid>
+    session = _job("session", dict(base, TMPDIR=str(tmp), XDG_RUNTIME_DIR=str(xdg)))
+    try:
+        assert (tmp / f"lmtop-{os.getuid()}" / f"{cron.pid}.json").exists()
+        assert (xdg / "lmtop" / f"{session.pid}.json").exists()
+        entries = json.loads(
+            python(LIST_ENTRIES, dict(base, TMPDIR=str(tmp), XDG_RUNTIME_DIR=str(xdg)))
+        )
+        assert sorted(e["run"] for e in entries) == ["cron", "session"]
+        assert {"pid", "start_ticks", "run", "rank", "dir", "endpoint", "host", "started"} <= set(
+            entries[0]
+        )
+    finally:
+        for job in (cron, session):
+            job.communicate(timeout=30)
+
+
+@needs_root
+def test_a_runtime_directory_of_another_user_is_not_read(
+    tmp_path: Path, lmtop_env: dict[str, str]
+) -> None:
+    tmp = _short_dir(tmp_path, "h")
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("LMTOP_RUNTIME_DIR", "XDG_RUNTIME_DIR")
+    }
+    env = dict(base, TMPDIR=str(tmp))
+    planted = tmp / f"lmtop-{os.getuid()}"
+    planted.mkdir(mode=0o700)
+    victim = _job("victim", dict(os.environ))  # a real live process the attacker points at
+    try:
+        entry = {
+            "pid": victim.pid,
+            "start_ticks": None,
+            "run": "injected",
+            "rank": 0,
+            "dir": str(tmp_path),
+            "endpoint": f"ipc://{planted}/evil.sock",
+        }
+        (planted / f"{victim.pid}.json").write_bytes(orjson.dumps(entry))
+        os.chown(planted, NOBODY, NOBODY)
+        assert json.loads(python(LIST_ENTRIES, env)) == []
+        os.chown(planted, os.getuid(), os.getgid())
+        planted.chmod(0o777)  # ours, but open to everyone: anyone could have planted the entry
+        assert json.loads(python(LIST_ENTRIES, env)) == []
+        planted.chmod(0o700)
+        assert [e["run"] for e in json.loads(python(LIST_ENTRIES, env))] == ["injected"]
+    finally:
+        victim.communicate(timeout=30)
+
+
+def test_a_rank_publishing_live_only_registers_the_directory_it_would_use(
+    tmp_path: Path, lmtop_env: dict[str, str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    job = _job("liveonly", dict(os.environ, LMTOP_DIR=str(blocker / "runs")))
+    try:
+        (entry,) = json.loads(python(LIST_ENTRIES))
+        assert entry["dir"] == str(blocker / "runs" / "liveonly") and entry["live_only"] is True
+    finally:
+        job.communicate(timeout=30)
