@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -240,3 +241,50 @@ def test_a_rank_publishing_live_only_registers_the_directory_it_would_use(
         assert entry["dir"] == str(blocker / "runs" / "liveonly") and entry["live_only"] is True
     finally:
         job.communicate(timeout=30)
+
+
+# -- 3. alert snapshots never follow a symlink -------------------------------------------------
+
+
+def _view_once(run: Path) -> None:
+    watcher = viewer("--no-follow", str(run))
+    watcher.communicate(timeout=60)
+    assert watcher.returncode == 2  # the NaN's critical alert: a snapshot is due
+
+
+def test_alert_snapshots_are_written_into_the_run_directory(tmp_path: Path) -> None:
+    run = _nan_run(tmp_path / "runs")
+    _view_once(run)
+    (snapshot,) = (run / "alerts").iterdir()
+    assert snapshot.name == "nonfinite-rank0-step0.jsonl"
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600
+    assert orjson.loads(snapshot.read_bytes().splitlines()[0])["type"] == "nonfinite"
+
+
+def test_alert_snapshots_never_write_through_a_symlink(tmp_path: Path) -> None:
+    home = tmp_path / "victim-home"
+    home.mkdir()
+    bashrc = home / ".bashrc"
+    bashrc.write_text("# mine\n")
+    run = _nan_run(tmp_path / "runs")
+    (run / "alerts").symlink_to(home)  # a symlinked alerts directory
+    _view_once(run)
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc"]
+    (run / "alerts").unlink()
+    (run / "alerts").mkdir()
+    (run / "alerts" / "nonfinite-rank0-step0.jsonl").symlink_to(bashrc)  # a symlinked file
+    _view_once(run)
+    assert bashrc.read_text() == "# mine\n"
+
+
+@needs_root
+def test_alert_snapshots_go_only_into_run_directories_of_the_viewer(tmp_path: Path) -> None:
+    run = _nan_run(tmp_path / "runs")
+    os.chown(run, NOBODY, NOBODY)
+    _view_once(run)
+    assert not (run / "alerts").exists()
+    os.chown(run, os.getuid(), os.getgid())
+    (run / "alerts").mkdir()
+    os.chown(run / "alerts", NOBODY, NOBODY)
+    _view_once(run)
+    assert list((run / "alerts").iterdir()) == []
