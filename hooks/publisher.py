@@ -30,6 +30,7 @@ from typing import Any
 from . import registry, schema, tensors
 from ._version import __version__
 from .identity import Identity
+from .redaction import REDACTED, redact_argv, secret_name
 
 # Live sends are coalesced over this window; a viewer sees a step at most this much later.
 COALESCE_SECONDS = 0.005
@@ -43,6 +44,19 @@ FINISH_TENSOR_TIMEOUT = 0.5
 # Messages queued behind GPU copies; past this, publish waits for the oldest copy. The CPU runs
 # this far ahead of the GPU only in a loop that never synchronises at all.
 MAX_QUEUED = 4096
+# Run directories and files are the user's alone unless LMTOP_SHARE=group opens them to the group.
+PRIVATE_MODES = (0o700, 0o600)
+GROUP_MODES = (0o750, 0o640)
+
+
+def share_modes(problems: Problems | None = None) -> tuple[int, int]:
+    """The (directory, file) modes of new run directories and files, from ``$LMTOP_SHARE``."""
+    share = os.environ.get("LMTOP_SHARE", "").strip().lower()
+    if share == "group":
+        return GROUP_MODES
+    if share not in ("", "none", "private", "user") and problems is not None:
+        problems("LMTOP_SHARE must be 'group' or unset; run files stay private", share[:40])
+    return PRIVATE_MODES
 
 
 class Problems:
@@ -174,12 +188,14 @@ class Publisher:
     def _open(self, run: str, directory: Path) -> str:
         """Opens ``<directory>/<run>/rank-<N>.jsonl``; a name already used gets a suffix."""
         base, n = run, 1
+        dir_mode, file_mode = share_modes(self.problems)
         while True:
             path = directory / run / f"rank-{self.rank}.jsonl"
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _make_dir(path.parent, dir_mode)
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-                self._fd = os.open(path, flags, 0o644)
+                self._fd = os.open(path, flags, file_mode)
+                os.fchmod(self._fd, file_mode)  # exactly: the umask may differ from the choice
                 self.path: Path | None = path
                 self.dir = path.parent
                 return run
@@ -218,7 +234,7 @@ class Publisher:
         info: dict[str, Any] = {
             "host": socket.gethostname(),
             "pid": self.pid,
-            "argv": list(sys.argv),
+            "argv": redact_argv([str(arg) for arg in sys.argv]),
             "cwd": os.getcwd(),
             "world": self.world,
             "rank": self.rank,
@@ -500,20 +516,40 @@ class Publisher:
         self.forked = True
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A JSON-safe copy of a config: numbers, strings, lists and dicts; other things as text."""
-    if value is None or type(value) in (bool, int, str):
+def _make_dir(path: Path, mode: int) -> None:
+    """Creates a run directory with ``mode`` exactly; one that exists is left as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
+def _plain(value: Any, depth: int = 0, secret: bool = False) -> Any:
+    """A JSON-safe copy of a config: numbers, strings, lists and dicts; other things as text.
+
+    Text under a key that names a credential (``secret``) is written as ``***``.
+    """
+    if value is None or type(value) in (bool, int):
         return value
+    if type(value) is str:
+        return REDACTED if secret else value
     if type(value) is float:
         return schema.finite_or_token(value)
     if depth > 8:
-        return str(value)[:200]
+        return REDACTED if secret else str(value)[:200]
     if isinstance(value, Mapping):
-        return {str(k)[:200]: _plain(v, depth + 1) for k, v in list(value.items())[:2000]}
+        return {
+            str(k)[:200]: _plain(v, depth + 1, secret or secret_name(str(k)))
+            for k, v in list(value.items())[:2000]
+        }
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v, depth + 1) for v in list(value)[:2000]]
+        return [_plain(v, depth + 1, secret) for v in list(value)[:2000]]
     try:
         number = schema.number(value)
     except Exception:
         number = None
-    return number if number is not None else str(value)[:1000]
+    if number is not None:
+        return number
+    return REDACTED if secret else str(value)[:1000]

@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 import pytest
 from conftest import viewer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lmtop.tui import alert_settings
 from runs import line
 
@@ -288,3 +290,74 @@ def test_alert_snapshots_go_only_into_run_directories_of_the_viewer(tmp_path: Pa
     os.chown(run / "alerts", NOBODY, NOBODY)
     _view_once(run)
     assert list((run / "alerts").iterdir()) == []
+
+
+# -- 4. run files are the user's, and hold no secrets ------------------------------------------
+
+
+def _one_run(env: dict[str, str] | None = None) -> Path:
+    python(
+        "from lmtop import hooks; hooks.init(run='private'); hooks.publish({'x': 1.0}); hooks.finish()",
+        dict(os.environ, **(env or {})),
+    )
+    return Path(os.environ["LMTOP_DIR"]) / "private"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_run_files_are_private_by_default(lmtop_env: dict[str, str]) -> None:
+    run = _one_run()
+    assert (_mode(run), _mode(run / "rank-0.jsonl")) == (0o700, 0o600)
+    if os.getuid() == 0:  # another user cannot read it
+        other = subprocess.run(["cat", str(run / "rank-0.jsonl")], user=NOBODY, capture_output=True)
+        assert other.returncode != 0 and b"Permission denied" in other.stderr
+
+
+def test_lmtop_share_group_opens_runs_to_the_group(lmtop_env: dict[str, str]) -> None:
+    run = _one_run({"LMTOP_SHARE": "group"})
+    assert (_mode(run), _mode(run / "rank-0.jsonl")) == (0o750, 0o640)
+
+
+secrets_ = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789", min_size=16, max_size=40)
+secret_names = st.sampled_from(
+    ["hf_token", "HF_TOKEN", "api_key", "wandb-api-key", "ApiSecret", "db_password", "passwd"]
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(secret=secrets_, name=secret_names, form=st.sampled_from(["=", " ", "hydra", "config"]))
+def test_secrets_never_reach_the_run_file(
+    lmtop_env: dict[str, str], secret: str, name: str, form: str
+) -> None:
+    from lmtop import hooks
+
+    argv = {
+        "=": [f"--{name}={secret}"],
+        " ": [f"--{name}", secret],
+        "hydra": [f"+trainer.{name}={secret}"],
+        "config": [],
+    }[form]
+    config = {"lr": 1e-4, "num_key_value_heads": 8, "nested": {name: secret, "list": [1]}}
+    if form == "config":
+        config[name] = [secret, "other"]
+    old_argv = sys.argv
+    sys.argv = ["train.py", "--lr", "1e-4", *argv, "--epochs", "3"]
+    try:
+        run = hooks.init(config=config)
+        hooks.finish()
+    finally:
+        sys.argv = old_argv
+    assert run is not None
+    raw = (Path(lmtop_env["LMTOP_DIR"]) / run / "rank-0.jsonl").read_bytes()
+    assert secret.encode() not in raw
+    info = orjson.loads(raw.splitlines()[0])["info"]
+    assert info["argv"][:3] == ["train.py", "--lr", "1e-4"] and info["argv"][-2:] == [
+        "--epochs",
+        "3",
+    ]
+    assert "***" in json.dumps(info["argv"]) or form == "config"
+    assert info["config"]["nested"][name] == "***" and info["config"]["num_key_value_heads"] == 8
