@@ -66,25 +66,34 @@ def init(
         config: hyper-parameters to record in the ``start`` message.
         dir: the folder of runs; default ``$LMTOP_DIR``, else ``./lmtop_runs``.
     """
-    global _publisher, _disabled
     with _init_lock:
-        if _publisher is not None:
-            _publisher.finish()
-            _publisher = None
-        _disabled = _env_disabled()
-        if _disabled:
-            return None
-        try:
-            who = identity()
-            name = safe_name(run or os.environ.get("LMTOP_RUN") or default_run_name(who), 120)
-            folder = Path(dir or os.environ.get("LMTOP_DIR") or "lmtop_runs").absolute()
-            _publisher = Publisher(name, who, folder, config)
-        except Exception as exc:  # never into the training loop
-            _disabled = True
-            print(f"lmtop: disabled, cannot start: {exc!r}", file=sys.stderr)
-            return None
-        _install_exit_hooks()
-        return _publisher.run
+        return _init_locked(run, config, dir, explicit=True)
+
+
+def _init_locked(
+    run: str | None,
+    config: Mapping[str, Any] | None,
+    dir: str | os.PathLike[str] | None,
+    explicit: bool,
+) -> str | None:
+    global _publisher, _disabled
+    if _publisher is not None:
+        _publisher.finish()
+        _publisher = None
+    _disabled = _env_disabled()
+    if _disabled:
+        return None
+    try:
+        who = identity()
+        name = safe_name(run or os.environ.get("LMTOP_RUN") or default_run_name(who), 120)
+        folder = Path(dir or os.environ.get("LMTOP_DIR") or "lmtop_runs").absolute()
+        _publisher = Publisher(name, who, folder, config)
+    except Exception as exc:  # never into the training loop
+        _disabled = True
+        print(f"lmtop: disabled, cannot start: {exc!r}", file=sys.stderr)
+        return None
+    _install_exit_hooks()
+    return _publisher.run
 
 
 def publish(metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -98,7 +107,8 @@ def publish(metrics: Mapping[str, Any], step: int | None = None) -> None:
         if _disabled or _start() is None:
             return
         publisher = _publisher
-        assert publisher is not None
+        if publisher is None:  # finished by another thread meanwhile
+            return
     publisher.publish(metrics, step)
 
 
@@ -109,7 +119,8 @@ def event(text: str, step: int | None = None, data: Mapping[str, Any] | None = N
         if _disabled or _start() is None:
             return
         publisher = _publisher
-        assert publisher is not None
+        if publisher is None:  # finished by another thread meanwhile
+            return
     publisher.event(text, step, data)
 
 
@@ -135,9 +146,13 @@ def stats() -> dict[str, int]:
 
 
 def _start() -> str | None:
-    if _publisher is not None:
-        return _publisher.run
-    return init()
+    """Starts the run at the first publish; threads racing here start one run between them."""
+    with _init_lock:
+        if _publisher is not None:
+            return _publisher.run
+        if _disabled:
+            return None
+        return _init_locked(None, None, None, explicit=False)
 
 
 def _install_exit_hooks() -> None:

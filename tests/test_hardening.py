@@ -361,3 +361,52 @@ def test_secrets_never_reach_the_run_file(
     ]
     assert "***" in json.dumps(info["argv"]) or form == "config"
     assert info["config"]["nested"][name] == "***" and info["config"]["num_key_value_heads"] == 8
+
+
+# -- 6. threads racing their first publish() ---------------------------------------------------
+
+RACE = """
+import json, sys, threading
+from lmtop import hooks
+threads, steps = int(sys.argv[1]), int(sys.argv[2])
+barrier = threading.Barrier(threads)
+def loop(k):
+    barrier.wait()
+    for step in range(steps):
+        hooks.publish({f"t{k}": float(step)}, step=step)
+workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+print(json.dumps(hooks.stats()))
+"""
+
+
+def _race(threads: int, steps: int) -> tuple[list[Path], list[dict[str, Any]]]:
+    folder = Path(os.environ["LMTOP_DIR"])
+    before = set(folder.glob("*")) if folder.exists() else set()
+    subprocess.run([sys.executable, "-c", RACE, str(threads), str(steps)], check=True, timeout=120)
+    runs = sorted(set(folder.glob("*")) - before)
+    return runs, [m for run in runs for m in lines_of(run / "rank-0.jsonl")]
+
+
+def test_threads_racing_their_first_publish_give_one_run_and_every_message(
+    lmtop_env: dict[str, str],
+) -> None:
+    runs, messages = _race(4, 20_000)
+    assert len(runs) == 1
+    metrics = [m for m in messages if m["kind"] == "metrics"]
+    assert len(metrics) == 4 * 20_000
+    assert [m["seq"] for m in messages] == list(range(len(messages)))
+    assert [m["kind"] for m in messages[:: len(messages) - 1]] == ["start", "end"]
+    assert "problems" not in messages[-1]
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(threads=st.integers(2, 16), steps=st.integers(1, 300))
+def test_any_number_of_racing_threads_give_one_run(
+    lmtop_env: dict[str, str], threads: int, steps: int
+) -> None:
+    runs, messages = _race(threads, steps)
+    assert len(runs) == 1 and len(messages) == threads * steps + 2
