@@ -369,9 +369,15 @@ class Publisher:
         with self._lock:
             # The step is the caller's, now; the seq is the line's, when it is written.
             if step is None:
-                step = self.step + (kind == schema.METRICS)
-            elif type(step) is not int:
-                step = self._step(step)
+                step = min(self.step + (kind == schema.METRICS), schema.MAX_STEP)
+            else:
+                if type(step) is not int:
+                    step = self._step(step)
+                if not 0 <= step <= schema.MAX_STEP:
+                    self.problems(
+                        "steps outside [0, 2**63) replaced by the next step", repr(step)[:40]
+                    )
+                    step = min(self.step + (kind == schema.METRICS), schema.MAX_STEP)
             if kind == schema.METRICS or step > self.step:
                 self.step = step
             if self._queue or transfer is not None:
@@ -449,7 +455,9 @@ class Publisher:
 
     def _step(self, step: Any) -> int:
         value = schema.number(step)
-        if type(value) is int or (type(value) is float and value == int(value)):
+        if type(value) is int:
+            return value
+        if type(value) is float and value == int(value):  # finite: the others are tokens
             return int(value)
         self.problems("step must be an integer; using the next step instead", repr(step)[:40])
         return self.step + 1

@@ -21,6 +21,7 @@ import pytest
 from conftest import viewer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lmtop.hooks import schema
 from lmtop.tui import alert_settings
 from runs import line
 
@@ -410,3 +411,57 @@ def test_any_number_of_racing_threads_give_one_run(
 ) -> None:
     runs, messages = _race(threads, steps)
     assert len(runs) == 1 and len(messages) == threads * steps + 2
+
+
+# -- 7. steps outside [0, 2**63) ---------------------------------------------------------------
+
+any_step = st.one_of(
+    st.none(),
+    st.integers(),
+    st.sampled_from([-1, 2**63 - 1, 2**63, 2**64, 2**70, -(2**63) - 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=5),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(any_step, min_size=1, max_size=6))
+def test_any_step_loses_nothing_else(lmtop_env: dict[str, str], steps: list[Any]) -> None:
+    from lmtop import hooks
+
+    run = hooks.init()
+    for step in steps:
+        hooks.publish({"loss": 1.0}, step=step)
+    hooks.publish({"loss": 2.0})  # a default step after whatever came before
+    hooks.event("checkpoint saved")
+    hooks.finish()
+    assert run is not None
+    raw = (Path(lmtop_env["LMTOP_DIR"]) / run / "rank-0.jsonl").read_bytes().splitlines()
+    decoded = [schema.decode(line) for line in raw]  # every line is one the viewer accepts
+    assert [m.kind for m in decoded] == ["start"] + ["metrics"] * (len(steps) + 1) + [
+        "event",
+        "end",
+    ]
+    assert all(m.step is None or 0 <= m.step < 2**63 for m in decoded)
+    valid = [s for s in steps if type(s) is int and 0 <= s < 2**63]
+    if valid and steps[-1] is valid[-1] and valid[-1] < 2**63 - 1:
+        assert decoded[-3].step == valid[-1] + 1
+
+
+@given(
+    step=st.one_of(
+        st.integers(min_value=-(2**63), max_value=-1),
+        st.integers(min_value=2**63, max_value=2**64 - 1),
+    )
+)
+def test_the_decoder_refuses_steps_and_seqs_outside_the_signed_64_bit_range(step: int) -> None:
+    with pytest.raises(schema.BadMessage, match="step"):
+        schema.decode(line("r", 0, 1, 0, "metrics", step, 1.0, m={}))
+    with pytest.raises(schema.BadMessage, match="seq"):
+        schema.decode(line("r", 0, 1, step, "metrics", 0, 1.0, m={}))
+    assert (
+        schema.decode(line("r", 0, 1, 2**63 - 1, "metrics", 2**63 - 1, 1.0, m={})).step == 2**63 - 1
+    )
