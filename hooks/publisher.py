@@ -186,27 +186,37 @@ class Publisher:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _open(self, run: str, directory: Path) -> str:
-        """Opens ``<directory>/<run>/rank-<N>.jsonl``; a name already used gets a suffix."""
-        base, n = run, 1
+        """Opens ``<directory>/<name>/rank-<N>.jsonl``; returns the name, decided once per launch.
+
+        Every rank of a launch must agree on the name without talking to the others. A run
+        directory is claimed for a launch as it appears (with its ``.launch`` file, see
+        :func:`_claim`); when ``run`` is taken by another launch, every rank goes on to the same
+        ``<run>-<launch id>`` (then ``-2``, ``-3``, ...), never to a counter that ranks race for.
+        """
         dir_mode, file_mode = share_modes(self.problems)
-        while True:
-            path = directory / run / f"rank-{self.rank}.jsonl"
+        launch = self.who.launch or f"{socket.gethostname()}-{self.pid}"
+        names = [run] + [f"{run}-{launch[:6]}" + (f"-{n}" if n > 1 else "") for n in range(1, 100)]
+        for name in names:
+            path = directory / name / f"rank-{self.rank}.jsonl"
             try:
-                _make_dir(path.parent, dir_mode)
+                if not _claim(path.parent, launch, dir_mode):
+                    continue  # another launch's run
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
                 self._fd = os.open(path, flags, file_mode)
                 os.fchmod(self._fd, file_mode)  # exactly: the umask may differ from the choice
                 self.path: Path | None = path
                 self.dir = path.parent
-                return run
+                return name
             except FileExistsError:
-                n += 1
-                run = f"{base}-{n}"
+                continue  # this rank of the same launch key ran before (a reused rendezvous id)
             except OSError as exc:
                 self.problems("cannot write the run directory; publishing live only", exc)
-                self.path = None
-                self.dir = directory / run  # where it would be: a viewer keys the run by it
-                return run
+                break
+        else:
+            self.problems("no free run name; publishing live only", run)
+        self.path = None
+        self.dir = directory / run  # where it would be: a viewer keys the run by it
+        return run
 
     def _start_live(self) -> None:
         try:
@@ -243,6 +253,7 @@ class Publisher:
             "protocol": schema.PROTOCOL_VERSION,
             "python": sys.version.split()[0],
             "start_ticks": registry.process_start_ticks(self.pid),
+            "launch": self.who.launch,
         }
         if config is not None:
             info["config"] = _plain(config)
@@ -524,14 +535,41 @@ class Publisher:
         self.forked = True
 
 
-def _make_dir(path: Path, mode: int) -> None:
-    """Creates a run directory with ``mode`` exactly; one that exists is left as it is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+LAUNCH_FILE = ".launch"
+
+
+def _claim(run_dir: Path, launch: str, mode: int) -> bool:
+    """Whether ``run_dir`` belongs to ``launch``, creating it for ``launch`` when it is free.
+
+    The directory is built under a temporary name with its ``.launch`` file, then renamed into
+    place, so no rank ever sees the run directory without its owner. A directory without the
+    file (an older lmtop's, or the user's) belongs to another launch.
+    """
+    marker = run_dir / LAUNCH_FILE
+    if not run_dir.exists():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir.parent / f".{run_dir.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        os.mkdir(tmp, mode)
+        try:
+            os.chmod(tmp, mode)  # exactly: the umask may differ from the choice
+            fd = os.open(tmp / LAUNCH_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o666)
+            try:
+                os.write(fd, launch.encode())
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, run_dir)
+                return True
+            except OSError:
+                pass  # another rank (or launch) was first: read whose it is
+        finally:
+            if tmp.exists():
+                (tmp / LAUNCH_FILE).unlink(missing_ok=True)
+                tmp.rmdir()
     try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        return
-    os.chmod(path, mode)
+        return marker.read_bytes().decode(errors="replace") == launch
+    except OSError:
+        return False  # none (an older lmtop's or the user's directory), or not readable
 
 
 def _plain(value: Any, depth: int = 0, secret: bool = False) -> Any:

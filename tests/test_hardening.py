@@ -465,3 +465,73 @@ def test_the_decoder_refuses_steps_and_seqs_outside_the_signed_64_bit_range(step
     assert (
         schema.decode(line("r", 0, 1, 2**63 - 1, "metrics", 2**63 - 1, 1.0, m={})).step == 2**63 - 1
     )
+
+
+# -- issue 11, item 3: the run name is decided once per launch ---------------------------------
+
+LAUNCHER = """
+import os, subprocess, sys
+world, first, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rank_code = "from lmtop import hooks\\nfor s in range(3): hooks.publish({'x': float(s)}, step=s)"
+ranks = [
+    subprocess.Popen(
+        [sys.executable, "-c", rank_code],
+        env=dict(os.environ, RANK=str(first + r), LOCAL_RANK=str(r), WORLD_SIZE=str(total)),
+    )
+    for r in range(world)
+]
+sys.exit(max(p.wait() for p in ranks))
+"""
+
+
+def _launch(world: int, first: int = 0, total: int = 0, **env: str) -> None:
+    """One launch of ``world`` ranks (global ranks from ``first``, of ``total``), all children
+    of one launcher process, as torchrun starts them on one node."""
+    subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(world), str(first), str(total or world)],
+        env=dict(os.environ, **env),
+        check=True,
+        timeout=120,
+    )
+
+
+def _runs_by_rank_files(folder: Path) -> dict[str, list[str]]:
+    return {
+        run.name: sorted(p.name for p in run.glob("rank-*.jsonl"))
+        for run in folder.iterdir()
+        if run.is_dir() and not run.name.startswith(".")
+    }
+
+
+def test_all_ranks_of_a_launch_agree_on_an_existing_name(lmtop_env: dict[str, str]) -> None:
+    folder = Path(lmtop_env["LMTOP_DIR"])
+    python("from lmtop import hooks; hooks.publish({'x': 1.0})", dict(os.environ, LMTOP_RUN="sft"))
+    for _ in range(3):
+        _launch(4, LMTOP_RUN="sft")
+    runs = _runs_by_rank_files(folder)
+    assert runs.pop("sft") == ["rank-0.jsonl"]  # yesterday's run is left alone
+    assert len(runs) == 3, runs
+    for name, files in runs.items():
+        assert name.startswith("sft-") and files == [f"rank-{r}.jsonl" for r in range(4)]
+        launches = {lines_of(folder / name / f)[0]["info"]["launch"] for f in files}
+        assert len(launches) == 1 and (folder / name / ".launch").read_text() in launches
+
+
+def test_a_new_name_is_taken_by_the_whole_launch(lmtop_env: dict[str, str]) -> None:
+    _launch(3, LMTOP_RUN="fresh")
+    assert _runs_by_rank_files(Path(lmtop_env["LMTOP_DIR"])) == {
+        "fresh": ["rank-0.jsonl", "rank-1.jsonl", "rank-2.jsonl"]
+    }
+
+
+def test_a_rendezvous_id_names_the_launch_across_launcher_processes(
+    lmtop_env: dict[str, str],
+) -> None:
+    python(
+        "from lmtop import hooks; hooks.publish({'x': 1.0})", dict(os.environ, LMTOP_RUN="multi")
+    )
+    for node in range(2):  # two nodes on a shared filesystem: two launchers, one rendezvous id
+        _launch(2, first=2 * node, total=4, LMTOP_RUN="multi", TORCHELASTIC_RUN_ID="abc123")
+    runs = _runs_by_rank_files(Path(lmtop_env["LMTOP_DIR"]))
+    assert runs.pop("multi") == ["rank-0.jsonl"]
+    assert list(runs.values()) == [[f"rank-{r}.jsonl" for r in range(4)]]
