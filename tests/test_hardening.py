@@ -535,3 +535,49 @@ def test_a_rendezvous_id_names_the_launch_across_launcher_processes(
     runs = _runs_by_rank_files(Path(lmtop_env["LMTOP_DIR"]))
     assert runs.pop("multi") == ["rank-0.jsonl"]
     assert list(runs.values()) == [[f"rank-{r}.jsonl" for r in range(4)]]
+
+
+# -- 12. lines nested too deep to re-encode ----------------------------------------------------
+
+
+@given(depth=st.integers(1, 1024), where=st.sampled_from(["info", "data", "extra", "m"]))
+def test_any_nesting_the_decoder_accepts_can_be_re_encoded(depth: int, where: str) -> None:
+    nested = b"[" * depth + b"]" * depth
+    if where == "m":  # a metric whose value is not a number: dropped from m, not the message
+        nested = b'{"x":' + nested + b',"loss":1}'
+    raw = line("r", 0, 1, 0, "start", None, 1.0).replace(
+        b"}\n", b',"' + where.encode() + b'":' + nested + b"}\n"
+    )
+    try:
+        message = schema.decode(raw)
+    except schema.BadMessage:
+        assert depth > schema.MAX_DEPTH  # refused, counted by the reader: never kept unencodable
+        return
+    assert schema.decode(message.encode()).data == message.data
+
+
+def test_a_line_nested_1000_deep_does_not_stop_the_headless_viewer(tmp_path: Path) -> None:
+    run = tmp_path / "deep"
+    run.mkdir()
+    deep = line("deep", 0, 1, 1, "event", 0, 2.0, text="x").replace(
+        b"}\n", b',"data":' + b"[" * 1000 + b"]" * 1000 + b"}\n"
+    )
+    (run / "rank-0.jsonl").write_bytes(
+        line("deep", 0, 1, 0, "start", None, 1.0, info={})
+        + deep
+        + line("deep", 0, 1, 2, "metrics", 1, 3.0, m={"loss": 1.5})
+        + line("deep", 0, 1, 3, "end", 1, 4.0, status="ok")
+    )
+    watcher = viewer("--no-follow", str(run))
+    stdout, stderr = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, stderr
+    printed = [orjson.loads(raw) for raw in stdout.splitlines()]
+    assert any(p.get("m") == {"loss": 1.5} for p in printed)
+
+
+def test_a_deep_field_in_place_of_a_metrics_messages_step_is_refused() -> None:
+    raw = line("r", 0, 1, 0, "metrics", 0, 1.0, m={}).replace(
+        b'"step":0', b'"deep":' + b"[" * 300 + b"]" * 300
+    )
+    with pytest.raises(schema.BadMessage, match="nested deeper"):
+        schema.decode(raw)
