@@ -581,3 +581,46 @@ def test_a_deep_field_in_place_of_a_metrics_messages_step_is_refused() -> None:
     )
     with pytest.raises(schema.BadMessage, match="nested deeper"):
         schema.decode(raw)
+
+
+# -- 14. a rank file replaced by something that is not a file ----------------------------------
+
+
+def _replace_with(path: Path, kind: str) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        import socket
+
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "socket"])
+def test_a_rank_file_replaced_by_a_fifo_or_device_is_counted_not_read(
+    tmp_path: Path, kind: str
+) -> None:
+    import threading
+
+    from lmtop.tui.runfile import RankFile
+
+    run = tmp_path / "r"
+    run.mkdir()
+    path = run / "rank-0.jsonl"
+    path.write_bytes(line("r", 0, 1, 0, "start", None, 1.0, info={}))
+    reader = RankFile(path, 0)
+    assert len(reader.read()[0]) == 1
+    _replace_with(path, kind)
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(reader.read()), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert results == [([], False)], "the read blocked"
+    reader.read()
+    assert reader.bad_lines == (0 if kind == "socket" else 1)  # counted once, not per poll
