@@ -6,7 +6,8 @@
 ``init`` is optional: the first ``publish`` reads the launch from the environment (``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``LMTOP_DIR``, ``LMTOP_RUN``, ``LMTOP_DISABLE``). ``finish`` runs by
 itself at interpreter exit, with status ``error`` and the exception's summary after an uncaught
-exception. This module imports neither torch nor numpy nor the viewer.
+exception, or after ``sys.exit`` with a non-zero status or a message (also from a signal
+handler). This module imports neither torch nor numpy nor the viewer.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ __all__ = [
 _publisher: Publisher | None = None
 _init_lock = threading.Lock()
 _disabled = False
-_error: str | None = None
+_error: str | None = None  # the uncaught exception's summary, or why sys.exit was called
 _hooks_installed = False
 
 
@@ -171,7 +172,31 @@ def _install_exit_hooks() -> None:
         previous(kind, value, tb)
 
     sys.excepthook = excepthook
+    sys.exit = _exit_recorder(sys.exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _exit_recorder(exit_: Any) -> Any:
+    """``sys.exit`` that first notes a failing status for the ``end`` message.
+
+    SystemExit never reaches ``sys.excepthook`` and ``atexit`` cannot see the status, so this is
+    where ``sys.exit(3)`` or ``sys.exit("fatal: CUDA OOM")`` is seen. Only the main thread's exit
+    ends the process; ``raise SystemExit(3)`` written out is not seen.
+    """
+
+    def exit(status: object = None) -> None:
+        global _error
+        if threading.current_thread() is threading.main_thread():
+            if status is None or status == 0:
+                _error = None
+            elif isinstance(status, int):
+                _error = f"exit status {status}"
+            else:
+                _error = f"{str(status)[:1000]} (exit status 1)"
+        exit_(status)
+
+    exit.__doc__ = exit_.__doc__
+    return exit
 
 
 def _at_exit() -> None:

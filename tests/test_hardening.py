@@ -624,3 +624,31 @@ def test_a_rank_file_replaced_by_a_fifo_or_device_is_counted_not_read(
     assert results == [([], False)], "the read blocked"
     reader.read()
     assert reader.bad_lines == (0 if kind == "socket" else 1)  # counted once, not per poll
+
+
+# -- 11. the exit status reaches the end message -----------------------------------------------
+
+EXITS = {
+    "sys.exit(3)": ("error", "exit status 3", 3),
+    "sys.exit('fatal: CUDA OOM')": ("error", "fatal: CUDA OOM (exit status 1)", 1),
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)": (
+        "error",
+        "exit status 143",
+        143,
+    ),
+    "sys.exit(0)": ("ok", None, 0),
+    "sys.exit()": ("ok", None, 0),
+    "pass": ("ok", None, 0),
+}
+
+
+@pytest.mark.parametrize("ending", list(EXITS))
+def test_the_exit_status_is_recorded_in_the_end_message(
+    lmtop_env: dict[str, str], ending: str
+) -> None:
+    status, error, code = EXITS[ending]
+    code_ = f"import os, signal, sys, time\nfrom lmtop import hooks\nhooks.init(run='ends')\nhooks.publish({{'x': 1.0}})\n{ending}\n"
+    result = subprocess.run([sys.executable, "-c", code_], capture_output=True, timeout=60)
+    assert result.returncode == code
+    end = lines_of(Path(lmtop_env["LMTOP_DIR"]) / "ends" / "rank-0.jsonl")[-1]
+    assert end["kind"] == "end" and end["status"] == status and end.get("error") == error
