@@ -167,6 +167,7 @@ class Publisher:
         self.pid = os.getpid()
         self.forked = False
         self.finished = False
+        self._closed = False
         self.seq = 0
         self.step = -1
         self._lock = threading.Lock()
@@ -378,6 +379,11 @@ class Publisher:
         transfer: tensors.Transfer | None = None,
     ) -> None:
         with self._lock:
+            if self.finished:  # a publish that raced finish(): nothing after the end
+                self._refuse()
+                return
+            if kind == schema.END:
+                self.finished = True
             # The step is the caller's, now; the seq is the line's, when it is written.
             if step is None:
                 step = min(self.step + (kind == schema.METRICS), schema.MAX_STEP)
@@ -514,7 +520,11 @@ class Publisher:
             self._emit(schema.END, None, fields)
         except Exception:
             pass
-        self.finished = True
+        with self._lock:
+            self.finished = True
+            if self._closed:  # another thread's finish() is closing
+                return
+            self._closed = True
         if self._entry is not None:
             registry.unregister(self._entry)
         if self._live is not None:

@@ -652,3 +652,35 @@ def test_the_exit_status_is_recorded_in_the_end_message(
     assert result.returncode == code
     end = lines_of(Path(lmtop_env["LMTOP_DIR"]) / "ends" / "rank-0.jsonl")[-1]
     assert end["kind"] == "end" and end["status"] == status and end.get("error") == error
+
+
+# -- 9. nothing after end -------------------------------------------------------------------------
+
+RACE_FINISH = """
+import sys, threading, time
+from lmtop import hooks
+for attempt in range(int(sys.argv[1])):
+    hooks.init(run=f"race-{attempt}")
+    publisher = hooks.current()
+    stop = threading.Event()
+    def loop():
+        while not stop.is_set():
+            publisher.publish({"x": 1.0})
+    workers = [threading.Thread(target=loop) for _ in range(4)]
+    for w in workers: w.start()
+    time.sleep(0.01)
+    publisher.finish()
+    time.sleep(0.005)
+    stop.set()
+    for w in workers: w.join()
+"""
+
+
+def test_a_publish_racing_finish_never_writes_after_end(lmtop_env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, "-c", RACE_FINISH, "30"], check=True, timeout=120)
+    after_end = 0
+    for run in Path(lmtop_env["LMTOP_DIR"]).iterdir():
+        kinds = [m["kind"] for m in lines_of(run / "rank-0.jsonl")]
+        assert kinds.count("end") == 1
+        after_end += len(kinds) - 1 - kinds.index("end")
+    assert after_end == 0
