@@ -484,16 +484,20 @@ class Publisher:
             return
         if self._torn:
             line = b"\n" + line
+        written = 0
         try:
             written = os.write(self._fd, line)
             if written < len(line):
                 written += os.write(self._fd, line[written:])
         except OSError as exc:
             self.problems("cannot write the run file; messages only go live", exc)
-            return
-        self._torn = written < len(line)
-        if self._torn:
-            self.problems("cannot write the run file; messages only go live", "short write")
+        else:
+            if written < len(line):
+                self.problems("cannot write the run file; messages only go live", "short write")
+        # A line cut short (the disk filled mid-line, then refused the rest) leaves the file
+        # without its newline: the next line to land must start on a line of its own.
+        if written:
+            self._torn = written < len(line)
 
     def _refuse(self) -> None:
         if self.forked:

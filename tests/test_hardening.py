@@ -684,3 +684,34 @@ def test_a_publish_racing_finish_never_writes_after_end(lmtop_env: dict[str, str
         assert kinds.count("end") == 1
         after_end += len(kinds) - 1 - kinds.index("end")
     assert after_end == 0
+
+
+# -- 8. a full disk, then space again ----------------------------------------------------------
+
+FULL_THEN_FREE = """
+import json, resource
+from lmtop import hooks
+hooks.init(run="disk")
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # the disk fills
+for step in range(1000):
+    hooks.publish({"loss": 1.0, "step_while": 0.0}, step=step)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+for step in range(1000, 1100):  # space again
+    hooks.publish({"loss": 1.0, "step_while": 1.0}, step=step)
+hooks.finish()
+"""
+
+
+def test_the_first_message_after_a_full_disk_is_not_lost(lmtop_env: dict[str, str]) -> None:
+    python(FULL_THEN_FREE)
+    raw = (Path(lmtop_env["LMTOP_DIR"]) / "disk" / "rank-0.jsonl").read_bytes().splitlines()
+    good, bad = [], 0
+    for one in raw:
+        try:
+            good.append(schema.decode(one))
+        except schema.BadMessage:
+            bad += 1
+    assert bad == 1  # the one line the disk cut short
+    after = [m.step for m in good if m.kind == "metrics" and m.m["step_while"] == 1.0]
+    assert after == list(range(1000, 1100))
+    assert good[-1].kind == "end"
