@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import schema
 from ._version import __version__
 from .identity import default_run_name, identity, safe_name
-from .publisher import Publisher
+from .publisher import Problems, Publisher
 
 if TYPE_CHECKING:
     from .accelerate import LmtopTracker
@@ -49,6 +49,7 @@ _init_lock = threading.Lock()
 _disabled = False
 _error: str | None = None  # the uncaught exception's summary, or why sys.exit was called
 _hooks_installed = False
+_problems = Problems()  # before there is a publisher to count them
 
 
 def _env_disabled() -> bool:
@@ -68,14 +69,13 @@ def init(
         dir: the folder of runs; default ``$LMTOP_DIR``, else ``./lmtop_runs``.
     """
     with _init_lock:
-        return _init_locked(run, config, dir, explicit=True)
+        return _init_locked(run, config, dir)
 
 
 def _init_locked(
     run: str | None,
     config: Mapping[str, Any] | None,
     dir: str | os.PathLike[str] | None,
-    explicit: bool,
 ) -> str | None:
     global _publisher, _disabled
     if _publisher is not None:
@@ -143,17 +143,47 @@ def current() -> Publisher | None:
 def stats() -> dict[str, int]:
     """Problems counted so far by this rank's publisher, by kind; empty when all is well."""
     publisher = _publisher
-    return dict(publisher.problems.counts) if publisher is not None else {}
+    counts = dict(_problems.counts)
+    if publisher is not None:
+        counts.update(publisher.problems.counts)
+    return counts
 
 
 def _start() -> str | None:
-    """Starts the run at the first publish; threads racing here start one run between them."""
+    """Starts the run at the first publish; threads racing here start one run between them.
+
+    A multiprocessing child (a DataLoader worker started by spawn or forkserver) starts none:
+    it would be a run of its own, and the newest run is the one ``lmtop`` shows. ``init()``
+    called in the child, or an initialised torch.distributed (a rank started by
+    ``torch.multiprocessing.spawn``), says it is a rank.
+    """
+    global _disabled
     with _init_lock:
         if _publisher is not None:
             return _publisher.run
         if _disabled:
             return None
-        return _init_locked(None, None, None, explicit=False)
+        if _worker_process():
+            _disabled = True
+            _problems(
+                "publish() in a multiprocessing child that did not call init() is ignored "
+                "(publish from the training process, or call lmtop.hooks.init() in the child)",
+                f"pid {os.getpid()}",
+            )
+            return None
+        return _init_locked(None, None, None)
+
+
+def _worker_process() -> bool:
+    """Whether this process is a multiprocessing child that is not a distributed rank."""
+    try:
+        mp = sys.modules.get("multiprocessing")  # a child has imported it; others need not
+        if mp is None or mp.parent_process() is None:
+            return False
+        dist = sys.modules.get("torch.distributed")
+        return not (dist is not None and dist.is_available() and dist.is_initialized())
+    except Exception:
+        return False
 
 
 def _install_exit_hooks() -> None:

@@ -715,3 +715,47 @@ def test_the_first_message_after_a_full_disk_is_not_lost(lmtop_env: dict[str, st
     after = [m.step for m in good if m.kind == "metrics" and m.m["step_while"] == 1.0]
     assert after == list(range(1000, 1100))
     assert good[-1].kind == "end"
+
+
+# -- 10. spawned workers start no run of their own ---------------------------------------------
+
+SPAWNED = """
+import json, multiprocessing as mp, sys
+from lmtop import hooks
+
+def worker(explicit):
+    if explicit:
+        hooks.init(run="worker-own")
+    for step in range(5):
+        hooks.publish({"from_worker": 1.0}, step=step)
+    print(json.dumps(hooks.stats()), flush=True)
+
+if __name__ == "__main__":
+    hooks.init(run="parent")
+    hooks.publish({"loss": 1.0}, step=0)
+    context = mp.get_context(sys.argv[1])
+    for explicit in (False, False, True):
+        child = context.Process(target=worker, args=(explicit,))
+        child.start()
+        child.join()
+    hooks.publish({"loss": 0.5}, step=1)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_start_no_run_unless_they_call_init(
+    lmtop_env: dict[str, str], tmp_path: Path, method: str
+) -> None:
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    result = subprocess.run(
+        [sys.executable, str(script), method], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in Path(lmtop_env["LMTOP_DIR"]).iterdir()) == [
+        "parent",
+        "worker-own",
+    ]
+    assert result.stderr.count("multiprocessing child that did not call init") == 2  # once each
+    stats = [json.loads(raw) for raw in result.stdout.splitlines()]
+    assert [sum(s.values()) for s in stats] == [1, 1, 0]
