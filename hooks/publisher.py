@@ -418,8 +418,11 @@ class Publisher:
         try:
             line = schema.encode(message)
         except Exception as exc:
-            self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
-            return
+            retried = self._encode_without_bad_names(message)
+            if retried is None:
+                self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
+                return
+            line = retried
         if len(line) > schema.MAX_MESSAGE_BYTES:
             self.problems("messages over 64 KiB dropped", f"{len(line)} bytes")
             return
@@ -427,6 +430,27 @@ class Publisher:
         self._write(line)
         if self._live is not None:
             self._live.put(line)
+
+    def _encode_without_bad_names(self, message: dict[str, Any]) -> bytes | None:
+        """The message without the metric names that are not valid UTF-8 (lone surrogates):
+        one bad name costs that metric, not the message. None when that was not the trouble."""
+        metrics = message.get("m")
+        if type(metrics) is not dict:
+            return None
+        good = {}
+        for name, value in metrics.items():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                self.problems("metric names that are not valid UTF-8 dropped", ascii(name)[:40])
+                continue
+            good[name] = value
+        if len(good) == len(metrics):
+            return None
+        try:
+            return schema.encode({**message, "m": good})
+        except Exception:
+            return None
 
     def _drain(self, wait: float = 0.0) -> None:
         """Writes the queued messages whose values have landed, oldest first (holds the lock).

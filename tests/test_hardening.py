@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,19 +168,27 @@ def _job(run: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return job
 
 
-def _short_dir(tmp_path: Path, name: str) -> Path:
-    """A directory with a short path (ipc socket paths are limited to about 100 bytes)."""
+@pytest.fixture
+def short_dir() -> Iterator[Callable[[], Path]]:
+    """Makes directories with short paths (ipc socket paths are limited to about 100 bytes)."""
+    import shutil
     import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix=f"lt{name}", dir="/tmp"))
-    (tmp_path / f"short-{name}").symlink_to(path)  # for the record; removed with tmp_path
-    return path
+    made: list[Path] = []
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="lt", dir="/tmp")))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_the_viewer_finds_a_job_started_without_xdg_runtime_dir(
-    tmp_path: Path, lmtop_env: dict[str, str]
+    short_dir: Callable[[], Path], lmtop_env: dict[str, str]
 ) -> None:
-    xdg, tmp = _short_dir(tmp_path, "x"), _short_dir(tmp_path, "t")
+    xdg, tmp = short_dir(), short_dir()
     base = {
         k: v for k, v in os.environ.items() if k not in ("LMTOP_RUNTIME_DIR", "XDG_RUNTIME_DIR")
     }
@@ -202,9 +211,9 @@ def test_the_viewer_finds_a_job_started_without_xdg_runtime_dir(
 
 @needs_root
 def test_a_runtime_directory_of_another_user_is_not_read(
-    tmp_path: Path, lmtop_env: dict[str, str]
+    tmp_path: Path, short_dir: Callable[[], Path], lmtop_env: dict[str, str]
 ) -> None:
-    tmp = _short_dir(tmp_path, "h")
+    tmp = short_dir()
     base = {
         k: v for k, v in os.environ.items() if k not in ("LMTOP_RUNTIME_DIR", "XDG_RUNTIME_DIR")
     }
@@ -759,3 +768,87 @@ def test_spawned_workers_start_no_run_unless_they_call_init(
     assert result.stderr.count("multiprocessing child that did not call init") == 2  # once each
     stats = [json.loads(raw) for raw in result.stdout.splitlines()]
     assert [sum(s.values()) for s in stats] == [1, 1, 0]
+
+
+# -- properties: the hook's inputs and the viewer's --------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=10),
+    st.binary(max_size=10),
+    st.just(object()),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+names = st.one_of(
+    st.text(max_size=250),
+    st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max_size=3),  # lone surrogates
+    st.integers(),
+    st.tuples(st.integers()),
+)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(st.dictionaries(names, values, max_size=12), min_size=1, max_size=4),
+    step=any_step,
+)
+def test_any_names_and_values_give_one_decodable_message_per_publish(
+    lmtop_env: dict[str, str], batches: list[dict[Any, Any]], step: Any
+) -> None:
+    from lmtop import hooks
+
+    run = hooks.init()
+    for metrics in batches:
+        hooks.publish(metrics, step=step)
+    hooks.finish()
+    assert run is not None
+    raw = (Path(lmtop_env["LMTOP_DIR"]) / run / "rank-0.jsonl").read_bytes().splitlines()
+    decoded = [schema.decode(one) for one in raw]
+    assert [m.kind for m in decoded].count("metrics") == len(batches)
+    for message in decoded:
+        assert all(type(v) in (int, float) for v in message.m.values())
+
+
+json_numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(
+        ["1e400", "-1e400", "1" + "0" * 40, "-0", "NaN", '"NaN"', '"Infinity"', "[]", "{}"]
+    ),
+)
+
+
+@given(
+    step=json_numbers,
+    seq=json_numbers,
+    rank=json_numbers,
+    value=json_numbers,
+    junk=st.binary(max_size=40),
+)
+def test_the_decoder_keeps_only_what_it_can_store_and_re_encode(
+    step: str, seq: str, rank: str, value: str, junk: bytes
+) -> None:
+    text = (
+        f'{{"v":1,"run":"r","rank":{rank},"world":2,"seq":{seq},"t":1.5,"kind":"metrics",'
+        f'"step":{step},"m":{{"loss":{value}}}}}'
+    )
+    for raw in (text.encode(), text.encode() + junk, junk):
+        try:
+            message = schema.decode(raw)
+        except schema.BadMessage:
+            continue
+        assert message.step is None or 0 <= message.step < 2**63
+        assert 0 <= message.seq < 2**63 and 0 <= message.rank < schema.MAX_RANK
+        assert all(type(v) in (int, float) for v in message.m.values())
+        assert schema.decode(message.encode()).data == message.data
