@@ -632,7 +632,7 @@ def test_a_rank_file_replaced_by_a_fifo_or_device_is_counted_not_read(
     worker.join(5)
     assert results == [([], False)], "the read blocked"
     reader.read()
-    assert reader.bad_lines == (0 if kind == "socket" else 1)  # counted once, not per poll
+    assert reader.bad_lines == 1 and reader.not_regular  # counted once, not per poll
 
 
 # -- 11. the exit status reaches the end message -----------------------------------------------

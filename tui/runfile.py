@@ -11,6 +11,7 @@ Such a file is not read; each time it is found in place of the file it counts as
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -46,14 +47,14 @@ class RankFile:
         more bytes are waiting beyond ``limit``."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a unix socket in the file's place
+                self._refuse()
             return [], False
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                if not self.not_regular:
-                    self.not_regular = True
-                    self.bad_lines += 1
+                self._refuse()
                 return [], False
             self.not_regular = False
             size = info.st_size
@@ -70,6 +71,12 @@ class RankFile:
             os.close(fd)
         self.offset += len(chunk)
         return self._parse(chunk), self.offset < size
+
+    def _refuse(self) -> None:
+        """Not a regular file: counted once each time one appears in the file's place."""
+        if not self.not_regular:
+            self.not_regular = True
+            self.bad_lines += 1
 
     def _parse(self, chunk: bytes) -> list[schema.Message]:
         if not chunk:
