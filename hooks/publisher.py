@@ -17,6 +17,7 @@ Nothing here raises into the training loop: every problem is counted and reporte
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -196,8 +197,8 @@ class Publisher:
         """
         dir_mode, file_mode = share_modes(self.problems)
         launch = self.who.launch or f"{socket.gethostname()}-{self.pid}"
-        names = [run] + [f"{run}-{launch[:6]}" + (f"-{n}" if n > 1 else "") for n in range(1, 100)]
-        for name in names:
+        suffixed = (f"{run}-{launch[:6]}" + (f"-{n}" if n > 1 else "") for n in range(1, 10_000))
+        for name in itertools.chain([run], suffixed):
             path = directory / name / f"rank-{self.rank}.jsonl"
             try:
                 if not _claim(path.parent, launch, dir_mode):
