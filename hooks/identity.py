@@ -5,6 +5,12 @@ All ranks of one launch must agree on the run name without being told it. ``torc
 is derived from that parent (its pid and start time). ``TORCHELASTIC_RUN_ID`` is ``none`` and
 ``MASTER_PORT`` is 29500 by default under accelerate, so neither identifies a launch on its own.
 A single process is its own anchor. Names look like ``train-20261124-193512-1a2b``.
+
+The same anchor is the launch's key (:func:`launch_key`), recorded in each rank's ``start``
+message and in a ``.launch`` file in the run directory; with a rendezvous id
+(``TORCHELASTIC_RUN_ID`` other than ``none``) the key is that id and the restart count instead,
+the same on every node. The publisher uses the key to decide an explicit name that already
+exists once per launch (see ``Publisher._open``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Identity:
     local_rank: int
     world: int
     launched: bool  # started by a launcher (torchrun, accelerate) as one of several ranks
+    launch: str = ""  # a short id shared by every rank of this launch (see launch_key)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -45,7 +52,8 @@ def identity() -> Identity:
     rank = max(0, _env_int("RANK", 0))
     local_rank = max(0, _env_int("LOCAL_RANK", rank))
     launched = "LOCAL_RANK" in os.environ or world > 1
-    return Identity(rank=rank, local_rank=local_rank, world=world, launched=launched)
+    launch = hashlib.sha1(launch_key(launched).encode()).hexdigest()[:12]
+    return Identity(rank, local_rank, world, launched, launch)
 
 
 def safe_name(text: str, limit: int = 80) -> str:
@@ -82,13 +90,28 @@ def _started_at(pid: int, ticks: int | None) -> float:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _anchor(launched: bool) -> tuple[int, int | None, str]:
+    """The process every rank of this launch on this node shares: (pid, start ticks, key)."""
+    anchor = os.getppid() if launched else os.getpid()
+    ticks = process_start_ticks(anchor)
+    key = f"{socket.gethostname()}:{anchor}:{ticks}"
+    if ticks is None and not launched:
+        key += f":{time.time_ns()}"  # no procfs: the pid and the clock make it unique
+    return anchor, ticks, key
+
+
+def launch_key(launched: bool) -> str:
+    """What identifies this launch to all its ranks: the rendezvous id where the launcher has
+    one (the same on every node), else the launcher process (or this process, when alone)."""
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if launched and elastic and elastic != "none":
+        return f"elastic:{elastic}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return _anchor(launched)[2]
+
+
 def default_run_name(who: Identity) -> str:
     """A readable name shared by every rank of this launch on this node."""
-    anchor = os.getppid() if who.launched else os.getpid()
-    ticks = process_start_ticks(anchor)
+    anchor, ticks, key = _anchor(who.launched)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(_started_at(anchor, ticks)))
-    key = f"{socket.gethostname()}:{anchor}:{ticks}"
-    if ticks is None and not who.launched:
-        key += f":{time.time_ns()}"  # no procfs: the pid and the clock make it unique
     digest = hashlib.sha1(key.encode()).hexdigest()[:4]
     return f"{script_name()}-{stamp}-{digest}"

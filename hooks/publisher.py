@@ -17,6 +17,7 @@ Nothing here raises into the training loop: every problem is counted and reporte
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -30,6 +31,7 @@ from typing import Any
 from . import registry, schema, tensors
 from ._version import __version__
 from .identity import Identity
+from .redaction import REDACTED, redact_argv, secret_name
 
 # Live sends are coalesced over this window; a viewer sees a step at most this much later.
 COALESCE_SECONDS = 0.005
@@ -43,6 +45,19 @@ FINISH_TENSOR_TIMEOUT = 0.5
 # Messages queued behind GPU copies; past this, publish waits for the oldest copy. The CPU runs
 # this far ahead of the GPU only in a loop that never synchronises at all.
 MAX_QUEUED = 4096
+# Run directories and files are the user's alone unless LMTOP_SHARE=group opens them to the group.
+PRIVATE_MODES = (0o700, 0o600)
+GROUP_MODES = (0o750, 0o640)
+
+
+def share_modes(problems: Problems | None = None) -> tuple[int, int]:
+    """The (directory, file) modes of new run directories and files, from ``$LMTOP_SHARE``."""
+    share = os.environ.get("LMTOP_SHARE", "").strip().lower()
+    if share == "group":
+        return GROUP_MODES
+    if share not in ("", "none", "private", "user") and problems is not None:
+        problems("LMTOP_SHARE must be 'group' or unset; run files stay private", share[:40])
+    return PRIVATE_MODES
 
 
 class Problems:
@@ -153,6 +168,7 @@ class Publisher:
         self.pid = os.getpid()
         self.forked = False
         self.finished = False
+        self._closed = False
         self.seq = 0
         self.step = -1
         self._lock = threading.Lock()
@@ -172,23 +188,37 @@ class Publisher:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _open(self, run: str, directory: Path) -> str:
-        """Opens ``<directory>/<run>/rank-<N>.jsonl``; a name already used gets a suffix."""
-        base, n = run, 1
-        while True:
-            path = directory / run / f"rank-{self.rank}.jsonl"
+        """Opens ``<directory>/<name>/rank-<N>.jsonl``; returns the name, decided once per launch.
+
+        Every rank of a launch must agree on the name without talking to the others. A run
+        directory is claimed for a launch as it appears (with its ``.launch`` file, see
+        :func:`_claim`); when ``run`` is taken by another launch, every rank goes on to the same
+        ``<run>-<launch id>`` (then ``-2``, ``-3``, ...), never to a counter that ranks race for.
+        """
+        dir_mode, file_mode = share_modes(self.problems)
+        launch = self.who.launch or f"{socket.gethostname()}-{self.pid}"
+        suffixed = (f"{run}-{launch[:6]}" + (f"-{n}" if n > 1 else "") for n in range(1, 10_000))
+        for name in itertools.chain([run], suffixed):
+            path = directory / name / f"rank-{self.rank}.jsonl"
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if not _claim(path.parent, launch, dir_mode):
+                    continue  # another launch's run
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-                self._fd = os.open(path, flags, 0o644)
+                self._fd = os.open(path, flags, file_mode)
+                os.fchmod(self._fd, file_mode)  # exactly: the umask may differ from the choice
                 self.path: Path | None = path
-                return run
+                self.dir = path.parent
+                return name
             except FileExistsError:
-                n += 1
-                run = f"{base}-{n}"
+                continue  # this rank of the same launch key ran before (a reused rendezvous id)
             except OSError as exc:
                 self.problems("cannot write the run directory; publishing live only", exc)
-                self.path = None
-                return run
+                break
+        else:
+            self.problems("no free run name; publishing live only", run)
+        self.path = None
+        self.dir = directory / run  # where it would be: a viewer keys the run by it
+        return run
 
     def _start_live(self) -> None:
         try:
@@ -203,7 +233,8 @@ class Publisher:
                     "run": self.run,
                     "rank": self.rank,
                     "world": self.world,
-                    "dir": str(self.path.parent) if self.path else None,
+                    "dir": str(self.dir),
+                    "live_only": self.path is None,
                     "endpoint": endpoint,
                     "started": time.time(),
                 }
@@ -215,7 +246,7 @@ class Publisher:
         info: dict[str, Any] = {
             "host": socket.gethostname(),
             "pid": self.pid,
-            "argv": list(sys.argv),
+            "argv": redact_argv([str(arg) for arg in sys.argv]),
             "cwd": os.getcwd(),
             "world": self.world,
             "rank": self.rank,
@@ -224,6 +255,7 @@ class Publisher:
             "protocol": schema.PROTOCOL_VERSION,
             "python": sys.version.split()[0],
             "start_ticks": registry.process_start_ticks(self.pid),
+            "launch": self.who.launch,
         }
         if config is not None:
             info["config"] = _plain(config)
@@ -348,11 +380,22 @@ class Publisher:
         transfer: tensors.Transfer | None = None,
     ) -> None:
         with self._lock:
+            if self.finished:  # a publish that raced finish(): nothing after the end
+                self._refuse()
+                return
+            if kind == schema.END:
+                self.finished = True
             # The step is the caller's, now; the seq is the line's, when it is written.
             if step is None:
-                step = self.step + (kind == schema.METRICS)
-            elif type(step) is not int:
-                step = self._step(step)
+                step = min(self.step + (kind == schema.METRICS), schema.MAX_STEP)
+            else:
+                if type(step) is not int:
+                    step = self._step(step)
+                if not 0 <= step <= schema.MAX_STEP:
+                    self.problems(
+                        "steps outside [0, 2**63) replaced by the next step", repr(step)[:40]
+                    )
+                    step = min(self.step + (kind == schema.METRICS), schema.MAX_STEP)
             if kind == schema.METRICS or step > self.step:
                 self.step = step
             if self._queue or transfer is not None:
@@ -376,8 +419,11 @@ class Publisher:
         try:
             line = schema.encode(message)
         except Exception as exc:
-            self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
-            return
+            retried = self._encode_without_bad_names(message)
+            if retried is None:
+                self.problems("messages that cannot be encoded dropped", repr(exc)[:200])
+                return
+            line = retried
         if len(line) > schema.MAX_MESSAGE_BYTES:
             self.problems("messages over 64 KiB dropped", f"{len(line)} bytes")
             return
@@ -385,6 +431,27 @@ class Publisher:
         self._write(line)
         if self._live is not None:
             self._live.put(line)
+
+    def _encode_without_bad_names(self, message: dict[str, Any]) -> bytes | None:
+        """The message without the metric names that are not valid UTF-8 (lone surrogates):
+        one bad name costs that metric, not the message. None when that was not the trouble."""
+        metrics = message.get("m")
+        if type(metrics) is not dict:
+            return None
+        good = {}
+        for name, value in metrics.items():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                self.problems("metric names that are not valid UTF-8 dropped", ascii(name)[:40])
+                continue
+            good[name] = value
+        if len(good) == len(metrics):
+            return None
+        try:
+            return schema.encode({**message, "m": good})
+        except Exception:
+            return None
 
     def _drain(self, wait: float = 0.0) -> None:
         """Writes the queued messages whose values have landed, oldest first (holds the lock).
@@ -430,7 +497,9 @@ class Publisher:
 
     def _step(self, step: Any) -> int:
         value = schema.number(step)
-        if type(value) is int or (type(value) is float and value == int(value)):
+        if type(value) is int:
+            return value
+        if type(value) is float and value == int(value):  # finite: the others are tokens
             return int(value)
         self.problems("step must be an integer; using the next step instead", repr(step)[:40])
         return self.step + 1
@@ -440,16 +509,20 @@ class Publisher:
             return
         if self._torn:
             line = b"\n" + line
+        written = 0
         try:
             written = os.write(self._fd, line)
             if written < len(line):
                 written += os.write(self._fd, line[written:])
         except OSError as exc:
             self.problems("cannot write the run file; messages only go live", exc)
-            return
-        self._torn = written < len(line)
-        if self._torn:
-            self.problems("cannot write the run file; messages only go live", "short write")
+        else:
+            if written < len(line):
+                self.problems("cannot write the run file; messages only go live", "short write")
+        # A line cut short (the disk filled mid-line, then refused the rest) leaves the file
+        # without its newline: the next line to land must start on a line of its own.
+        if written:
+            self._torn = written < len(line)
 
     def _refuse(self) -> None:
         if self.forked:
@@ -476,7 +549,11 @@ class Publisher:
             self._emit(schema.END, None, fields)
         except Exception:
             pass
-        self.finished = True
+        with self._lock:
+            self.finished = True
+            if self._closed:  # another thread's finish() is closing
+                return
+            self._closed = True
         if self._entry is not None:
             registry.unregister(self._entry)
         if self._live is not None:
@@ -497,20 +574,67 @@ class Publisher:
         self.forked = True
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A JSON-safe copy of a config: numbers, strings, lists and dicts; other things as text."""
-    if value is None or type(value) in (bool, int, str):
+LAUNCH_FILE = ".launch"
+
+
+def _claim(run_dir: Path, launch: str, mode: int) -> bool:
+    """Whether ``run_dir`` belongs to ``launch``, creating it for ``launch`` when it is free.
+
+    The directory is built under a temporary name with its ``.launch`` file, then renamed into
+    place, so no rank ever sees the run directory without its owner. A directory without the
+    file (an older lmtop's, or the user's) belongs to another launch.
+    """
+    marker = run_dir / LAUNCH_FILE
+    if not run_dir.exists():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir.parent / f".{run_dir.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        os.mkdir(tmp, mode)
+        try:
+            os.chmod(tmp, mode)  # exactly: the umask may differ from the choice
+            fd = os.open(tmp / LAUNCH_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o666)
+            try:
+                os.write(fd, launch.encode())
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, run_dir)
+                return True
+            except OSError:
+                pass  # another rank (or launch) was first: read whose it is
+        finally:
+            if tmp.exists():
+                (tmp / LAUNCH_FILE).unlink(missing_ok=True)
+                tmp.rmdir()
+    try:
+        return marker.read_bytes().decode(errors="replace") == launch
+    except OSError:
+        return False  # none (an older lmtop's or the user's directory), or not readable
+
+
+def _plain(value: Any, depth: int = 0, secret: bool = False) -> Any:
+    """A JSON-safe copy of a config: numbers, strings, lists and dicts; other things as text.
+
+    Text under a key that names a credential (``secret``) is written as ``***``.
+    """
+    if value is None or type(value) in (bool, int):
         return value
+    if type(value) is str:
+        return REDACTED if secret else value
     if type(value) is float:
         return schema.finite_or_token(value)
     if depth > 8:
-        return str(value)[:200]
+        return REDACTED if secret else str(value)[:200]
     if isinstance(value, Mapping):
-        return {str(k)[:200]: _plain(v, depth + 1) for k, v in list(value.items())[:2000]}
+        return {
+            str(k)[:200]: _plain(v, depth + 1, secret or secret_name(str(k)))
+            for k, v in list(value.items())[:2000]
+        }
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v, depth + 1) for v in list(value)[:2000]]
+        return [_plain(v, depth + 1, secret) for v in list(value)[:2000]]
     try:
         number = schema.number(value)
     except Exception:
         number = None
-    return number if number is not None else str(value)[:1000]
+    if number is not None:
+        return number
+    return REDACTED if secret else str(value)[:1000]

@@ -3,8 +3,15 @@
 Each publishing process writes ``<runtime>/<pid>.json`` (its run, rank, run directory and ZeroMQ
 endpoint) and binds its socket at ``<runtime>/<pid>.sock``. The runtime directory is private to
 the user (mode 0700): ``$LMTOP_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/lmtop``, else
-``/tmp/lmtop-<uid>``. A viewer started in any directory lists the entries and ignores those whose
-process is gone (a pid is matched with its start time, so a reused pid is not mistaken for it).
+``/tmp/lmtop-<uid>``. A viewer started in any directory lists the entries of *every* candidate
+(a job started by cron or in a container, without ``XDG_RUNTIME_DIR``, registers under ``/tmp``)
+and ignores those whose process is gone (a pid is matched with its start time, so a reused pid is
+not mistaken for it). A candidate that is not a directory owned by the user with mode 0700 is
+skipped unread, by the viewer as by the hook: another user could have pre-created it.
+
+An entry holds ``pid``, ``start_ticks``, ``host``, ``run``, ``rank``, ``world``, ``endpoint``,
+``started`` and ``dir``: the run directory the rank writes to, or would write to when it cannot
+(``live_only`` is then true and only the live socket carries its messages).
 """
 
 from __future__ import annotations
@@ -42,12 +49,26 @@ def _candidates() -> list[Path]:
 
 def _make_private(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise RuntimeDirError(f"{path} is not a directory owned by this user")
+    info = _owned_dir(path)
     if info.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def _owned_dir(path: Path) -> os.stat_result:
+    """The lstat of ``path``; raises RuntimeDirError unless it is a directory of this user."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeDirError(f"{path} is not a directory owned by this user")
+    return info
+
+
+def _private(path: Path) -> bool:
+    """Whether a viewer may read ``path``: this user's directory, closed to others (0700)."""
+    try:
+        return not _owned_dir(path).st_mode & 0o077
+    except OSError:
+        return False
 
 
 def runtime_dir(create: bool = True) -> Path:
@@ -130,27 +151,32 @@ def unregister(path: Path) -> None:
 
 
 def live_entries() -> list[dict[str, Any]]:
-    """Registry entries of processes that are still alive, oldest first.
+    """Registry entries of processes that are still alive, from every safe candidate directory,
+    one per pid, oldest first.
 
-    Entries of dead processes are ignored and removed, with their sockets.
+    Entries of dead processes are ignored and removed, with their sockets. A candidate that is
+    not this user's private directory is not read at all.
     """
-    try:
-        directory = runtime_dir(create=False)
-        paths = list(directory.glob("*.json"))
-    except OSError:
-        return []
-    entries = []
-    for path in paths:
-        try:
-            entry = orjson.loads(path.read_bytes())
-            pid, ticks = int(entry["pid"]), entry.get("start_ticks")
-            entry["run"], entry["dir"], entry["endpoint"]
-        except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+    entries: dict[int, dict[str, Any]] = {}
+    for directory in dict.fromkeys(_candidates()):
+        if not _private(directory):
             continue
-        if pid_alive(pid, ticks):
-            entries.append(entry)
-        else:
-            unregister(path)
-            unregister(directory / f"{pid}.sock")
-    entries.sort(key=lambda e: (e.get("started", 0.0), e.get("rank", 0)))
-    return entries
+        try:
+            paths = list(directory.glob("*.json"))
+        except OSError:
+            continue
+        for path in paths:
+            try:
+                entry = orjson.loads(path.read_bytes())
+                pid, ticks = int(entry["pid"]), entry.get("start_ticks")
+                entry["run"], entry["dir"], entry["endpoint"]
+            except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                continue
+            if pid in entries:
+                continue
+            if pid_alive(pid, ticks):
+                entries[pid] = entry
+            else:
+                unregister(path)
+                unregister(directory / f"{pid}.sock")
+    return sorted(entries.values(), key=lambda e: (e.get("started", 0.0), e.get("rank", 0)))

@@ -9,6 +9,8 @@ Every message is one JSON object on one line (RFC 8259, readable by ``jq`` and `
 
 - ``start``: ``info`` — host, pid, argv, world, rank, config, lmtop and protocol versions.
 - ``metrics``: ``m`` — metric name to number.
+
+``step`` (null or an integer) and ``seq`` lie in [0, 2**63).
 - ``event``: ``text`` — free text (checkpoint saved, evaluation done, ...), optional ``data``.
 - ``end``: ``status`` — ``"ok"`` or ``"error"``, optional ``error`` (the exception's summary).
 
@@ -39,6 +41,11 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_NAME_CHARS: Final = 200
 MAX_METRICS: Final = 1000
 MAX_RANK: Final = 1 << 20
+# Containers nested deeper than this are refused: the JSON parser reads up to 1024 levels but
+# the encoder writes 254 at most, and a viewer re-encodes what it keeps (snapshots, exports).
+MAX_DEPTH: Final = 64
+# Steps and seqs are signed 64-bit integers from 0: the viewer keeps them in array("q").
+MAX_STEP: Final = (1 << 63) - 1
 
 NAN: Final = "NaN"
 POS_INF: Final = "Infinity"
@@ -135,6 +142,21 @@ def _metric_value(value: Any) -> float | None:
     return None
 
 
+def _shallow(value: dict[str, Any] | list[Any]) -> bool:
+    """Whether ``value`` nests at most MAX_DEPTH containers deep (so it can be re-encoded)."""
+    level: list[Any] = [value]
+    for _ in range(MAX_DEPTH):
+        inner = []
+        for item in level:
+            for child in item.values() if type(item) is dict else item:
+                if type(child) in (dict, list):
+                    inner.append(child)
+        if not inner:
+            return True
+        level = inner
+    return False
+
+
 def decode(line: bytes | str) -> Message:
     """Decodes and validates one message.
 
@@ -165,7 +187,7 @@ def decode(line: bytes | str) -> Message:
         raise BadMessage("invalid 'rank'")
     if type(world) is not int or not 1 <= world <= MAX_RANK:
         raise BadMessage("invalid 'world'")
-    if type(seq) is not int or seq < 0:
+    if type(seq) is not int or not 0 <= seq <= MAX_STEP:
         raise BadMessage("invalid 'seq'")
     if type(t) is not float or t - t != 0.0:
         if type(t) is int:
@@ -174,7 +196,11 @@ def decode(line: bytes | str) -> Message:
             raise BadMessage("invalid 't'")
     if kind not in KINDS:
         raise BadMessage(f"unknown kind {str(kind)[:40]!r}")
-    if step is not None and type(step) is not int:
+    if kind != METRICS or len(data) > 7 + ("step" in data) + ("m" in data):  # other fields
+        for key, value in data.items():
+            if key != "m" and type(value) in (dict, list) and not _shallow(value):
+                raise BadMessage(f"{str(key)[:40]!r} nested deeper than {MAX_DEPTH} levels")
+    if step is not None and (type(step) is not int or not 0 <= step <= MAX_STEP):
         raise BadMessage("invalid 'step'")
     metrics: dict[str, float] = {}
     raw = get("m")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -138,21 +139,61 @@ class Snapshots:
         self._pending = keep
 
     def _write(self, alert: Alert, run_dir: Path, lines: list[schema.Message]) -> None:
-        path = run_dir / "alerts" / f"{alert.type}-rank{alert.rank}-step{alert.step}.jsonl"
-        if path.exists():
-            return  # written by an earlier viewer of the same run
+        """Writes one snapshot into ``<run dir>/alerts/``, never through a symlink.
+
+        Only into a run directory of this user, into an ``alerts`` directory that is a real
+        directory of this user, and as a new file (``O_EXCL | O_NOFOLLOW``): a prepared run
+        directory cannot make the viewer write elsewhere or overwrite anything.
+        """
+        name = f"{alert.type}-rank{alert.rank}-step{alert.step}.jsonl"
         lines = sorted(
             {(m.rank, m.seq): m for m in lines}.values(), key=lambda m: (m.step or 0, m.rank)
         )
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(path, "wb") as file:
+            fd = _create_owned(run_dir, name)
+        except FileExistsError:
+            return  # written by an earlier viewer of the same run
+        except OSError:
+            self.errors += 1
+            return
+        try:
+            with open(fd, "wb") as file:
                 file.write(orjson.dumps(alert.to_record()) + b"\n")
                 file.writelines(m.encode() for m in lines)
         except OSError:
             self.errors += 1
             return
-        self.written.append(path)
+        self.written.append(run_dir / "alerts" / name)
+
+
+_NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _owned_dir_fd(path: str | Path, dir_fd: int | None = None) -> int:
+    """Opens a directory of this user, not a symlink; raises PermissionError otherwise."""
+    fd = os.open(path, _NO_FOLLOW_DIR, dir_fd=dir_fd)
+    if os.fstat(fd).st_uid != os.getuid():
+        os.close(fd)
+        raise PermissionError(f"{path}: not owned by this user")
+    return fd
+
+
+def _create_owned(run_dir: Path, name: str) -> int:
+    """A new file ``run_dir/alerts/name`` (mode 0600), opened for writing, every step checked."""
+    run_fd = _owned_dir_fd(run_dir)
+    try:
+        try:
+            os.mkdir("alerts", 0o700, dir_fd=run_fd)
+        except FileExistsError:
+            pass
+        alerts_fd = _owned_dir_fd("alerts", dir_fd=run_fd)
+    finally:
+        os.close(run_fd)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=alerts_fd)
+    finally:
+        os.close(alerts_fd)
 
 
 class Alerting:

@@ -12,12 +12,21 @@ or under ``[alerts]``::
     metrics = { tokens_per_second = "down" }   # added to loss and grad norm
 
 Reading TOML needs Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10.
+
+Safety: ``on_alert`` is a shell command, so it is taken only from the user's own file,
+``--config`` or the command line; an ``lmtop.toml`` beside the data (which anyone able to write
+there could have planted) sets thresholds only, and an ``on_alert`` in it is ignored with a note
+on stderr. Any file not owned by the user, writable by group or others, or not a regular file is
+refused: the user's own file and ``--config`` with a :class:`SettingsError`, a file beside the
+data is skipped with a note on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +37,10 @@ CONFIG_NAME = "lmtop.toml"
 
 class SettingsError(ValueError):
     """A configuration file or override that cannot be used; the message says which and why."""
+
+
+class UnsafeFile(SettingsError):
+    """A config file that someone else could have written: not the user's, or open to others."""
 
 
 @dataclass(slots=True)
@@ -238,10 +251,7 @@ def read_toml(path: Path) -> dict[str, Any]:
                 f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`"
             ) from None
     try:
-        with open(path, "rb") as file:
-            data = toml.load(file)
-    except OSError as exc:
-        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+        data = toml.loads(_read_owned(path).decode("utf-8", errors="replace"))
     except toml.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     table = data.get("alerts", data)
@@ -250,20 +260,74 @@ def read_toml(path: Path) -> dict[str, Any]:
     return table
 
 
-def config_files(paths: Sequence[str] = ()) -> list[Path]:
-    """The TOML files that apply, user-wide first, then the one beside the runs."""
-    found = []
+def _read_owned(path: Path) -> bytes:
+    """The bytes of a config file owned by this user and writable by nobody else.
+
+    Opened without blocking (a FIFO cannot hang the viewer) and checked on the open file, so the
+    file checked is the file read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{path}: refused, not a regular file")
+        if info.st_uid != os.getuid():
+            raise UnsafeFile(
+                f"{path}: refused, owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+            )
+        if info.st_mode & 0o022:
+            raise UnsafeFile(
+                f"{path}: refused, writable by group or others (mode {stat.S_IMODE(info.st_mode):o}; "
+                f"chmod go-w {path})"
+            )
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > 1 << 20:
+                raise UnsafeFile(f"{path}: refused, over 1 MiB")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def user_config_file() -> Path:
+    """``$XDG_CONFIG_HOME/lmtop/lmtop.toml``, else ``~/.config/lmtop/lmtop.toml``."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    user = Path(base) / "lmtop" / CONFIG_NAME
-    if user.is_file():
-        found.append(user)
+    return Path(base) / "lmtop" / CONFIG_NAME
+
+
+def beside_file(paths: Sequence[str] = ()) -> Path | None:
+    """The first ``lmtop.toml`` beside the data: thresholds only, never a command."""
     for folder in _beside(paths):
         candidate = folder / CONFIG_NAME
         if candidate.is_file():
-            if candidate.resolve() != user.resolve():
-                found.append(candidate)
-            break
-    return found
+            return candidate
+    return None
+
+
+def _merge_beside(settings: AlertSettings, path: Path) -> AlertSettings:
+    try:
+        table = read_toml(path)
+    except UnsafeFile as exc:
+        _note(f"{exc}; its settings are ignored")
+        return settings
+    commands = [key for key in table if key.replace("-", "_") == "on_alert"]
+    if commands:
+        _note(
+            f"{path}: on_alert ignored (a file beside the data sets thresholds only; "
+            "put commands in your own lmtop.toml, --config or --on-alert)"
+        )
+        table = {key: value for key, value in table.items() if key not in commands}
+    return settings.merged(table, origin=str(path))
+
+
+def _note(text: str) -> None:
+    print(f"lmtop: {text}", file=sys.stderr, flush=True)
 
 
 def _beside(paths: Sequence[str]) -> Iterable[Path]:
@@ -282,11 +346,21 @@ def load(
     config: str | None = None,
     overrides: Sequence[str] = (),
 ) -> AlertSettings:
-    """The settings that apply to a viewer of ``paths``; raises SettingsError with the reason."""
+    """The settings that apply to a viewer of ``paths``; raises SettingsError with the reason.
+
+    A file beside the data that is unsafe is skipped, and its ``on_alert`` ignored, with a note
+    on stderr (see the module's docstring).
+    """
     settings = AlertSettings()
-    files = [Path(config)] if config else config_files(paths)
-    for path in files:
-        settings = settings.merged(read_toml(path), origin=str(path))
+    if config:
+        settings = settings.merged(read_toml(Path(config)), origin=config)
+    else:
+        user = user_config_file()
+        if user.is_file():
+            settings = settings.merged(read_toml(user), origin=str(user))
+        beside = beside_file(paths)
+        if beside is not None and not (user.is_file() and beside.resolve() == user.resolve()):
+            settings = _merge_beside(settings, beside)
     for text in overrides:
         settings = settings.merged(parse_override(text), origin="--alert-set")
     return settings

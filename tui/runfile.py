@@ -3,11 +3,17 @@
 A writer appends whole lines, but a reader may arrive in the middle of one, and a process killed
 mid-write (or a full disk) leaves a partial line behind. An incomplete last line is kept until its
 newline arrives; lines that are not protocol messages are skipped and counted, never raised.
+
+The file is opened without blocking and must be a regular file: anyone who can write the run
+directory could put a FIFO (an ``open`` that never returns) or a device in a rank file's place.
+Such a file is not read; each time it is found in place of the file it counts as one bad line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from lmtop.hooks import schema
@@ -27,6 +33,7 @@ class RankFile:
         self.offset = 0
         self.bad_lines = 0
         self.unsupported: str | None = None  # the first "unsupported version" complaint
+        self.not_regular = False  # the path holds a FIFO, a device, a directory...: not read
         self._partial = b""
         self._skipping = False  # inside an over-long line: drop bytes up to the next newline
 
@@ -39,11 +46,18 @@ class RankFile:
         """Returns the messages of the complete lines added since the last call, and whether
         more bytes are waiting beyond ``limit``."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a unix socket in the file's place
+                self._refuse()
             return [], False
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                self._refuse()
+                return [], False
+            self.not_regular = False
+            size = info.st_size
             if size < self.offset:  # truncated or replaced: start again
                 self.offset, self._partial, self._skipping = 0, b"", False
             chunk = (
@@ -57,6 +71,12 @@ class RankFile:
             os.close(fd)
         self.offset += len(chunk)
         return self._parse(chunk), self.offset < size
+
+    def _refuse(self) -> None:
+        """Not a regular file: counted once each time one appears in the file's place."""
+        if not self.not_regular:
+            self.not_regular = True
+            self.bad_lines += 1
 
     def _parse(self, chunk: bytes) -> list[schema.Message]:
         if not chunk:
