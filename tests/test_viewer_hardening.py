@@ -103,3 +103,35 @@ def test_a_real_gap_in_seq_is_counted_once_and_the_rank_goes_on(tmp_path: Path) 
     follower = Follower([str(run_dir)], follow=False, live=False)
     (run,) = _snapshot(follower)
     assert run.dropped == 30 and run.bad_lines == 0 and run.last_step == 119
+
+
+async def test_exporting_a_run_whose_path_is_rich_markup_does_not_crash(tmp_path: Path) -> None:
+    from lmtop.tui.app import LmtopApp
+
+    run_dir = write_run(tmp_path / "a[/]b" / "[bold]x[/bold]", name="run", ranks=1, steps=20)
+    app = LmtopApp(Follower([str(run_dir)], follow=False, live=False), refresh_hz=20)
+    async with app.run_test(size=(120, 40)) as pilot:
+        while not app.store.points:
+            await pilot.pause(0.05)
+        await pilot.press("e")
+        await pilot.pause(0.3)
+        assert app.is_running
+        svg, table = app.exported
+    assert svg.parent == run_dir.resolve() and table.read_text().startswith("rank,metric")
+    assert oct(table.stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_export_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    from lmtop.tui import export
+
+    run_dir = write_run(tmp_path / "runs", name="run", ranks=1, steps=5)
+    target = tmp_path / "victim.txt"
+    target.write_text("mine")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (run_dir / f"lmtop-{stamp}.svg").symlink_to(target)
+    (view,) = _snapshot(Follower([str(run_dir)], follow=False, live=False))
+    try:
+        export.export(view, "<svg/>", b"rank\n")
+    except FileExistsError:
+        pass  # refused: the name is taken (by the link)
+    assert target.read_text() == "mine"

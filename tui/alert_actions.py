@@ -24,6 +24,7 @@ from . import rank_health
 from .alert_settings import AlertSettings
 from .alerts import CRITICAL, Alert, AlertEngine
 from .learning_curve import Diagnosis
+from .owned import create_new, owned_dir_fd
 
 SNAPSHOT_STEPS = 50
 MAX_RUNNING = 4
@@ -166,32 +167,19 @@ class Snapshots:
         self.written.append(run_dir / "alerts" / name)
 
 
-_NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _owned_dir_fd(path: str | Path, dir_fd: int | None = None) -> int:
-    """Opens a directory of this user, not a symlink; raises PermissionError otherwise."""
-    fd = os.open(path, _NO_FOLLOW_DIR, dir_fd=dir_fd)
-    if os.fstat(fd).st_uid != os.getuid():
-        os.close(fd)
-        raise PermissionError(f"{path}: not owned by this user")
-    return fd
-
-
 def _create_owned(run_dir: Path, name: str) -> int:
     """A new file ``run_dir/alerts/name`` (mode 0600), opened for writing, every step checked."""
-    run_fd = _owned_dir_fd(run_dir)
+    run_fd = owned_dir_fd(run_dir)
     try:
         try:
             os.mkdir("alerts", 0o700, dir_fd=run_fd)
         except FileExistsError:
             pass
-        alerts_fd = _owned_dir_fd("alerts", dir_fd=run_fd)
+        alerts_fd = owned_dir_fd("alerts", dir_fd=run_fd)
     finally:
         os.close(run_fd)
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(name, flags, 0o600, dir_fd=alerts_fd)
+        return create_new(alerts_fd, name)
     finally:
         os.close(alerts_fd)
 

@@ -51,7 +51,12 @@ def run_dirs(folder: Path) -> list[Path]:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_dir() and is_run_dir(Path(entry.path)):
+                # A dot-directory is a run being created (the hook renames it into place).
+                if (
+                    not entry.name.startswith(".")
+                    and entry.is_dir()
+                    and is_run_dir(Path(entry.path))
+                ):
                     found.append(Path(entry.path))
     except OSError:
         pass

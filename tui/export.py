@@ -1,7 +1,7 @@
 """``e`` in the app: an SVG screenshot and a CSV of the shown run's series, into its directory.
 
-Files are created new (``O_EXCL``) and never through a symbolic link (``O_NOFOLLOW``), with mode
-0600, in the run directory when it is this user's and writable, else in the current directory.
+Files are created new, mode 0600, never through a symbolic link (see :mod:`.owned`), in the run
+directory when it is this user's, else in the current directory.
 """
 
 from __future__ import annotations
@@ -9,37 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import stat
 import time
 from pathlib import Path
 
+from .owned import create_new, owned_dir_fd
 from .runbook import RunView
 from .store import Store
-
-
-def folder_for(run: RunView) -> Path:
-    """Where an export of ``run`` goes: its directory when this user owns it, else the cwd."""
-    if run.dir is not None:
-        try:
-            info = os.lstat(run.dir)
-        except OSError:
-            info = None
-        if (
-            info is not None
-            and stat.S_ISDIR(info.st_mode)
-            and info.st_uid == os.getuid()
-            and os.access(run.dir, os.W_OK)
-        ):
-            return run.dir
-    return Path.cwd()
-
-
-def write_new(path: Path, data: bytes) -> None:
-    """Writes a file that must not exist yet, never through a symbolic link."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
 
 
 def series_csv(store: Store, key: str) -> bytes:
@@ -61,9 +36,18 @@ def export(run: RunView, svg: str, table: bytes) -> tuple[Path, Path]:
     Raises:
         OSError: the folder cannot be written, or a file of that name already exists.
     """
-    folder = folder_for(run)
+    folder = run.dir if run.dir is not None else Path.cwd()
+    try:
+        fd = owned_dir_fd(folder)
+    except OSError:  # another user's run, or a link: the current directory instead
+        folder = Path.cwd()
+        fd = owned_dir_fd(folder)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    svg_path, csv_path = folder / f"lmtop-{stamp}.svg", folder / f"lmtop-{stamp}.csv"
-    write_new(svg_path, svg.encode())
-    write_new(csv_path, table)
-    return svg_path, csv_path
+    names = (f"lmtop-{stamp}.svg", f"lmtop-{stamp}.csv")
+    try:
+        for name, data in zip(names, (svg.encode(), table)):
+            with os.fdopen(create_new(fd, name), "wb") as file:
+                file.write(data)
+    finally:
+        os.close(fd)
+    return folder / names[0], folder / names[1]
