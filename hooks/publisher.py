@@ -199,7 +199,7 @@ class Publisher:
         launch = self.who.launch or f"{socket.gethostname()}-{self.pid}"
         suffixed = (f"{run}-{launch[:6]}" + (f"-{n}" if n > 1 else "") for n in range(1, 10_000))
         for name in itertools.chain([run], suffixed):
-            path = directory / name / f"rank-{self.rank}.jsonl"
+            path = directory / name / schema.rank_file(self.rank)
             try:
                 if not _claim(path.parent, launch, dir_mode):
                     continue  # another launch's run
@@ -555,7 +555,7 @@ class Publisher:
                 return
             self._closed = True
         if self._entry is not None:
-            registry.unregister(self._entry)
+            registry.mark_ended(self._entry)
         if self._live is not None:
             try:
                 self._live.close()

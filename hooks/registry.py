@@ -20,8 +20,9 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import orjson
 
@@ -134,7 +135,23 @@ def _is_zombie(pid: int) -> bool:
     return raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3] in (b"Z", b"X")
 
 
-def register(entry: dict[str, Any]) -> Path:
+class Entry(TypedDict, total=False):
+    """One publishing process (one rank), as ``<runtime>/<pid>.json`` holds it."""
+
+    pid: int
+    start_ticks: int | None  # the process's start time in clock ticks, against pid reuse
+    host: str
+    run: str  # the run's name (for display)
+    rank: int
+    world: int
+    dir: str  # the run directory it writes (or would write, when live_only)
+    live_only: bool  # the run directory could not be written: only the socket carries it
+    endpoint: str  # ipc://<runtime>/<pid>.sock
+    started: float  # wall time it registered
+    ended: float  # wall time it finished (the entry is kept ENDED_KEEP_SECONDS for viewers)
+
+
+def register(entry: Entry) -> Path:
     """Writes this process's registry entry atomically; returns its path."""
     directory = runtime_dir()
     path = directory / f"{entry['pid']}.json"
@@ -144,20 +161,37 @@ def register(entry: dict[str, Any]) -> Path:
     return path
 
 
+# A finished run's entry stays this long, so a viewer that was already watching, or starts
+# right after, still finds a run that began and ended between two of its scans.
+ENDED_KEEP_SECONDS = 60.0
+
+
+def mark_ended(path: Path) -> None:
+    """Rewrites a registry entry as ended (kept ENDED_KEEP_SECONDS for viewers, then removed)."""
+    try:
+        entry = orjson.loads(path.read_bytes())
+        entry["ended"] = time.time()
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(orjson.dumps(entry))
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError, orjson.JSONDecodeError):
+        unregister(path)
+
+
 def unregister(path: Path) -> None:
     """Removes a registry entry; a missing entry is not an error."""
     with contextlib.suppress(OSError):
         path.unlink()
 
 
-def live_entries() -> list[dict[str, Any]]:
-    """Registry entries of processes that are still alive, from every safe candidate directory,
-    one per pid, oldest first.
+def live_entries() -> list[Entry]:
+    """Registry entries of processes that are still alive (or ended less than a minute ago:
+    ``"ended"`` holds when), from every safe candidate directory, one per pid, oldest first.
 
     Entries of dead processes are ignored and removed, with their sockets. A candidate that is
     not this user's private directory is not read at all.
     """
-    entries: dict[int, dict[str, Any]] = {}
+    entries: dict[int, Entry] = {}
     for directory in dict.fromkeys(_candidates()):
         if not _private(directory):
             continue
@@ -174,7 +208,13 @@ def live_entries() -> list[dict[str, Any]]:
                 continue
             if pid in entries:
                 continue
-            if pid_alive(pid, ticks):
+            ended = entry.get("ended")
+            if isinstance(ended, (int, float)):  # finished: kept a while for late viewers
+                if time.time() - ended < ENDED_KEEP_SECONDS:
+                    entries[pid] = entry
+                else:
+                    unregister(path)
+            elif pid_alive(pid, ticks):
                 entries[pid] = entry
             else:
                 unregister(path)

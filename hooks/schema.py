@@ -24,6 +24,7 @@ The training side (``lmtop.hooks``) and the viewing side (``lmtop.tui``) both im
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,6 +47,15 @@ MAX_RANK: Final = 1 << 20
 MAX_DEPTH: Final = 64
 # Steps and seqs are signed 64-bit integers from 0: the viewer keeps them in array("q").
 MAX_STEP: Final = (1 << 63) - 1
+
+# A run directory holds one file per rank: this name, and nothing else, is a rank file.
+RANK_FILE: Final = re.compile(r"^rank-(\d{1,7})\.jsonl$")
+
+
+def rank_file(rank: int) -> str:
+    """The file name of one rank's messages in its run directory."""
+    return f"rank-{rank}.jsonl"
+
 
 NAN: Final = "NaN"
 POS_INF: Final = "Infinity"

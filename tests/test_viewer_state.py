@@ -163,6 +163,25 @@ def test_live_frames_of_two_runs_with_one_name_are_routed_to_their_own_run(
         assert all(len(m.m) == width for m in messages if m.kind == "metrics"), key
 
 
+# -- 5. a run that starts and ends between two scans is still seen -----------------------------
+
+
+@pytest.mark.slow
+def test_a_viewer_started_before_a_short_run_sees_all_of_it(lmtop_env: dict[str, str]) -> None:
+    # 3000 steps back to back end in a fraction of a second: between two scans of the registry.
+    # The hook leaves its entry marked ended for a minute, so the viewer still finds the run.
+    follower = Follower()  # this user's live runs, as `lmtop` with no path
+    assert follower.poll(0) == []
+    job = launch("publish_steps.py", "3000", "--pace-every", "0")
+    assert job.wait(timeout=60) == 0
+    got: list[schema.Message] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (got and follower.done):
+        got += [m for _, m in follower.poll(0.05)]
+    follower.close()
+    assert [m.seq for m in got] == list(range(3002))
+
+
 # -- 6. one vocabulary: accelerate's clipping name draws the clipping line ---------------------
 
 

@@ -8,18 +8,16 @@ so a viewer can be started before the training job.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Any
 
-from lmtop.hooks import registry
+from lmtop.hooks import registry, schema
 
-RANK_FILE = re.compile(r"^rank-(\d{1,7})\.jsonl$")
+RANK_FILE = schema.RANK_FILE
 
 
 def rank_file(run_dir: Path, rank: int) -> Path:
     """The path of one rank's file in a run directory (the hook writes the same name)."""
-    return run_dir / f"rank-{rank}.jsonl"
+    return run_dir / schema.rank_file(rank)
 
 
 def ranks(run_dir: Path) -> list[int]:
@@ -70,7 +68,7 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def live_runs() -> list[dict[str, Any]]:
+def live_runs() -> list[registry.Entry]:
     """Registry entries of this user's live publishing processes (one per rank)."""
     return registry.live_entries()
 

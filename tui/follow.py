@@ -181,7 +181,7 @@ class Follower:
             rank.start_ticks = rank.start_ticks or entry.get("start_ticks")
             rank.host = rank.host or entry.get("host")
             rank.endpoint = str(entry["endpoint"])
-            if self._live is not None and not rank.done:
+            if self._live is not None and not rank.done and "ended" not in entry:
                 # Subscribe before reading the file: nothing can fall between the two.
                 self._live.connect(rank.endpoint, run.key, rank.rank)
 
