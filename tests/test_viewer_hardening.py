@@ -135,3 +135,20 @@ def test_an_export_never_writes_through_a_planted_link(tmp_path: Path) -> None:
     except FileExistsError:
         pass  # refused: the name is taken (by the link)
     assert target.read_text() == "mine"
+
+
+def test_a_seq_repeated_in_a_file_is_counted_and_the_first_one_kept(tmp_path: Path) -> None:
+    run_dir = tmp_path / "dup"
+    run_dir.mkdir()
+    lines = [line("dup", 0, 1, s, "metrics", s, T0 + s, m={"loss": 1.0}) for s in range(50)]
+    lines += [line("dup", 0, 1, s, "metrics", s, T0 + s, m={"loss": 99.0}) for s in range(25, 31)]
+    lines += [line("dup", 0, 1, s, "metrics", s, T0 + s, m={"loss": 1.0}) for s in range(50, 60)]
+    (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    got = []
+    while not follower.done:
+        got += [m for _, m in follower.poll(0)]
+    (run,) = follower.book.snapshot()
+    assert [m.seq for m in got] == list(range(60))
+    assert all(m.m["loss"] == 1.0 for m in got)
+    assert run.bad_lines == 6

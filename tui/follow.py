@@ -215,6 +215,14 @@ class Follower:
             return False
         messages, more = file.read()
         for message in messages:
+            # The hook writes each seq once, in order: a seq the file already had (a repeated
+            # or rewritten line, whatever its content) is not the rank's; count it. Only the
+            # sequence's own continuation after a wild jump may go back (see RunBook.apply).
+            jump = rank.jump
+            if message.seq <= rank.file_seq and not (jump and message.seq == jump[0] + 1):
+                rank.bad_seq += 1
+                continue
+            rank.file_seq = message.seq
             self._apply(run, rank, message, out)
         rank.bad_lines = file.bad_lines
         return more

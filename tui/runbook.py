@@ -53,6 +53,7 @@ class RankState:
     points: int = 0  # metrics messages applied (the step of a message without one)
     bad_seq: int = 0  # messages whose seq jumped ahead of the rank's own sequence
     jump: tuple[int, int] | None = None  # (from, to) of the last forward jump, until confirmed
+    file_seq: int = -1  # seq of the last line read from its file (the reader keeps it)
     pace: rank_health.Pace = field(default_factory=rank_health.Pace)
 
     @property
