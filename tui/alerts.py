@@ -285,6 +285,7 @@ def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, 
     if isinstance(e, rank_health.Stall):
         text = f"rank {e.rank} silent for {e.silent:.0f} s after step {e.step} while other ranks progress"
         return STALL, CRITICAL, None, e.silent, e.limit, text
+    assert isinstance(e, rank_health.Straggle)
     if e.kind == "slow":
         text = (
             f"rank {e.rank} straggling: {e.value:.3g} s per step against "

@@ -91,38 +91,34 @@ def health(rank: RankLike, now: float, s: StallSettings) -> str:
 
 
 @dataclass(slots=True, frozen=True)
-class Stall:
-    """A rank silent for ``silent`` seconds, beyond ``limit``, while another rank progressed."""
+class Episode:
+    """Something that began now for one rank: a silence, a straggle or a crash."""
 
     run: str  # the run's key
     rank: int
-    step: int | None
+    step: int | None  # the rank's last step
+
+
+@dataclass(slots=True, frozen=True)
+class Stall(Episode):
+    """A rank silent for ``silent`` seconds, beyond ``limit``, while another rank progressed."""
+
     silent: float
     limit: float
 
 
 @dataclass(slots=True, frozen=True)
-class Straggle:
+class Straggle(Episode):
     """A rank slower than the others (``kind`` "slow", ratio of step times) or behind ("lag")."""
 
-    run: str  # the run's key
-    rank: int
-    step: int | None
     kind: str
     value: float
     baseline: float
 
 
 @dataclass(slots=True, frozen=True)
-class Crash:
+class Crash(Episode):
     """A rank whose process is gone without an end message (``kill -9``, ``os._exit``, OOM)."""
-
-    run: str  # the run's key
-    rank: int
-    step: int | None
-
-
-Episode = Stall | Straggle | Crash
 
 
 def judge(
