@@ -175,16 +175,19 @@ class TailSpikeDetector:
     - the baseline is the median of the last ``tail_window`` accepted values (log values for a
       positive series, so a grad norm or a near-zero loss is judged by ratios);
     - the noise scale is an EMA of the deviations above that median (below, for a drop), at
-      least half the EMA of the absolute deviations, each deviation clipped at ``tail_winsor``
-      scales first, so a spike does not inflate its own baseline;
+      least ``tail_spread_floor`` × the EMA of the absolute deviations, each deviation clipped
+      at ``tail_winsor`` scales first, so a spike does not inflate its own baseline;
     - a point is an outlier when its deviation, in scales, passes both ``tail_threshold`` and
       ``tail_margin`` × the run's own ``tail_quantile`` of deviations, tracked by stochastic
       approximation (one step up on an exceedance, 99 times smaller steps down otherwise), so a
       run whose grad norm is heavy-tailed raises its own bar while a lone spike barely moves it;
     - the Finding says how big the spike is against the median (``ratio``) and against what is
-      usual for this run (``usual_ratio``: the largest ratio of the accepted points, forgotten
-      over ``tail_memory`` steps), and hints a severity: ``warning`` when the value is at least
-      ``warning_ratio`` × its median (or ``warning_ratio`` × below it, for a drop), else ``info``.
+      usual for this run (``usual_ratio``: the largest ratio of the points that were no
+      outliers, from a full window on, forgotten over ``tail_memory`` steps), and hints a
+      severity: ``warning`` when the value is at least ``warning_ratio`` × its median (× below
+      it, for a drop), ``tail_ratio_margin`` × the run's usual ratio, and a full window is
+      behind the median; else ``info``. So 10× is a warning on a run that usually swings 2-5×,
+      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping).
 
     One spike is one Finding however many points it spans, except that an ``info`` episode
     that grows to ``warning`` size gives a second Finding. Outliers that persist for
@@ -265,7 +268,9 @@ class TailSpikeDetector:
         else:
             deviation = abs(residual)
         floor = SCALE_FLOOR if self._log else SCALE_FLOOR * abs(level)
-        scale = self._scale if self._scale > 0.5 * self._spread else 0.5 * self._spread
+        scale = self._spread * s.tail_spread_floor
+        if self._scale > scale:
+            scale = self._scale
         if scale < floor:
             scale = floor
         size = deviation / scale
@@ -277,8 +282,8 @@ class TailSpikeDetector:
         # The noise scale: EMAs of the deviations from the median, clipped first so a spike does
         # not inflate its own baseline. The one on the bad side alone (above the median, for a
         # loss) is what a spike is judged by: a log-loss's long lower tail says nothing of how
-        # high it jumps. The two-sided one, halved, is its floor: a series falling steadily below
-        # its lagging median has no bad side to learn from.
+        # high it jumps. The two-sided one, scaled down, is its floor: a series falling steadily
+        # below its lagging median has no bad side to learn from.
         count = self._scale_count = self._scale_count + 1
         weight = 1.0 - s.tail_alpha
         if count * weight < 1.0:
@@ -297,21 +302,23 @@ class TailSpikeDetector:
         threshold = s.tail_margin * self._quantile
         if threshold < s.tail_threshold:
             threshold = s.tail_threshold
-        # An outlier passes the run's own threshold, or is a warning-sized jump well past the
-        # largest ratio this run usually shows (a 10× grad norm on a run whose noise is wide).
-        if self._seen > s.warmup and (
-            size > threshold
-            or (
-                size > s.tail_threshold
-                and ratio >= s.warning_ratio
-                and ratio > s.tail_margin * self._usual
-            )
-        ):
+        # A warning-sized jump: ≥ warning_ratio × the median and well past the largest ratio
+        # this run usually shows, once a full window is behind the median (a fine-tune's first
+        # steps move by orders of magnitude: LoRA's B starts at zero).
+        usual = self._usual
+        big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
+        outlier = self._seen > s.warmup and size > threshold
+        # What is usual: the largest ratio of the recent points that were no outliers, from a
+        # full window on, forgotten over tail_memory steps.
+        if not outlier and self._seen > s.tail_window:
+            usual *= self._decay
+            self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
+        if outlier:
             self._outliers += 1
             self._calm = 0
             if self._outliers >= s.shift_steps:  # not a spike: the level moved
                 window.add(x)
-            severity = WARNING if ratio >= s.warning_ratio else INFO
+            severity = WARNING if big and self._seen > s.tail_window else INFO
             if self._in_spike and (severity == INFO or self._severity == WARNING):
                 return None
             self._in_spike = True
@@ -328,8 +335,6 @@ class TailSpikeDetector:
             )
         self._outliers = 0
         window.add(x)
-        usual = self._usual * self._decay
-        self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
         if self._in_spike:
             self._calm += 1
             if self._calm >= s.merge_steps:
