@@ -54,6 +54,34 @@ class SpikeSettings:
     warmup: int = 20  # points seen before the first alert
     merge_steps: int = 5  # points back at baseline before a new spike is a new alert
     log: bool = False  # judge positive series on a log scale (benchmarks/README.md)
+    # TailSpikeDetector, the detector that learns the run's own tail (benchmarks/README.md,
+    # "Spike detectors on real fine-tunes"). Positive series are judged on a log scale: a grad
+    # norm or a near-zero loss is noisy in proportion to its level.
+    tail_window: int = 100  # recent values whose median is the baseline: llm-foundry's window,
+    # and the one the labelled set sizes its spikes with, so "10× the median" means the same
+    tail_alpha: float = 0.98  # EMA weight of the noise scale: about the last 50 values
+    tail_spread_floor: float = 0.35  # the noise scale is at least this × the mean absolute
+    # deviation on both sides: a series falling steadily below its lagging median (a near-zero
+    # loss) has no bad side to learn its noise from
+    tail_winsor: float = 3.0  # deviations enter the noise scale clipped at this many scales, so a
+    # spike does not inflate its own baseline (ZClip's idea, on the log scale)
+    tail_threshold: float = 4.5  # noise scales a point must pass even on the calmest run: a loss
+    # spike of 8 rolling MADs is 4-7 of these scales; Gaussian noise passes 4.5 (3.6σ) once in
+    # 6,000 points, and the run's own quantile below raises the bar where the tail is heavier
+    tail_quantile: float = 0.99  # the run's own high quantile of deviations it tracks ...
+    tail_margin: float = 1.5  # ... and a point must pass this × that quantile: real grad norms
+    # (q99 of 4-6 scales on tiny-Llama fine-tunes) stop crying wolf, calm losses stay sensitive;
+    # 1.4 gave 17-19 info per 10k steps on batch-1 runs, 1.5 gives 15-17 (benchmarks/README.md)
+    tail_quantile_start: float = 3.0  # that quantile before the run has shown its own: a
+    # Gaussian's q99 in these scales (2.33σ / 0.8σ)
+    tail_quantile_step: float = 0.1  # scales the quantile climbs per exceedance (it falls by
+    # step × (1 - quantile) otherwise): ~20 excursions lift it by 2, one spike barely moves it
+    tail_memory: int = 1000  # steps over which "this run's usual max ratio" decays by 1/e
+    warning_ratio: float = 10.0  # a spike ≥ this × its running median is a warning, else info
+    # (once a full window is behind the median: a fine-tune's first steps move 10× by design)
+    tail_ratio_margin: float = 2.0  # ... and this × the run's usual max ratio: 10× is a warning
+    # on a run whose grad norm swings 2-5× (batch 1), not on one whose own clean tail reaches
+    # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×
     # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
     metrics: dict[str, str] = field(default_factory=dict)
 

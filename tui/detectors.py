@@ -81,6 +81,9 @@ class RollingWindow:
         self._sorted.clear()
 
 
+WARNING, INFO, CRITICAL = "warning", "info", "critical"
+
+
 @dataclass(slots=True)
 class Finding:
     """A new episode: the value that started it and the baseline it was judged against."""
@@ -89,6 +92,9 @@ class Finding:
     baseline: float
     scale: float = 0.0  # the noise scale (spikes) or margin (divergence) used
     size: float = 0.0  # spikes: the deviation in noise scales
+    ratio: float = math.nan  # spikes: value / baseline (the running median)
+    usual_ratio: float = math.nan  # spikes: this run's usual max of that ratio, bad direction
+    severity: str = WARNING  # a hint for the engine: "critical" | "warning" | "info"
 
 
 class SpikeDetector:
@@ -152,6 +158,181 @@ class SpikeDetector:
             self._in_spike = True
             baseline = math.exp(level) if self._log else level
             return Finding(value, baseline, scale, deviation / scale)
+        self._outliers = 0
+        window.add(x)
+        if self._in_spike:
+            self._calm += 1
+            if self._calm >= s.merge_steps:
+                self._in_spike = False
+        return None
+
+
+class TailSpikeDetector:
+    """A spike judged against the run's own tail, on a log scale for positive series.
+
+    Drop-in for :class:`SpikeDetector` (same constructor, same ``update``). For each value:
+
+    - the baseline is the median of the last ``tail_window`` accepted values (log values for a
+      positive series, so a grad norm or a near-zero loss is judged by ratios);
+    - the noise scale is an EMA of the deviations above that median (below, for a drop), at
+      least ``tail_spread_floor`` × the EMA of the absolute deviations, each deviation clipped
+      at ``tail_winsor`` scales first, so a spike does not inflate its own baseline;
+    - a point is an outlier when its deviation, in scales, passes both ``tail_threshold`` and
+      ``tail_margin`` × the run's own ``tail_quantile`` of deviations, tracked by stochastic
+      approximation (one step up on an exceedance, 99 times smaller steps down otherwise), so a
+      run whose grad norm is heavy-tailed raises its own bar while a lone spike barely moves it;
+    - the Finding says how big the spike is against the median (``ratio``) and against what is
+      usual for this run (``usual_ratio``: the largest ratio of the points that were no
+      outliers, from a full window on, forgotten over ``tail_memory`` steps), and hints a
+      severity: ``warning`` when the value is at least ``warning_ratio`` × its median (× below
+      it, for a drop), ``tail_ratio_margin`` × the run's usual ratio, and a full window is
+      behind the median; else ``info``. So 10× is a warning on a run that usually swings 2-5×,
+      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping).
+
+    One spike is one Finding however many points it spans, except that an ``info`` episode
+    that grows to ``warning`` size gives a second Finding. Outliers that persist for
+    ``shift_steps`` points are a new level and enter the baseline. A non-finite value gives a
+    ``critical`` Finding and leaves the state alone (the engine normally routes those itself).
+    Constant work per update: a sorted-window insert, and a handful of float operations.
+    """
+
+    __slots__ = (
+        "_calm",
+        "_decay",
+        "_down_step",
+        "_in_spike",
+        "_log",
+        "_outliers",
+        "_quantile",
+        "_scale",
+        "_scale_count",
+        "_seen",
+        "_severity",
+        "_spread",
+        "_up_step",
+        "_usual",
+        "_window",
+        "direction",
+        "s",
+    )
+
+    def __init__(self, settings: SpikeSettings, direction: str = UP) -> None:
+        self.s = settings
+        self.direction = direction
+        self._log = True
+        self._window = RollingWindow(settings.tail_window)
+        self._scale = 0.0
+        self._scale_count = 0
+        self._spread = 0.0
+        self._quantile = settings.tail_quantile_start
+        self._up_step = settings.tail_quantile_step * settings.tail_quantile
+        self._down_step = settings.tail_quantile_step * (1.0 - settings.tail_quantile)
+        self._usual = 1.0
+        self._decay = math.exp(-1.0 / max(1, settings.tail_memory))
+        self._seen = 0
+        self._in_spike = False
+        self._severity = INFO
+        self._calm = 0
+        self._outliers = 0
+
+    @property
+    def baseline(self) -> float:
+        """The running median, in the metric's units (NaN before any value)."""
+        level = self._window.median()
+        return math.exp(level) if self._log and level == level else level
+
+    def update(self, value: float) -> Finding | None:
+        """Takes the next value; returns a Finding when a new spike starts (or grows) here."""
+        if value - value != 0.0:  # NaN or ±Inf, without a function call
+            return Finding(value, self.baseline, severity=CRITICAL)
+        if self._log and value <= 0:  # not a positive series after all: judge it as it is
+            self._log = False
+            self._window.clear()
+            self._seen = 0
+            self._scale = self._spread = 0.0
+            self._scale_count = 0
+        x = math.log(value) if self._log else value
+        self._seen += 1
+        window = self._window
+        if len(window) < 3:
+            window.add(x)
+            return None
+        s = self.s
+        level = window.median()
+        residual = x - level
+        direction = self.direction
+        if direction == UP:
+            deviation = residual
+        elif direction == DOWN:
+            deviation = -residual
+        else:
+            deviation = abs(residual)
+        floor = SCALE_FLOOR if self._log else SCALE_FLOOR * abs(level)
+        scale = self._spread * s.tail_spread_floor
+        if self._scale > scale:
+            scale = self._scale
+        if scale < floor:
+            scale = floor
+        size = deviation / scale
+        # The run's own quantile of sizes: up by a step on an exceedance, down by a small one.
+        if size > self._quantile:
+            self._quantile += self._up_step
+        else:
+            self._quantile -= self._down_step
+        # The noise scale: EMAs of the deviations from the median, clipped first so a spike does
+        # not inflate its own baseline. The one on the bad side alone (above the median, for a
+        # loss) is what a spike is judged by: a log-loss's long lower tail says nothing of how
+        # high it jumps. The two-sided one, scaled down, is its floor: a series falling steadily
+        # below its lagging median has no bad side to learn from.
+        count = self._scale_count = self._scale_count + 1
+        weight = 1.0 - s.tail_alpha
+        if count * weight < 1.0:
+            weight = 1.0 / count
+        limit = s.tail_winsor * self._spread if count > 1 else math.inf
+        spread = deviation if deviation > 0 else -deviation
+        self._spread += weight * ((spread if spread < limit else limit) - self._spread)
+        if deviation > 0:
+            self._scale += weight * ((deviation if deviation < limit else limit) - self._scale)
+        if self._log:
+            ratio = math.exp(deviation) if deviation < 700 else math.inf
+        elif level > 0:
+            ratio = value / level if direction == UP else (level / value if value > 0 else math.inf)
+        else:
+            ratio = 0.0
+        threshold = s.tail_margin * self._quantile
+        if threshold < s.tail_threshold:
+            threshold = s.tail_threshold
+        # A warning-sized jump: ≥ warning_ratio × the median and well past the largest ratio
+        # this run usually shows, once a full window is behind the median (a fine-tune's first
+        # steps move by orders of magnitude: LoRA's B starts at zero).
+        usual = self._usual
+        big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
+        outlier = self._seen > s.warmup and size > threshold
+        # What is usual: the largest ratio of the recent points that were no outliers, from a
+        # full window on, forgotten over tail_memory steps.
+        if not outlier and self._seen > s.tail_window:
+            usual *= self._decay
+            self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
+        if outlier:
+            self._outliers += 1
+            self._calm = 0
+            if self._outliers >= s.shift_steps:  # not a spike: the level moved
+                window.add(x)
+            severity = WARNING if big and self._seen > s.tail_window else INFO
+            if self._in_spike and (severity == INFO or self._severity == WARNING):
+                return None
+            self._in_spike = True
+            self._severity = severity
+            baseline = math.exp(level) if self._log else level
+            return Finding(
+                value,
+                baseline,
+                scale,
+                size,
+                value / baseline if baseline else math.nan,
+                self._usual,
+                severity,
+            )
         self._outliers = 0
         window.add(x)
         if self._in_spike:

@@ -1,0 +1,148 @@
+"""TailSpikeDetector: heavy-tailed healthy runs raise no warning; a 10× spike is a warning at once."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lmtop.tui.alert_settings import SpikeSettings
+from lmtop.tui.detectors import (
+    CRITICAL,
+    DOWN,
+    INFO,
+    UP,
+    WARNING,
+    Finding,
+    TailSpikeDetector,
+)
+
+REAL_RUNS = Path(__file__).parent.parent / "benchmarks" / "alerts" / "real_runs.tar.xz"
+
+
+def heavy_tailed(seed: int, steps: int, sigma: float, dof: int, excursions: float) -> list[float]:
+    """A healthy grad-norm-like trace: a slowly drifting level, Student-t noise on the log scale
+    (clipped at 1.25×), and occasional isolated 3-5× excursions the run absorbs."""
+    rng = random.Random(seed)
+    out = []
+    level = 0.0
+    for _ in range(steps):
+        level += rng.gauss(0.0, 0.002)
+        t = rng.gauss(0.0, 1.0) / math.sqrt(sum(rng.gauss(0.0, 1.0) ** 2 for _ in range(dof)) / dof)
+        noise = max(-math.log(1.25), min(math.log(1.25), sigma * t))
+        value = math.exp(level + noise)
+        if rng.random() < excursions:
+            value *= rng.uniform(3.0, 5.0)
+        out.append(value)
+    return out
+
+
+def feed(detector: TailSpikeDetector, values: list[float]) -> list[tuple[int, Finding]]:
+    return [(i, found) for i, v in enumerate(values) if (found := detector.update(v)) is not None]
+
+
+traces = st.builds(
+    heavy_tailed,
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.just(1500),
+    sigma=st.floats(0.02, 0.3),
+    dof=st.integers(2, 10),
+    excursions=st.floats(0.0, 0.02),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=traces)
+def test_heavy_tailed_healthy_trace_raises_no_warning(values: list[float]) -> None:
+    found = feed(TailSpikeDetector(SpikeSettings()), values)
+    assert [f for _, f in found if f.severity != INFO] == []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=traces, where=st.integers(200, 1400), size=st.floats(10.0, 1000.0))
+def test_ten_times_spike_is_a_warning_at_its_step(
+    values: list[float], where: int, size: float
+) -> None:
+    detector = TailSpikeDetector(SpikeSettings())
+    feed(detector, values[:where])
+    spike = size * detector.baseline * (1 + 1e-9)
+    found = detector.update(spike)
+    assert found is not None, "the spike is not caught at its step"
+    assert found.severity == WARNING
+    assert found.ratio >= 10.0
+    assert found.value == spike and found.baseline == pytest.approx(spike / found.ratio)
+    assert 1.0 <= found.usual_ratio < 10.0  # what this run usually shows, for the message
+
+
+def real_trace(name: str) -> dict[str, list[float]]:
+    with tarfile.open(REAL_RUNS) as tar:
+        member = tar.extractfile(f"real_runs/{name}.tsv")
+        assert member is not None
+        lines = io.TextIOWrapper(member, encoding="utf-8").read().splitlines()
+    header = lines[1].split("\t")
+    rows = [line.split("\t") for line in lines[2:]]
+    return {key: [float(row[i]) for row in rows] for i, key in enumerate(header)}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama-full-adamw-b1-clip-lr0.001-s0",  # batch size 1: the heaviest grad-norm tail
+        "mlp-full-adamw-b64-clip-lr0.01-s0",  # a loss near zero, 10× swings in its ratio
+    ],
+)
+def test_real_fine_tune_raises_no_warning(name: str) -> None:
+    trace = real_trace(name)
+    for metric in ("loss", "grad_norm"):
+        found = feed(TailSpikeDetector(SpikeSettings()), trace[metric])
+        assert [(i, f) for i, f in found if f.severity != INFO] == [], metric
+        assert len(found) <= 20 * len(trace[metric]) / 10_000 + 1, metric
+
+
+def test_info_spike_that_grows_becomes_a_warning() -> None:
+    detector = TailSpikeDetector(SpikeSettings())
+    values = heavy_tailed(seed=3, steps=400, sigma=0.05, dof=30, excursions=0.0)
+    feed(detector, values)
+    median = detector.baseline
+    first = detector.update(3 * median)
+    second = detector.update(30 * median)
+    assert first is not None and first.severity == INFO
+    assert second is not None and second.severity == WARNING
+    assert detector.update(40 * median) is None  # the same episode, already a warning
+
+
+def test_drop_of_a_down_metric_is_judged_by_its_ratio() -> None:
+    detector = TailSpikeDetector(SpikeSettings(), DOWN)
+    feed(detector, heavy_tailed(seed=4, steps=400, sigma=0.05, dof=30, excursions=0.0))
+    found = detector.update(detector.baseline / 20)
+    assert found is not None and found.severity == WARNING and found.ratio == pytest.approx(0.05)
+    assert detector.update(detector.baseline * 20) is None  # a rise is no drop
+
+
+def test_non_finite_values_are_critical_and_leave_the_baseline_alone() -> None:
+    detector = TailSpikeDetector(SpikeSettings())
+    feed(detector, [1.0 + 0.01 * (i % 7) for i in range(300)])
+    before = detector.baseline
+    for bad in (math.nan, math.inf, -math.inf):
+        found = detector.update(bad)
+        assert found is not None and found.severity == CRITICAL
+    assert detector.baseline == before
+    assert detector.update(1.02) is None
+
+
+def test_non_positive_series_is_judged_on_its_own_scale() -> None:
+    detector = TailSpikeDetector(SpikeSettings(), UP)
+    values = [math.sin(i / 5) * 0.1 for i in range(400)]  # crosses zero: no log scale
+    assert feed(detector, values) == []
+    found = detector.update(50.0)
+    assert found is not None and found.size > 0
+
+
+def test_existing_finding_callers_still_work() -> None:
+    found = Finding(2.0, 1.0)
+    assert found.severity == WARNING and math.isnan(found.ratio) and found.scale == 0.0
