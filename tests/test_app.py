@@ -292,12 +292,12 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
     run_dir = write_run(tmp_path / "runs", ranks=2, steps=300)
     spiked = run_dir / "rank-1.jsonl"
     lines = spiked.read_bytes().splitlines(keepends=True)
-    # Step 150 of rank 1: the loss jumps to 10x its level (rank 1's lines: start, then steps).
+    # Step 150 of rank 1: the loss jumps to 30x its level (rank 1's lines: start, then steps).
     import json
 
     record = json.loads(lines[151])
     assert record["step"] == 150
-    record["m"]["loss"] = 10.0
+    record["m"]["loss"] = 30.0
     lines[151] = json.dumps(record).encode() + b"\n"
     spiked.write_bytes(b"".join(lines))
     source = Follower([str(run_dir)], follow=False, live=False)
@@ -309,11 +309,14 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
             await pilot.pause(0.05)
         app.redraw(force=True)
         await pilot.pause()
-        spikes = [(a.type, a.rank, a.metric, a.step) for a in app.alerts]
+        spikes = [(a.type, a.rank, a.metric, a.step) for a in app.alerts if a.type == "spike"]
         assert spikes == [("spike", 1, "loss", 150)]
+        # The learning-curve verdicts are listed too (info: not counted in the badge).
+        assert {a.severity for a in app.alerts if a.type != "spike"} <= {"info"}
         panel = app.query_one("#alerts")
-        row = panel.get_row_at(0)  # type: ignore[attr-defined]
-        assert "loss spike" in str(row[-1]) and str(row[1]) == "150" and str(row[2]) == "1"
+        rows = [panel.get_row_at(i) for i in range(panel.row_count)]  # type: ignore[attr-defined]
+        (row,) = [r for r in rows if str(r[-1]).startswith("loss 30 at step 150")]
+        assert str(row[0]) == "WARN" and str(row[1]) == "150" and str(row[2]) == "1"
         assert "1 alerts" in str(app.query_one(Header).render())
         loss = chart(app, "loss")
         assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
@@ -326,7 +329,7 @@ async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path
     from lmtop.tui.alert_settings import AlertSettings
 
     spiky = write_run(
-        tmp_path / "runs", name="spiky", ranks=1, steps=300, extra={150: {"loss": 10.0}}
+        tmp_path / "runs", name="spiky", ranks=1, steps=300, extra={150: {"loss": 30.0}}
     )
     write_run(tmp_path / "runs", name="calm", ranks=1, steps=300)
     source = Follower([str(tmp_path / "runs")], follow=False, live=False)
@@ -336,7 +339,12 @@ async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path
         deadline = time.monotonic() + 10
         while not app.alerts and time.monotonic() < deadline:
             await pilot.pause(0.05)
-        assert {(a.run, a.step) for a in app.alerts} == {("spiky", 150)}
+        warnings = {(a.run, a.step) for a in app.alerts if a.severity != "info"}
+        assert warnings == {("spiky", 150)}
+        verdicts = {a.run: 0 for a in app.alerts if a.type == "learning_curve"}
+        for a in app.alerts:
+            if a.type == "learning_curve":
+                verdicts[a.run] += 1
         seen = set()
         for key in [run.key for run in app.runs]:
             app.run_key = key  # what choosing it in the run picker (n) does
@@ -347,8 +355,10 @@ async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path
             seen.add(run.name)
             panel = app.query_one("#alerts")
             header = str(app.query_one(Header).render())
+            # Each run's panel: its own alerts and verdicts; the badge counts warnings only.
+            shown = verdicts.get(run.name, 0)
             if run.name == spiky.name:
-                assert panel.row_count == 1 and "1 alerts" in header  # type: ignore[attr-defined]
+                assert panel.row_count == 1 + shown and "1 alerts" in header  # type: ignore[attr-defined]
             else:
-                assert panel.row_count == 0 and "alerts" not in header  # type: ignore[attr-defined]
+                assert panel.row_count == shown and "alerts" not in header  # type: ignore[attr-defined]
         assert seen == {"spiky", "calm"}

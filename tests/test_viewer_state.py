@@ -68,7 +68,7 @@ def test_critical_alerts_on_every_message_while_redrawing_and_exporting_do_not_f
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     words = done.stdout.decode().split()
     alerts, critical, exported = int(words[1]), int(words[3]), int(words[5])
-    assert critical >= 500 and alerts == critical and exported >= 2
+    assert critical >= 500 and alerts >= critical and exported >= 2
     assert list(out.glob("*.csv")) or list(run_dir.glob("lmtop-*.csv"))
 
 
@@ -82,15 +82,17 @@ async def test_a_finished_run_holding_a_nan_opens_with_its_alert_and_quits(
     app = LmtopApp(source, refresh_hz=20, alerts=Alerting(AlertSettings(), source.runs))
     async with app.run_test(size=(160, 48)) as pilot:
         deadline = time.monotonic() + 20
-        while len(app.alerts) < 2 and time.monotonic() < deadline:
+        while not app.alerts and time.monotonic() < deadline:
             await pilot.pause(0.05)
         await pilot.pause(0.2)
         header = str(app.query_one(Header).render())
-        assert "nan-test" in header and "finished" in header and "2 alerts" in header
-        assert {(a.type, a.rank, a.step) for a in app.alerts} == {
-            ("nonfinite", 0, 150),
-            ("nonfinite", 1, 150),
-        }
+        # The NaN of step 150 on both ranks is one event: one critical alert naming the ranks.
+        assert "nan-test" in header and "finished" in header and "1 alerts" in header
+        nans = [a for a in app.alerts if a.type == "nonfinite"]
+        assert [(a.rank, a.ranks, a.step, a.severity) for a in nans] == [
+            (0, (0, 1), 150, "critical")
+        ]
+        assert nans[0].message.endswith("(ranks 0-1)")
         await pilot.press("q")
     assert not app.is_running
 
@@ -278,8 +280,8 @@ def test_steps_that_go_back_are_dropped_and_counted_and_the_pyramid_stays_sorted
 
 def test_the_spike_threshold_help_states_the_real_default() -> None:
     text = _parser().format_help()
-    default = AlertSettings().spike.threshold
-    assert f"default {default:g}" in " ".join(text.split())
+    default = AlertSettings().spike.tail_threshold  # what --spike-threshold sets
+    assert f"spike.tail_threshold; default {default:g}" in " ".join(text.split())
 
 
 # -- 9. time drives the picture ------------------------------------------------------------------

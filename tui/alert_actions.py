@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,10 +208,16 @@ class Alerting:
 
     def feed(self, key: str, message: schema.Message) -> list[Alert]:
         """The alerts ``message`` raised, after starting their commands and snapshots."""
-        alerts = self.engine.feed(key, message)
+        return [alert for _, alert in self.feed_batch([(key, message)])]
+
+    def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
+        """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots."""
+        told = self.engine.feed_batch(batch)
         if self.snapshots is not None:
-            self.snapshots.observe(key, message)
-        return self._act(alerts)
+            for key, message in batch:
+                self.snapshots.observe(key, message)
+        self._act([alert for _, alert in told])
+        return told
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
         """Stalls and stragglers (see ``AlertEngine.tick``)."""

@@ -24,7 +24,7 @@ from .detectors import (
     Finding,
     Latch,
     LearningRateDetector,
-    SpikeDetector,
+    TailSpikeDetector,
 )
 from .learning_curve import LearningCurve
 
@@ -40,6 +40,7 @@ CLIPPING, LEARNING_RATE, MEMORY, STALL, STRAGGLER, CRASHED = (
     "straggler",
     "crashed",
 )
+LEARNING_CURVE = "learning_curve"  # info: the run's under/over/well-fit verdict changed
 
 Detector = Callable[[float, int], Finding | None]  # (value, step) -> a new episode, or None
 
@@ -59,7 +60,7 @@ class Rule:
     """One alert type over metric values."""
 
     type: str
-    severity: str
+    severity: str | None  # None: the detector's finding says (spikes: info, warning)
     roles: tuple[int, ...]
     enabled: Callable[[AlertSettings], bool]
     build: Callable[[AlertSettings, RankContext, str], Detector | None]
@@ -86,15 +87,21 @@ def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
     )
     if direction not in (UP, DOWN, BOTH):
         return None
-    return _values(SpikeDetector(s.spike, direction))
+    return _values(TailSpikeDetector(s.spike, direction))
 
 
 def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
-    word = "drop" if f.value < f.baseline else "spike"
-    return (
-        f"{name} {word} to {f.value:.4g} at step {step} "
-        f"(baseline {f.baseline:.4g}, {f.size:.0f}× the noise)"
+    usual = (
+        f"; this run's usual max is {f.usual_ratio:.1f}×" if f.usual_ratio == f.usual_ratio else ""
     )
+    if f.value < f.baseline and f.value > 0:
+        return (
+            f"{name} dropped to {f.value:.4g} at step {step}, "
+            f"{f.baseline / f.value:.1f}× below its median {f.baseline:.4g}{usual}"
+        )
+    if f.ratio == f.ratio:
+        return f"{name} {f.value:.4g} at step {step}, {f.ratio:.1f}× its median {f.baseline:.4g}{usual}"
+    return f"{name} spike to {f.value:.4g} at step {step} (median {f.baseline:.4g})"
 
 
 def _divergence(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
@@ -182,7 +189,7 @@ def _word_memory(s: AlertSettings, name: str, step: int, f: Finding) -> str:
 RULES = (
     Rule(
         SPIKE,
-        WARNING,
+        None,
         (metrics.LOSS, metrics.GRAD_NORM, metrics.OTHER),
         lambda s: s.spike.enabled,
         _spike,

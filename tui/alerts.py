@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmtop.hooks import schema
@@ -25,9 +26,12 @@ from . import metrics, rank_health
 from .alert_rules import (
     CRASHED,
     CRITICAL,
+    INFO,
+    LEARNING_CURVE,
     NONFINITE,
     RULES,
     SEVERITIES,
+    SPIKE,
     STALL,
     STRAGGLER,
     WARNING,
@@ -40,6 +44,7 @@ from .learning_curve import NOT_ENOUGH_DATA, Diagnosis, LearningCurve
 
 MAX_NAMES = 4096  # metric names remembered per rank (detectors, NaN episodes, roles)
 MAX_RECENT = 1000
+FOLLOW_STEPS = 5  # a loss spike this many steps after a grad-norm spike is the same event
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -57,6 +62,7 @@ class Alert:
     baseline: float | None
     message: str
     t: float | None = None  # the publisher's clock at the message that raised it
+    ranks: tuple[int, ...] = ()  # every rank that saw it (rank is the first)
 
     def to_record(self) -> dict[str, Any]:
         """The headless JSON record; non-finite numbers as the protocol's string tokens."""
@@ -68,6 +74,7 @@ class Alert:
             "run": self.run,
             "dir": self.key if os.path.isabs(self.key) else None,
             "rank": self.rank,
+            "ranks": list(self.ranks or (self.rank,)),
             "metric": self.metric,
             "step": self.step,
             "value": None if self.value is None else number(float(self.value)),
@@ -86,6 +93,7 @@ class _Rank:
     roles: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)  # name -> finite points since alert
     points: int = 0  # metrics messages seen (the step when a message has none)
+    grad_spike: int | None = None  # the step of its last grad-norm spike
 
 
 class AlertEngine:
@@ -104,6 +112,8 @@ class AlertEngine:
         self._extra = {metrics.normalise(k): v for k, v in s.spike.metrics.items()}
         self.recent: deque[Alert] = deque(maxlen=MAX_RECENT)
         self.counts: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
+        self._once = OnceAcrossRanks()
+        self._verdicts: dict[str, str] = {}  # run key -> its last learning-curve verdict
 
     @property
     def critical(self) -> bool:
@@ -112,8 +122,22 @@ class AlertEngine:
 
     def feed(self, key: str, message: schema.Message) -> list[Alert]:
         """Takes one message of run ``key`` (in per-rank order); returns the alerts it raised."""
+        return [alert for _, alert in self.feed_batch([(key, message)])]
+
+    def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
+        """The alerts a batch of (run key, message) raised, each with the index of the last
+        message it stands for: one event seen by several ranks (a NaN, an all-reduced grad
+        norm's spike) is one alert naming the ranks, and is not told again in a later batch."""
         if not self.settings.enabled:
             return []
+        for index, (key, message) in enumerate(batch):
+            for alert in self._feed(key, message):
+                self._once.add(index, alert)
+        told = self._once.take()
+        self._record([alert for _, alert in told])
+        return told
+
+    def _feed(self, key: str, message: schema.Message) -> list[Alert]:
         self._names[key] = message.run
         if message.kind == schema.START:
             info = message.data.get("info")
@@ -148,27 +172,44 @@ class AlertEngine:
             for rule in self._rules.get(role, ()):
                 detector = rank.detectors.get((rule.type, name), rank)
                 if detector is rank:
-                    built = rule.build(self.settings, rank.context, name)
+                    detector = rule.build(self.settings, rank.context, name)
                     if len(rank.detectors) < MAX_NAMES:
-                        rank.detectors[(rule.type, name)] = built
-                    detector = built
+                        rank.detectors[(rule.type, name)] = detector
                 found = detector(value, step) if detector is not None else None  # type: ignore[operator]
                 if found is not None:
-                    text = rule.word(self.settings, name, step, found)
-                    out.append(
-                        self._alert(
-                            key,
-                            message,
-                            rule.type,
-                            rule.severity,
-                            name,
-                            step,
-                            text,
-                            value=found.value,
-                            baseline=found.baseline,
-                        )
+                    severity, text = (
+                        rule.severity or found.severity,
+                        rule.word(self.settings, name, step, found),
                     )
-        return self._record(out)
+                    if rule.type == SPIKE:
+                        severity, text = self._spike_context(rank, role, step, severity, text)
+                    out.append(self._alert(key, message, rule.type, severity, name, step, text,
+                                           value=found.value, baseline=found.baseline))  # fmt: skip
+            if role == metrics.EVAL_LOSS:
+                self._learning_curve(key, message, name, step, out)
+        return out
+
+    def _spike_context(
+        self, rank: _Rank, role: int, step: int, severity: str, text: str
+    ) -> tuple[str, str]:
+        """A loss spike within a few steps of a grad-norm spike on the same rank is a warning."""
+        if role == metrics.GRAD_NORM:
+            rank.grad_spike = step
+        elif role == metrics.LOSS and rank.grad_spike is not None:
+            since = step - rank.grad_spike
+            if 0 <= since <= FOLLOW_STEPS:
+                severity = CRITICAL if severity == CRITICAL else WARNING
+                text += f"; it follows a grad norm spike at step {rank.grad_spike}"
+        return severity, text
+
+    def _learning_curve(self, key: str, message: schema.Message, name: str, step: int,
+                        out: list[Alert]) -> None:  # fmt: skip
+        """An info alert each time the run's learning-curve verdict changes."""
+        verdict = self.diagnose(key)
+        if verdict.label != NOT_ENOUGH_DATA and verdict.label != self._verdicts.get(key):
+            self._verdicts[key] = verdict.label
+            out.append(self._alert(key, message, LEARNING_CURVE, INFO, name, step, str(verdict),
+                                   value=None, baseline=None))  # fmt: skip
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
         """Alerts for the silences and stragglers a run book's ``health`` found."""
@@ -294,3 +335,60 @@ def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, 
         return STRAGGLER, WARNING, "step_time", e.value, e.baseline, text
     text = f"rank {e.rank} straggling: {e.value:.0f} steps behind the leading rank (step {e.baseline:.0f})"
     return STRAGGLER, WARNING, "step", e.value, e.baseline, text
+
+
+class OnceAcrossRanks:
+    """Folds one event seen by several ranks (same run, type, metric and step) into one alert.
+
+    Within a batch the alerts are merged (the ranks named, the gravest severity kept); an event
+    already told in an earlier batch is not told again. Ranks of one step usually arrive in
+    one batch: a poll reads every rank's file, and live ranks publish within milliseconds.
+    """
+
+    def __init__(self, remember: int = 4096) -> None:
+        self._told: OrderedDict[tuple[str, str, str | None, int | None], None] = OrderedDict()
+        self._batch: dict[tuple[str, str, str | None, int | None], tuple[int, Alert]] = {}
+        self._remember = remember
+
+    def add(self, index: int, alert: Alert) -> None:
+        """One alert, raised by the message at ``index`` of the batch."""
+        event = (alert.key, alert.type, alert.metric, alert.step)
+        if event in self._told:
+            return
+        held = self._batch.get(event)
+        self._batch[event] = (index, alert if held is None else _merged(held[1], alert))
+
+    def take(self) -> list[tuple[int, Alert]]:
+        """The batch's alerts, in the order their events were first raised."""
+        out = list(self._batch.values())
+        for event in self._batch:
+            self._told[event] = None
+        while len(self._told) > self._remember:
+            self._told.popitem(last=False)
+        self._batch.clear()
+        return [(index, _named(alert)) for index, alert in out]
+
+
+def _merged(held: Alert, other: Alert) -> Alert:
+    ranks = tuple(sorted({*(held.ranks or (held.rank,)), other.rank}))
+    grave = max(held.severity, other.severity, key=SEVERITIES.index)
+    return replace(held, rank=ranks[0], ranks=ranks, severity=grave)
+
+
+def _named(alert: Alert) -> Alert:
+    """The message names the ranks when there are several."""
+    if len(alert.ranks) < 2:
+        return alert
+    return replace(alert, message=f"{alert.message} (ranks {_spans(alert.ranks)})")
+
+
+def _spans(ranks: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 3, 6)`` -> ``"0-3, 6"``."""
+    parts = []
+    start = previous = ranks[0]
+    for rank in (*ranks[1:], None):
+        if rank is None or rank != previous + 1:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = rank if rank is not None else start
+        previous = rank if rank is not None else previous
+    return ", ".join(parts)

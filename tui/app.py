@@ -142,7 +142,7 @@ class LmtopApp(Keys):
                         self._paint_pending = True
                         self.post_message(Polled(book.snapshot(), [], True))
                         self._painted.wait(timeout=1.0)
-                    alerts += [a for b in unalerted for k, m in b for a in engine.feed(k, m)]
+                    alerts += [a for b in unalerted for _, a in engine.feed_batch(b)]
                     unalerted, waiting = [], 0
                 if batch or alerts or now - posted >= SNAPSHOT_SECONDS:
                     posted = now
@@ -203,7 +203,11 @@ class LmtopApp(Keys):
         self.dirty = False
         run = self.current_run()
         if run is not None:
-            alerted = [(a.metric, a.step) for a in self.alerts if a.key == run.key and a.step]
+            alerted = [  # marks on the charts: what is worth a look, not info
+                (a.metric, a.step)
+                for a in self.alerts
+                if a.key == run.key and a.step is not None and a.severity != "info"
+            ]
             charts = [c for c in self.query(Chart) if not c.has_class("hidden")]
             with self.store_lock:
                 pictures = frame.pictures(self.store, run, charts, self.options, alerted)
@@ -220,9 +224,9 @@ class LmtopApp(Keys):
         self.clock_at = time.monotonic()
         run = self.current_run()
         shown = [a for a in self.alerts if run is not None and a.key == run.key]
-        counters = {
+        counters = {  # info alerts are listed, not counted in the badge
             "bad_live": self.source.bad_live,
-            "alerts": len(shown),
+            "alerts": sum(1 for a in shown if a.severity != "info"),
             "critical": sum(1 for a in shown if a.severity == "critical"),
             "paused": self.paused,
         }

@@ -56,13 +56,16 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="one alert setting, e.g. spike.threshold=8 or stall.min_seconds=60 (repeatable)",
+        help="one alert setting, e.g. spike.warning_ratio=20 or stall.min_seconds=60 (repeatable)",
     )
     alerts.add_argument(
         "--spike-threshold",
         type=float,
         metavar="MADS",
-        help=f"spike threshold in robust noise scales (≈ MAD; default {AlertSettings().spike.threshold:g})",
+        help=(
+            "the least size of a spike, in noise scales of the metric's own log-scale baseline "
+            f"(spike.tail_threshold; default {AlertSettings().spike.tail_threshold:g})"
+        ),
     )
     alerts.add_argument(
         "--on-alert",
@@ -110,7 +113,7 @@ def _alert_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """The alert settings from the files and flags; a bad one ends with a usage error."""
     overrides = list(args.alert_set)
     if args.spike_threshold is not None:
-        overrides.append(f"spike.threshold={args.spike_threshold}")
+        overrides.append(f"spike.tail_threshold={args.spike_threshold}")
     if args.on_alert:
         overrides.append(f"on_alert={args.on_alert}")
     if args.no_alerts:

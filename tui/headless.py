@@ -47,9 +47,14 @@ def run(
         while True:
             batch = follower.poll(0.25)
             chunks: list[bytes] = []
-            for key, message in batch:
+            told = alerting.feed_batch(batch)  # (index of the last message it stands for, alert)
+            after: dict[int, list[Alert]] = {}
+            for index, alert in told:
+                after.setdefault(index, []).append(alert)
+            for index, (_, message) in enumerate(batch):
                 chunks.append(message.encode())
-                chunks.extend(_lines(alerting.feed(key, message)))
+                if index in after:
+                    chunks.extend(_lines(after[index]))
             if follow:
                 chunks.extend(_lines(alerting.tick(follower.book.health(time.monotonic()))))
             if chunks:

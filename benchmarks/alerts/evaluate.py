@@ -93,7 +93,7 @@ def run_case(case: Case, settings: AlertSettings) -> list[Alert]:
     engine = AlertEngine(settings)
     out: list[Alert] = []
     for message in case.messages:
-        out += engine.feed(message)
+        out += engine.feed(case.name, message)
     return out
 
 
@@ -155,6 +155,8 @@ def main() -> None:
     clean_counts: dict[str, int] = defaultdict(int)
     for case in clean:
         for alert in run_case(case, settings):
+            if alert.severity == "info":  # listed on screen, not an alarm
+                continue
             clean_counts[alert.type] += 1
             print(f"  clean alarm: {case.name}: {alert.message}", file=sys.stderr)
     for variant, additive in (("", False), (" (additive)", True)):

@@ -24,30 +24,6 @@ TICK = 1.0
 
 
 @dataclass
-class SimRank:
-    """What AlertEngine.tick reads of a Follower's RankState."""
-
-    rank: int
-    last_seen: float = 0.0
-    last_step: int | None = None
-    status: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status is not None
-
-
-@dataclass
-class SimRun:
-    name: str
-    ranks: dict[int, SimRank] = field(default_factory=dict)
-
-    @property
-    def all_done(self) -> bool:
-        return bool(self.ranks) and all(r.done for r in self.ranks.values())
-
-
-@dataclass
 class RankedCase:
     name: str
     ranks: list[list[schema.Message]]  # per rank, publisher-time order
@@ -121,28 +97,33 @@ def _shift(m: schema.Message, seconds: float) -> schema.Message:
 
 
 def replay(case: RankedCase, engine: object) -> list[tuple[object, float]]:
-    """Feeds the case through ``engine`` (feed + tick on the simulated clock); (alert, time)."""
+    """Feeds the case through ``engine`` and a run book (feed, and tick on the simulated
+    clock: the book's health judged every TICK seconds); (alert, time)."""
+    from lmtop.tui.runbook import RunBook
+
     arrivals = sorted(
         ((m.t + LATENCY, m.rank, m.seq, m) for msgs in case.ranks for m in msgs),
         key=lambda x: x[:3],
     )
-    run = SimRun(case.ranks[0][0].run, {r: SimRank(r) for r in range(len(case.ranks))})
+    settings = engine.settings  # type: ignore[attr-defined]
+    book = RunBook(settings.stall, settings.straggler)
+    key = case.ranks[0][0].run
+    run = book.run(key, key, None)
+    for rank in range(len(case.ranks)):
+        book.rank(run, rank).last_seen = arrivals[0][0]
     out = []
     next_tick = arrivals[0][0] + TICK
     for now, rank, _, message in arrivals:
         while next_tick <= now:
-            out += [(a, next_tick) for a in engine.tick(next_tick, {run.name: run})]  # type: ignore[attr-defined]
+            out += [(a, next_tick) for a in engine.tick(book.health(next_tick))]  # type: ignore[attr-defined]
             next_tick += TICK
         state = run.ranks[rank]
-        state.last_seen = now
-        if message.step is not None:
-            state.last_step = message.step
-        if message.kind == schema.END:
-            state.status = "ok"
-        out += [(a, now) for a in engine.feed(message)]  # type: ignore[attr-defined]
+        if book.apply(run, state, message):
+            state.last_seen = now  # the simulated clock, not the machine's
+        out += [(a, now) for a in engine.feed(key, message)]  # type: ignore[attr-defined]
     end = arrivals[-1][0]
-    while next_tick <= end + 120 and not run.all_done:  # a hung rank: the others have ended
-        out += [(a, next_tick) for a in engine.tick(next_tick, {run.name: run})]  # type: ignore[attr-defined]
+    while next_tick <= end + 120 and not run.all_done(next_tick):  # a hung rank: the others ended
+        out += [(a, next_tick) for a in engine.tick(book.health(next_tick))]  # type: ignore[attr-defined]
         next_tick += TICK
     return out
 
