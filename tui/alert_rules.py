@@ -213,7 +213,7 @@ RULES = (
     ),
     Rule(
         CLIPPING,
-        WARNING,
+        INFO,  # advice about the recipe, not an incident: many healthy runs clip all along
         (metrics.GRAD_NORM,),
         lambda s: s.clipping.enabled,
         _clipping,

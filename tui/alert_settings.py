@@ -112,6 +112,12 @@ class OverfittingSettings:
     enabled: bool = True
     evaluations: int = 3  # K consecutive rises
     min_rise: float = 0.01  # and at least this fraction above the best eval loss
+    noise: float = 3.0  # and this many times the eval loss's own evaluation-to-evaluation noise
+    # (the median absolute change between evaluations): a healthy run's eval loss wanders 1-2 %
+    # between evaluations and rises three times in a row by chance (examples/plain_loop.py did
+    # at step 1925 of 2500); a model that overfits keeps rising past its noise
+    hold: int = 4  # evaluations a new learning-curve verdict must hold before it is told (3 let
+    # examples/plain_loop.py flip 9 times in 2500 steps; 4: underfitting, overfitting, fitting well)
 
 
 @dataclass(slots=True)

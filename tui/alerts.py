@@ -113,7 +113,8 @@ class AlertEngine:
         self.recent: deque[Alert] = deque(maxlen=MAX_RECENT)
         self.counts: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self._once = OnceAcrossRanks()
-        self._verdicts: dict[str, str] = {}  # run key -> its last learning-curve verdict
+        # run key -> (the verdict last told, the latest verdict, evaluations it has held)
+        self._verdicts: dict[str, tuple[str, str, int]] = {}
 
     @property
     def critical(self) -> bool:
@@ -206,8 +207,13 @@ class AlertEngine:
                         out: list[Alert]) -> None:  # fmt: skip
         """An info alert each time the run's learning-curve verdict changes."""
         verdict = self.diagnose(key)
-        if verdict.label != NOT_ENOUGH_DATA and verdict.label != self._verdicts.get(key):
-            self._verdicts[key] = verdict.label
+        told, label, held = self._verdicts.get(key, ("", "", 0))
+        held = held + 1 if verdict.label == label else 1
+        self._verdicts[key] = (told, verdict.label, held)
+        # Told once it held for `hold` evaluations: a verdict that flips back and forth at
+        # every evaluation is noise, not news.
+        if verdict.label not in (NOT_ENOUGH_DATA, told) and held >= self.settings.overfitting.hold:
+            self._verdicts[key] = (verdict.label, verdict.label, held)
             out.append(self._alert(key, message, LEARNING_CURVE, INFO, name, step, str(verdict),
                                    value=None, baseline=None))  # fmt: skip
 

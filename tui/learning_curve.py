@@ -72,6 +72,16 @@ class LearningCurve:
         """Takes a finite training loss."""
         self._train.add(loss)
 
+    def noise(self) -> float:
+        """How much the eval loss jitters between evaluations around its smooth course: half
+        the median absolute second difference of the evaluations before the last K (0 while
+        there are too few). A smooth curve, falling or rising, has almost none; a healthy run's
+        eval loss wandering 1-2 % has some, and the overfitting alert must rise above it."""
+        values = [e.eval_loss for e in list(self.evals)[-(17 + self.s.evaluations) :]]
+        values = values[: -self.s.evaluations]
+        bends = sorted(abs(c - 2 * b + a) for a, b, c in zip(values, values[1:], values[2:]))
+        return bends[len(bends) // 2] / 2 if bends else 0.0
+
     def evaluate(self, eval_loss: float, step: int) -> Finding | None:
         """Takes a finite eval loss; returns a Finding when overfitting starts here."""
         point = Evaluation(step, eval_loss, self.train_level)
@@ -87,7 +97,9 @@ class LearningCurve:
             return None
         recent = list(self.evals)[-(k + 1) :]
         rising = all(b.eval_loss > a.eval_loss for a, b in itertools.pairwise(recent))
-        floor = self.best.eval_loss + self.s.min_rise * abs(self.best.eval_loss)
+        floor = self.best.eval_loss + max(
+            self.s.min_rise * abs(self.best.eval_loss), self.s.noise * self.noise()
+        )
         train_then, train_now = recent[0].train_loss, recent[-1].train_loss
         train_not_rising = not (train_now > train_then)  # NaN (no training loss) counts as falling
         if rising and eval_loss >= floor and train_not_rising:
