@@ -89,8 +89,8 @@ class _Rank:
     """Detector state of one rank."""
 
     context: RankContext
-    detectors: dict[tuple[str, str], Detector | None] = field(default_factory=dict)
-    roles: dict[str, int] = field(default_factory=dict)
+    # name -> (its role, the rules that watch it with their detectors), built on first sight
+    plans: dict[str, tuple[int, list[tuple[Rule, Detector]]]] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)  # name -> finite points since alert
     points: int = 0  # metrics messages seen (the step when a message has none)
     grad_spike: int | None = None  # the step of its last grad-norm spike
@@ -156,27 +156,21 @@ class AlertEngine:
         step = message.step if message.step is not None else rank.points - 1
         out: list[Alert] = []
         for name, value in message.m.items():
-            role = rank.roles.get(name)
-            if role is None:
-                role = metrics.classify(name)
-                if len(rank.roles) < MAX_NAMES:
-                    rank.roles[name] = role
+            plan = rank.plans.get(name)
+            if plan is None:
+                plan = self._plan(rank, name)
+            role, watched = plan
             if value - value != 0.0:  # NaN or ±Inf
                 self._nonfinite(key, message, rank, name, value, step, out)
                 continue
-            if name in rank.nonfinite:
+            if rank.nonfinite and name in rank.nonfinite:
                 rank.nonfinite[name] += 1
                 if rank.nonfinite[name] >= self.settings.nonfinite.rearm_steps:
                     del rank.nonfinite[name]
             if role == metrics.MEM_TOTAL:
                 rank.context.memory_total = value
-            for rule in self._rules.get(role, ()):
-                detector = rank.detectors.get((rule.type, name), rank)
-                if detector is rank:
-                    detector = rule.build(self.settings, rank.context, name)
-                    if len(rank.detectors) < MAX_NAMES:
-                        rank.detectors[(rule.type, name)] = detector
-                found = detector(value, step) if detector is not None else None  # type: ignore[operator]
+            for rule, detector in watched:
+                found = detector(value, step)
                 if found is not None:
                     severity, text = (
                         rule.severity or found.severity,
@@ -189,6 +183,19 @@ class AlertEngine:
             if role == metrics.EVAL_LOSS:
                 self._learning_curve(key, message, name, step, out)
         return out
+
+    def _plan(self, rank: _Rank, name: str) -> tuple[int, list[tuple[Rule, Detector]]]:
+        """What watches metric ``name`` of a rank: its role and each rule's detector."""
+        role = metrics.classify(name)
+        watched = []
+        for rule in self._rules.get(role, ()):
+            detector = rule.build(self.settings, rank.context, name)
+            if detector is not None:
+                watched.append((rule, detector))
+        plan = (role, watched)
+        if len(rank.plans) < MAX_NAMES:  # past that, names are judged afresh (and forgotten)
+            rank.plans[name] = plan
+        return plan
 
     def _spike_context(
         self, rank: _Rank, role: int, step: int, severity: str, text: str
