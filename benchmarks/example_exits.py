@@ -1,9 +1,9 @@
 """How often a 2-rank CPU example hangs at exit: N launches, each killed if it outlives a limit.
 
-    .venv/bin/python benchmarks/example_exits.py --launches 50 [--example accelerate_loop]
+    .venv/bin/python benchmarks/example_exits.py --launches 50 [--example accelerate_loop] [--short]
 
-Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` of a
-short run of the example, in its own session; one still running after --limit seconds is a
+Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` of the
+example with its defaults (``--short``: 4 steps), in its own session; one still running after --limit seconds is a
 hang (torch's gloo exit deadlock, pytorch/pytorch#56297), killed with its ranks.
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def launch(example: str, limit: float, folder: str) -> tuple[str, float]:
+def launch(example: str, args: list[str], limit: float, folder: str) -> tuple[str, float]:
     """One launch: ("ok" | "failed" | "hung", seconds)."""
     command = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-        str(EXAMPLES / f"{example}.py"), "--steps", "4", "--eval-every", "2",
+        str(EXAMPLES / f"{example}.py"), *args,
     ]  # fmt: skip
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", LMTOP_DIR=folder)
     started = time.monotonic()
@@ -47,12 +47,16 @@ def main() -> None:
     parser.add_argument("--launches", type=int, default=50)
     parser.add_argument("--example", default="accelerate_loop")
     parser.add_argument("--limit", type=float, default=90.0)
+    parser.add_argument(
+        "--short", action="store_true", help="accelerate_loop with --steps 4 --eval-every 2"
+    )
     args = parser.parse_args()
+    example_args = ["--steps", "4", "--eval-every", "2"] if args.short else []
     counts: dict[str, int] = {}
     times = []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.launches):
-            outcome, seconds = launch(args.example, args.limit, folder)
+            outcome, seconds = launch(args.example, example_args, args.limit, folder)
             counts[outcome] = counts.get(outcome, 0) + 1
             times.append(seconds)
             print(f"{index + 1:3d} {outcome} {seconds:.1f} s", flush=True)

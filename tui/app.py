@@ -188,6 +188,8 @@ class LmtopApp(Keys):
             period = 0.0
         self._was_catching_up = catching_up
         now = time.monotonic()
+        if self.paused:  # the whole picture holds still, clock included, until p again
+            return
         if now - self.drawn_at >= period and self.dirty:
             self.redraw()
         elif now - self.clock_at >= CLOCK_SECONDS:
@@ -195,7 +197,9 @@ class LmtopApp(Keys):
 
     def redraw(self, force: bool = False) -> None:
         """Redraws the visible charts, the header and the tables if something changed."""
-        if (self.paused and not force) or not (self.dirty or force):
+        if self.paused and not force:
+            return
+        if not (self.dirty or force):
             self.redraw_clock()
             return
         started = time.perf_counter()
