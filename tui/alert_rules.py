@@ -9,8 +9,9 @@ time-driven stall and straggler alerts are not metric rules; the engine words th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import metrics
@@ -26,7 +27,7 @@ from .detectors import (
     LearningRateDetector,
     TailSpikeDetector,
 )
-from .learning_curve import LearningCurve
+from .learning_curve import NOT_ENOUGH_DATA, LearningCurve
 
 INFO, WARNING, CRITICAL = "info", "warning", "critical"
 SEVERITIES = (INFO, WARNING, CRITICAL)
@@ -42,6 +43,8 @@ CLIPPING, LEARNING_RATE, MEMORY, STALL, STRAGGLER, CRASHED = (
 )
 LEARNING_CURVE = "learning_curve"  # info: the run's under/over/well-fit verdict changed
 
+FOLLOW_STEPS = 5  # a loss spike this many steps after a grad-norm spike is the same event
+
 Detector = Callable[[float, int], Finding | None]  # (value, step) -> a new episode, or None
 
 
@@ -53,6 +56,7 @@ class RankContext:
     curve: LearningCurve  # the rank's training and eval losses, shared by two rules
     memory_total: float | None = None  # a device-memory total published by the rank
     extra_spikes: dict[str, str] = field(default_factory=dict)  # normalised name -> direction
+    grad_spike: int | None = None  # the step of the rank's last grad-norm spike
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +91,32 @@ def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
     )
     if direction not in (UP, DOWN, BOTH):
         return None
-    return _values(TailSpikeDetector(s.spike, direction))
+    detector = TailSpikeDetector(s.spike, direction)
+
+    def update(value: float, step: int) -> Finding | None:
+        found = detector.update(value)
+        if found is None:
+            return None
+        if role == metrics.GRAD_NORM:
+            ctx.grad_spike = step
+        elif (  # the loss following a grad-norm spike within a few steps: worth a look
+            role == metrics.LOSS
+            and ctx.grad_spike is not None
+            and 0 <= step - ctx.grad_spike <= FOLLOW_STEPS
+            and found.severity == INFO
+        ):
+            note = f"it follows a grad norm spike at step {ctx.grad_spike}"
+            found = replace(found, severity=WARNING, note=note)
+        return found
+
+    return update
 
 
 def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     usual = (
         f"; this run's usual max is {f.usual_ratio:.1f}×" if f.usual_ratio == f.usual_ratio else ""
     )
+    usual += f"; {f.note}" if f.note else ""
     if f.value < f.baseline and f.value > 0:
         return (
             f"{name} dropped to {f.value:.4g} at step {step}, "
@@ -133,6 +156,24 @@ def _word_overfitting(s: AlertSettings, name: str, step: int, f: Finding) -> str
         f"to {f.value:.4g}, {_percent(f.value, f.baseline)} above its best "
         f"{f.baseline:.4g}, while the training loss did not rise"
     )
+
+
+def _learning_curve(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
+    """The rank's learning-curve verdict, told once it held for ``overfitting.hold``
+    evaluations (runs after the overfitting rule, which adds each evaluation to the curve)."""
+    told, label, held = "", "", 0
+
+    def update(value: float, step: int) -> Finding | None:
+        nonlocal told, label, held
+        verdict = ctx.curve.diagnose()
+        held = held + 1 if verdict.label == label else 1
+        label = verdict.label
+        if label in (NOT_ENOUGH_DATA, told) or held < s.overfitting.hold:
+            return None
+        told = label  # a verdict that flips at every evaluation is noise, not news
+        return Finding(value, math.nan, severity=INFO, note=str(verdict))
+
+    return update
 
 
 def _clipping(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
@@ -210,6 +251,14 @@ RULES = (
         lambda s: True,  # see _overfitting
         _overfitting,
         _word_overfitting,
+    ),
+    Rule(
+        LEARNING_CURVE,
+        INFO,
+        (metrics.EVAL_LOSS,),
+        lambda s: True,
+        _learning_curve,
+        lambda s, name, step, f: f.note,
     ),
     Rule(
         CLIPPING,

@@ -26,12 +26,9 @@ from . import metrics, rank_health
 from .alert_rules import (
     CRASHED,
     CRITICAL,
-    INFO,
-    LEARNING_CURVE,
     NONFINITE,
     RULES,
     SEVERITIES,
-    SPIKE,
     STALL,
     STRAGGLER,
     WARNING,
@@ -44,7 +41,6 @@ from .learning_curve import NOT_ENOUGH_DATA, Diagnosis, LearningCurve
 
 MAX_NAMES = 4096  # metric names remembered per rank (detectors, NaN episodes, roles)
 MAX_RECENT = 1000
-FOLLOW_STEPS = 5  # a loss spike this many steps after a grad-norm spike is the same event
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -93,7 +89,6 @@ class _Rank:
     plans: dict[str, tuple[int, list[tuple[Rule, Detector]]]] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)  # name -> finite points since alert
     points: int = 0  # metrics messages seen (the step when a message has none)
-    grad_spike: int | None = None  # the step of its last grad-norm spike
 
 
 class AlertEngine:
@@ -113,8 +108,6 @@ class AlertEngine:
         self.recent: deque[Alert] = deque(maxlen=MAX_RECENT)
         self.counts: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self._once = OnceAcrossRanks()
-        # run key -> (the verdict last told, the latest verdict, evaluations it has held)
-        self._verdicts: dict[str, tuple[str, str, int]] = {}
 
     @property
     def critical(self) -> bool:
@@ -172,16 +165,10 @@ class AlertEngine:
             for rule, detector in watched:
                 found = detector(value, step)
                 if found is not None:
-                    severity, text = (
-                        rule.severity or found.severity,
-                        rule.word(self.settings, name, step, found),
-                    )
-                    if rule.type == SPIKE:
-                        severity, text = self._spike_context(rank, role, step, severity, text)
+                    severity = rule.severity or found.severity
+                    text = rule.word(self.settings, name, step, found)
                     out.append(self._alert(key, message, rule.type, severity, name, step, text,
                                            value=found.value, baseline=found.baseline))  # fmt: skip
-            if role == metrics.EVAL_LOSS:
-                self._learning_curve(key, message, name, step, out)
         return out
 
     def _plan(self, rank: _Rank, name: str) -> tuple[int, list[tuple[Rule, Detector]]]:
@@ -196,33 +183,6 @@ class AlertEngine:
         if len(rank.plans) < MAX_NAMES:  # past that, names are judged afresh (and forgotten)
             rank.plans[name] = plan
         return plan
-
-    def _spike_context(
-        self, rank: _Rank, role: int, step: int, severity: str, text: str
-    ) -> tuple[str, str]:
-        """A loss spike within a few steps of a grad-norm spike on the same rank is a warning."""
-        if role == metrics.GRAD_NORM:
-            rank.grad_spike = step
-        elif role == metrics.LOSS and rank.grad_spike is not None:
-            since = step - rank.grad_spike
-            if 0 <= since <= FOLLOW_STEPS:
-                severity = CRITICAL if severity == CRITICAL else WARNING
-                text += f"; it follows a grad norm spike at step {rank.grad_spike}"
-        return severity, text
-
-    def _learning_curve(self, key: str, message: schema.Message, name: str, step: int,
-                        out: list[Alert]) -> None:  # fmt: skip
-        """An info alert each time the run's learning-curve verdict changes."""
-        verdict = self.diagnose(key)
-        told, label, held = self._verdicts.get(key, ("", "", 0))
-        held = held + 1 if verdict.label == label else 1
-        self._verdicts[key] = (told, verdict.label, held)
-        # Told once it held for `hold` evaluations: a verdict that flips back and forth at
-        # every evaluation is noise, not news.
-        if verdict.label not in (NOT_ENOUGH_DATA, told) and held >= self.settings.overfitting.hold:
-            self._verdicts[key] = (verdict.label, verdict.label, held)
-            out.append(self._alert(key, message, LEARNING_CURVE, INFO, name, step, str(verdict),
-                                   value=None, baseline=None))  # fmt: skip
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
         """Alerts for the silences and stragglers a run book's ``health`` found."""

@@ -95,6 +95,7 @@ class Finding:
     ratio: float = math.nan  # spikes: value / baseline (the running median)
     usual_ratio: float = math.nan  # spikes: this run's usual max of that ratio, bad direction
     severity: str = WARNING  # a hint for the engine: "critical" | "warning" | "info"
+    note: str = ""  # more words for the alert's message (what it follows, a verdict's reason)
 
 
 class SpikeDetector:
