@@ -4,7 +4,9 @@ All ranks of one launch must agree on the run name without being told it. ``torc
 ``accelerate launch`` start every rank of a node as children of one launcher process, so the name
 is derived from that parent (its pid and start time). ``TORCHELASTIC_RUN_ID`` is ``none`` and
 ``MASTER_PORT`` is 29500 by default under accelerate, so neither identifies a launch on its own.
-A single process is its own anchor. Names look like ``train-20261124-193512-1a2b``.
+A single process is its own anchor. Names look like ``train-20261124-193512-1a2b``. A launch
+that spans nodes shares no process: its name and key come from what every node of it is given
+(the rendezvous id, the SLURM job step, or MASTER_ADDR:MASTER_PORT; see :func:`launch_key`).
 
 The same anchor is the launch's key (:func:`launch_key`), recorded in each rank's ``start``
 message and in a ``.launch`` file in the run directory; with a rendezvous id
@@ -100,17 +102,40 @@ def _anchor(launched: bool) -> tuple[int, int | None, str]:
     return anchor, ticks, key
 
 
+def multi_node() -> bool:
+    """Whether this launch spans several nodes (torchrun's GROUP_WORLD_SIZE, SLURM, or more
+    ranks in the world than on this node)."""
+    nodes = max(_env_int("GROUP_WORLD_SIZE", 1), _env_int("SLURM_NNODES", 1), _env_int("NNODES", 1))
+    local = _env_int("LOCAL_WORLD_SIZE", 0)
+    return nodes > 1 or (local > 0 and _env_int("WORLD_SIZE", 1) > local)
+
+
 def launch_key(launched: bool) -> str:
-    """What identifies this launch to all its ranks: the rendezvous id where the launcher has
-    one (the same on every node), else the launcher process (or this process, when alone)."""
+    """What identifies this launch to all its ranks, on every node: the rendezvous id where the
+    launcher has one; across nodes without one, the SLURM job step or the rendezvous endpoint
+    (MASTER_ADDR:MASTER_PORT, which every node of a launch is given); on one node, the launcher
+    process (or this process, when alone)."""
     elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if launched and elastic and elastic != "none":
         return f"elastic:{elastic}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if launched and multi_node():
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            return f"slurm:{job}.{os.environ.get('SLURM_STEP_ID', '0')}"
+        master = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+        if master != ":":
+            return f"master:{master}"
     return _anchor(launched)[2]
 
 
 def default_run_name(who: Identity) -> str:
-    """A readable name shared by every rank of this launch on this node."""
+    """A readable name shared by every rank of this launch: ``train-20261124-193512-1a2b`` on
+    one node; across nodes, where no process is shared, ``train-20261124-1a2b3c`` from the
+    launch key (the day in UTC, so nodes whose clocks differ by seconds still agree)."""
+    if who.launched and multi_node():
+        key = launch_key(True)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:6]
+        return f"{script_name()}-{time.strftime('%Y%m%d', time.gmtime())}-{digest}"
     anchor, ticks, key = _anchor(who.launched)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(_started_at(anchor, ticks)))
     digest = hashlib.sha1(key.encode()).hexdigest()[:4]

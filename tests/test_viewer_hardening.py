@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lmtop.tui.follow import IDLE_SECONDS, Follower
 from lmtop.tui.runbook import RunView
+from lmtop.tui.store import Store
 from runs import T0, line, write_run
 
 
@@ -80,17 +81,22 @@ def test_one_wild_seq_does_not_hide_the_rest_of_the_rank(tmp_path: Path) -> None
     lines += [
         line("wild", 0, 1, s, "metrics", s - 1, T0 + s, m={"loss": 1.0}) for s in range(1, 101)
     ]
-    lines.append(line("wild", 0, 1, 10**12, "metrics", 100, T0 + 101, m={"loss": 1.0}))
+    lines.append(line("wild", 0, 1, 10**12, "metrics", 10**15, T0 + 101, m={"loss": 1.0}))
     lines += [
         line("wild", 0, 1, s, "metrics", s, T0 + s + 1, m={"loss": 1.0}) for s in range(101, 201)
     ]
     (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
     follower = Follower([str(run_dir)], follow=False, live=False)
+    store = Store()
     steps = []
     while not follower.done:
-        steps += [m.step for _, m in follower.poll(0) if m.kind == "metrics"]
+        batch = follower.poll(0)
+        store.add(batch)
+        steps += [m.step for _, m in batch if m.kind == "metrics"]
     (run,) = follower.book.snapshot()
     assert steps[-100:] == list(range(101, 201))  # every later message is shown
+    loss = store.get(str(run_dir.resolve()), 0, "loss")  # and charted: the wild step is not
+    assert loss is not None and loss.steps[-1] == 200 and not store.backwards
     assert run.bad_lines == 1 and run.dropped == 0
 
 
@@ -152,3 +158,24 @@ def test_a_seq_repeated_in_a_file_is_counted_and_the_first_one_kept(tmp_path: Pa
     assert [m.seq for m in got] == list(range(60))
     assert all(m.m["loss"] == 1.0 for m in got)
     assert run.bad_lines == 6
+
+
+def test_a_nan_in_a_long_history_batch_gets_its_whole_snapshot(tmp_path: Path) -> None:
+    # The snapshot of a critical alert holds the 50 steps before it: read in one batch with
+    # 1000 steps after it, those must not have been pushed out of the recent window first.
+    from lmtop.hooks import schema as wire
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+
+    nan = wire.finite_or_token(float("nan"))
+    run_dir = write_run(
+        tmp_path / "runs", name="long", ranks=1, steps=2000, extra={1000: {"loss": nan}}
+    )  # type: ignore[dict-item]
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    alerting = Alerting(AlertSettings(), follower.runs)
+    while not follower.done:
+        alerting.feed_batch(follower.poll(0))
+    alerting.close()
+    (snapshot,) = (run_dir / "alerts").glob("nonfinite-*.jsonl")
+    steps = [wire.decode(raw).step for raw in snapshot.read_bytes().splitlines()[1:]]
+    assert min(steps) == 950 and max(steps) == 1050 and 1000 in steps

@@ -213,10 +213,16 @@ class Alerting:
     def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
         """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots."""
         told = self.engine.feed_batch(batch)
-        if self.snapshots is not None:
-            for key, message in batch:
-                self.snapshots.observe(key, message)
-        self._act([alert for _, alert in told])
+        if self.snapshots is None:
+            self._act([alert for _, alert in told])
+            return told
+        # Each alert acts once the snapshots have seen the messages up to the one that raised
+        # it, not the whole batch: a long history's batch would push its 50 steps before out.
+        pending = sorted(told, key=lambda pair: pair[0])
+        for index, (key, message) in enumerate(batch):
+            self.snapshots.observe(key, message)
+            while pending and pending[0][0] == index:
+                self._act([pending.pop(0)[1]])
         return told
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:

@@ -212,8 +212,10 @@ class LmtopApp(Keys):
                 for a in self.alerts
                 if a.key == run.key and a.step is not None and a.severity != "info"
             ]
-            charts = [c for c in self.query(Chart) if not c.has_class("hidden")]
-            with self.store_lock:
+            charts = [
+                (c, c.spec, c.columns) for c in self.query(Chart) if not c.has_class("hidden")
+            ]
+            with self.store_lock:  # the widgets were read before: nothing of the UI inside
                 pictures = frame.pictures(self.store, run, charts, self.options, alerted)
             for chart, pic in pictures:
                 chart.show(pic, self.options, self.color)

@@ -34,7 +34,9 @@ SCAN_SECONDS = 0.25  # how often files are read and processes checked
 # following 10,000 idle ranks must not cost a core. Any message of it resets the pace.
 IDLE_SECONDS = 2.0
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
-SILENT_UNKNOWN_SECONDS = 10.0  # a rank whose liveness cannot be checked, silent this long, is done
+# A rank whose process cannot be checked (another host, or no pid known), silent this long, is
+# given up as "unknown": an evaluation or a checkpoint can be silent for minutes.
+REMOTE_SILENT_SECONDS = 300.0
 LIVE_DRAIN_FRAMES = 2000
 LIVE_DRAIN_SECONDS = 0.05
 
@@ -144,11 +146,12 @@ class Follower:
                 if now < due:
                     continue
                 before = rank.applied
-                if self._read(run, rank, out):
+                more = self._read(run, rank, out)
+                if more:
                     backlog = True
                 elif self.follow and not rank.done:
                     self._check_alive(run, rank, out, now)
-                if rank.applied == before:  # nothing new: look again later, up to IDLE_SECONDS
+                if rank.applied == before and not more:  # idle: look later, up to IDLE_SECONDS
                     interval = min(2 * interval, IDLE_SECONDS)
                     self._idle[key] = (now + interval, interval)
         self.book.settle(now)
@@ -214,7 +217,7 @@ class Follower:
         if file is None:
             return False
         messages, more = file.read()
-        for message in messages:
+        for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
             # or rewritten line, whatever its content) is not the rank's; count it. Only the
             # sequence's own continuation after a wild jump may go back (see RunBook.apply).
@@ -222,17 +225,24 @@ class Follower:
             if message.seq <= rank.file_seq and not (jump and message.seq == jump[0] + 1):
                 rank.bad_seq += 1
                 continue
+            after = messages[index + 1] if index + 1 < len(messages) else None
+            expected = rank.file_seq + 1
+            if message.seq > expected and after is not None and after.seq == expected:
+                rank.bad_seq += 1  # a jump the next line does not follow: not the rank's
+                continue
             rank.file_seq = message.seq
             self._apply(run, rank, message, out)
         rank.bad_lines = file.bad_lines
         return more
 
     def _check_alive(self, run: Run, rank: RankState, out: list[Keyed], now: float) -> None:
-        if rank.host is not None and rank.host != HOST:
-            rank.status = "unknown"  # another machine's process: its file is all we can know
-            return
-        if rank.pid is None:
-            if now - rank.last_seen > SILENT_UNKNOWN_SECONDS:
+        if rank.pid is None or (rank.host is not None and rank.host != HOST):
+            # Another machine's process (a shared filesystem), or one we know no pid of: its
+            # file is all we can know, so it is followed until its end, and given up as
+            # "unknown" (never "crashed") once silent for REMOTE_SILENT_SECONDS by our clock, or
+            # when its last line is that old by the clock it was written with.
+            wrote = time.time() - rank.last_t if rank.last_t is not None else 0.0
+            if max(now - rank.last_seen, wrote) > REMOTE_SILENT_SECONDS:
                 rank.status = "unknown"
             return
         if registry.pid_alive(rank.pid, rank.start_ticks):

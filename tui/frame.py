@@ -11,7 +11,7 @@ from typing import Any
 from rich.text import Text
 
 from . import metrics
-from .charts import Picture, ViewOptions, picture
+from .charts import ChartSpec, Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
 from .text import inert
@@ -115,17 +115,17 @@ def header_text(
 def pictures(
     store: Store,
     run: RunView,
-    charts: list[Chart],
+    charts: list[tuple[Chart, ChartSpec, int]],
     options: ViewOptions,
     alerted: list[tuple[str | None, int]],
 ) -> list[tuple[Chart, Picture]]:
-    """The picture of each visible chart, with the alert marks of its metrics."""
+    """The picture of each visible chart (with its spec and width in columns, read from the
+    widget before the store's lock is taken), with the alert marks of its metrics."""
     out = []
-    for chart in charts:
-        names = {name for line in chart.spec.lines for name in line}
+    for chart, spec, columns in charts:
+        names = {name for line in spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
-        pic = picture(store, run.key, chart.spec, options, chart.columns, run.config, steps)
-        out.append((chart, pic))
+        out.append((chart, picture(store, run.key, spec, options, columns, run.config, steps)))
     return out
 
 
