@@ -179,3 +179,23 @@ def test_a_nan_in_a_long_history_batch_gets_its_whole_snapshot(tmp_path: Path) -
     (snapshot,) = (run_dir / "alerts").glob("nonfinite-*.jsonl")
     steps = [wire.decode(raw).step for raw in snapshot.read_bytes().splitlines()[1:]]
     assert min(steps) == 950 and max(steps) == 1050 and 1000 in steps
+
+
+def test_a_snapshot_near_the_end_of_a_run_is_written_when_the_run_ends(tmp_path: Path) -> None:
+    # A NaN 10 steps before the end: the 50 steps after it never come. The snapshot is written
+    # when the rank's end arrives, not only when the viewer quits.
+    from lmtop.hooks import schema as wire
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+
+    nan = wire.finite_or_token(float("nan"))
+    run_dir = write_run(
+        tmp_path / "runs", name="late", ranks=1, steps=300, extra={290: {"loss": nan}}
+    )  # type: ignore[dict-item]
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    alerting = Alerting(AlertSettings(), follower.runs)
+    while not follower.done:
+        alerting.feed_batch(follower.poll(0))
+    written = list((run_dir / "alerts").glob("nonfinite-*.jsonl"))  # before close()
+    alerting.close()
+    assert len(written) == 1

@@ -86,11 +86,15 @@ class Snapshots:
         self._recent: dict[tuple[str, int], deque[schema.Message]] = {}  # (run key, rank)
         self._pending: list[tuple[Alert, Path, list[schema.Message]]] = []
         self._world: dict[str, int] = {}  # run key -> its world size, from its messages
+        self._ended: set[tuple[str, int]] = set()  # (run key, rank) that will say nothing more
         self.written: list[Path] = []
         self.errors = 0
 
     def observe(self, key: str, message: schema.Message) -> None:
-        """Takes every metrics message of run ``key`` (before the alerts it raised are given)."""
+        """Takes every message of run ``key`` (before the alerts it raised are given)."""
+        if message.kind == schema.END:
+            self.ended(key, message.rank)
+            return
         if message.kind != schema.METRICS or message.step is None:
             return
         self._world[key] = max(message.world, self._world.get(key, 1))
@@ -120,18 +124,26 @@ class Snapshots:
         """Writes the snapshots still waiting for their 50 steps after."""
         self._flush(done=True)
 
+    def ended(self, key: str, rank: int) -> None:
+        """A rank of run ``key`` will say nothing more (its end, or its crash)."""
+        self._ended.add((key, rank))
+        self._flush(done=False)
+
     def _flush(self, done: bool) -> None:
         keep = []
         for alert, run_dir, lines in self._pending:
             ranks_past = [
-                recent[-1].step
-                for (run, _), recent in self._recent.items()
+                (rank, recent[-1].step)
+                for (run, rank), recent in self._recent.items()
                 if run == alert.key and recent
             ]
             # Complete once every rank of the run (not only those seen so far: a viewer may read
-            # rank 0's whole file before rank 1's) is 50 steps past the alert.
+            # rank 0's whole file before rank 1's) is 50 steps past the alert, or has ended (a
+            # crash, a NaN near the end of the run: those steps will never come).
             complete = len(ranks_past) >= self._world.get(alert.key, 1) and all(
-                (s or 0) >= (alert.step or 0) + SNAPSHOT_STEPS for s in ranks_past
+                (step or 0) >= (alert.step or 0) + SNAPSHOT_STEPS
+                or (alert.key, rank) in self._ended
+                for rank, step in ranks_past
             )
             if done or complete:
                 self._write(alert, run_dir, lines)
@@ -226,7 +238,11 @@ class Alerting:
         return told
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
-        """Stalls and stragglers (see ``AlertEngine.tick``)."""
+        """Crashes, stalls and stragglers (see ``AlertEngine.tick``)."""
+        if self.snapshots is not None:
+            for episode in episodes:
+                if isinstance(episode, rank_health.Crash):
+                    self.snapshots.ended(episode.run, episode.rank)
         return self._act(self.engine.tick(episodes))
 
     def diagnose(self, key: str) -> Diagnosis:
