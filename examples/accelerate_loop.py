@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _tiny import ArithmeticDataset, build_model, build_tokenizer, collate, setup, warmup_cosine
+from _tiny import (
+    ArithmeticDataset,
+    build_model,
+    build_tokenizer,
+    collate,
+    end_distributed,
+    setup,
+    warmup_cosine,
+)
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from lmtop.hooks import event
@@ -124,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if step == options.steps:
                 break
     accelerator.end_training()
+    end_distributed()
 
 
 @torch.no_grad()

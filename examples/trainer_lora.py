@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from _tiny import ArithmeticDataset, build_model, build_tokenizer, collate, setup
+from _tiny import ArithmeticDataset, build_model, build_tokenizer, collate, end_distributed, setup
 from lmtop.hooks import LmtopCallback
 from peft import LoraConfig, get_peft_model
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"last eval loss {evals[-1] if evals else float('nan'):.3f}",
             file=sys.stderr,
         )
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+from conftest import SCRIPTS
 from lmtop.tui.follow import IDLE_SECONDS, Follower
 from lmtop.tui.runbook import RunView
 from lmtop.tui.store import Store
@@ -199,3 +203,33 @@ def test_a_snapshot_near_the_end_of_a_run_is_written_when_the_run_ends(tmp_path:
     written = list((run_dir / "alerts").glob("nonfinite-*.jsonl"))  # before close()
     alerting.close()
     assert len(written) == 1
+
+
+@pytest.mark.slow
+def test_a_rank_publishing_live_only_is_seen_by_a_viewer_of_live_runs(
+    tmp_path: Path, lmtop_env: dict[str, str]
+) -> None:
+    # LMTOP_DIR cannot be written (a file stands where its folder should): the hook publishes
+    # live only. The viewer keys the run by the directory it would have used and shows it.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = dict(os.environ, LMTOP_DIR=str(blocker / "runs"), PYTHONUNBUFFERED="1")
+    follower = Follower()
+    job = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish_steps.py"), "2000", "--pace-every", "10",
+         "--pace", "0.01", "--sleep-after", "3"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    got: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not got or got[-1] < 1999):
+            got += [m.step for _, m in follower.poll(0.05) if m.kind == "metrics"]  # type: ignore[misc]
+    finally:
+        job.wait(timeout=60)
+        follower.close()
+    assert got and got[-1] == 1999, "the live-only run is seen"
+    assert list(follower.runs) == [
+        str(blocker / "runs" / next(iter(follower.book.snapshot())).name)
+    ]
+    assert got == sorted(set(got))  # once each, in order, from where the viewer joined
