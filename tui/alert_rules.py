@@ -27,6 +27,7 @@ from .detectors import (
     SpikeDetector,
 )
 from .learning_curve import LearningCurve
+from .numbers import number
 
 INFO, WARNING, CRITICAL = "info", "warning", "critical"
 SEVERITIES = (INFO, WARNING, CRITICAL)
@@ -67,7 +68,7 @@ class Rule:
 
 def _percent(value: float, baseline: float) -> str:
     if baseline == 0 or baseline != baseline or abs(baseline) == float("inf"):
-        return f"{value - baseline:+.3g}"
+        return f"{'+' if value >= baseline else ''}{number(value - baseline)}"
     return f"{(value - baseline) / abs(baseline):.0%}"
 
 
@@ -91,8 +92,8 @@ def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
 def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     word = "drop" if f.value < f.baseline else "spike"
     return (
-        f"{name} {word} to {f.value:.4g} at step {step} "
-        f"(baseline {f.baseline:.4g}, {f.size:.0f}× the noise)"
+        f"{name} {word} to {number(f.value, 4)} at step {step} "
+        f"(baseline {number(f.baseline, 4)}, {f.size:.0f}× the noise)"
     )
 
 
@@ -102,8 +103,8 @@ def _divergence(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 def _word_divergence(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     return (
-        f"{name} diverging at step {step}: its rolling median {f.value:.4g} is "
-        f"{_percent(f.value, f.baseline)} above its best {f.baseline:.4g}"
+        f"{name} diverging at step {step}: its rolling median {number(f.value, 4)} is "
+        f"{_percent(f.value, f.baseline)} above its best {number(f.baseline, 4)}"
     )
 
 
@@ -122,8 +123,8 @@ def _overfitting(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 def _word_overfitting(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     return (
         f"overfitting: {name} rose over {s.overfitting.evaluations} evaluations "
-        f"to {f.value:.4g}, {_percent(f.value, f.baseline)} above its best "
-        f"{f.baseline:.4g}, while the training loss did not rise"
+        f"to {number(f.value, 4)}, {_percent(f.value, f.baseline)} above its best "
+        f"{number(f.baseline, 4)}, while the training loss did not rise"
     )
 
 
@@ -150,8 +151,8 @@ def _learning_rate(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 
 def _word_learning_rate(s: AlertSettings, name: str, step: int, f: Finding) -> str:
-    why = f"cut from {f.baseline:.3g}" if f.baseline else "still zero after warm-up"
-    return f"{name} is {f.value:g} at step {step}: {why}"
+    why = f"cut from {number(f.baseline)}" if f.baseline else "still zero after warm-up"
+    return f"{name} is {number(f.value)} at step {step}: {why}"
 
 
 def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
@@ -175,7 +176,7 @@ def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 
 def _word_memory(s: AlertSettings, name: str, step: int, f: Finding) -> str:
-    return f"{name} at {f.value:.0%} of device memory ({f.scale:.4g}) at step {step}"
+    return f"{name} at {f.value:.0%} of device memory ({number(f.scale, 4)}) at step {step}"
 
 
 RULES = (

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmtop.hooks import schema
 
-from . import metrics, rank_health
+from . import metrics, numbers, rank_health
 from .alert_rules import (
     CRITICAL,
     NONFINITE,
@@ -274,12 +274,12 @@ class AlertEngine:
 def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, float, str]:
     """(type, severity, metric, value, baseline, message) of a stall or a straggler."""
     if isinstance(e, rank_health.Stall):
-        text = f"rank {e.rank} silent for {e.silent:.0f} s after step {e.step} while other ranks progress"
+        text = f"rank {e.rank} silent for {numbers.duration(e.silent)} after step {e.step} while other ranks progress"
         return STALL, CRITICAL, None, e.silent, e.limit, text
     if e.kind == "slow":
         text = (
-            f"rank {e.rank} straggling: {e.value:.3g} s per step against "
-            f"{e.baseline:.3g} s on the other ranks"
+            f"rank {e.rank} straggling: {numbers.number(e.value)} s per step against "
+            f"{numbers.number(e.baseline)} s on the other ranks"
         )
         return STRAGGLER, WARNING, "step_time", e.value, e.baseline, text
     text = f"rank {e.rank} straggling: {e.value:.0f} steps behind the leading rank (step {e.baseline:.0f})"

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
+from . import axes, metrics
+from .axes import Axis
 from .store import Columns, Store
 from .text import inert
 
@@ -89,6 +90,7 @@ class Picture:
     y_high: float = -math.inf
     x_low: float = 0.0
     x_high: float = 1.0
+    x_origin: float = 0.0  # wall-time x: the run's start, where "+0" is
     note: str = ""
 
     def legend(self) -> list[tuple[str, str]]:
@@ -145,6 +147,7 @@ def picture(
     ncols: int,
     config: Mapping[str, Any] | None = None,
     alert_steps: list[int] | None = None,
+    origin: float | None = None,
 ) -> Picture:
     """Computes what one chart shows: min/max per column from the full series, never sampled."""
     picked = resolve(spec, store.metrics.get(run, set()))
@@ -153,6 +156,7 @@ def picture(
     if not found:
         return pic
     pic.x_low, pic.x_high = x_low, x_high = x_range(store, run, found, options)
+    pic.x_origin = x_low if origin is None else min(origin, x_low)
     width = (x_high - x_low) / max(ncols, 1)
     for index, metric in enumerate(picked):
         if metric is None:
@@ -261,13 +265,22 @@ def _clipped_share(store: Store, run: str, metric: str, threshold: float, last: 
     return f"clipped {100 * clipped / len(values):.0f}% of last {len(values)} steps"
 
 
-def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> None:
-    """Hands a picture to a plotext object (textual-plotext's ``plt``)."""
+def draw(
+    plt: Any,
+    pic: Picture,
+    options: ViewOptions,
+    color: bool = True,
+    size: tuple[int, int] = (80, 12),
+) -> tuple[Axis, Axis]:
+    """Hands a picture to a plotext object (textual-plotext's ``plt``) ``size`` cells big.
+
+    Returns the (x, y) ticks it set: lmtop's own, which fit the size (see :mod:`.axes`).
+    """
     plt.clear_data()
     plt.clear_figure()
     if pic.empty:
         plt.title("no data yet")
-        return
+        return Axis(), Axis()
     # No legend inside the plot: it would cover data (a spike, a NaN mark). The chart's border
     # title names the lines instead, and with many ranks the colours match the ranks table.
     log = options.log_y and pic.y_low > 0
@@ -291,20 +304,25 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
         high = low + (abs(low) * 0.1 or 1.0)
     for y, _why in pic.hlines:
         plt.hline(math.log10(y) if log else y, "red" if color else None)
-    # NaN/Inf steps: a red line through the plot and an x on top, as the value has no y. Alert
-    # steps: a yellow ▼ on the top edge only, so that a run with many alerts stays readable.
-    bad = [x for x, why in pic.marks if why in ("nan", "inf")]
-    for x in bad:
-        plt.vline(x, "red" if color else None)
-    if bad:
-        plt.scatter(bad, [high] * len(bad), marker="x", **({"color": "red"} if color else {}))
+    # Alert steps: a yellow ▼ on the top edge only, so that a run with many alerts stays
+    # readable. NaN/Inf steps: a red line through the plot and an x on top, as the value has no
+    # y; drawn after the ▼, so that an alert on a NaN step leaves the x showing.
     alerted = [x for x, why in pic.marks if why == "alert"]
     if alerted:
         plt.scatter(
             alerted, [high] * len(alerted), marker="▼", **({"color": "yellow"} if color else {})
         )
+    bad = [x for x, why in pic.marks if why in ("nan", "inf")]
+    for at in bad:
+        plt.vline(at, "red" if color else None)
+    if bad:
+        plt.scatter(bad, [high] * len(bad), marker="x", **({"color": "red"} if color else {}))
     plt.ylim(low, high)
     plt.xlim(pic.x_low, pic.x_high)
-    if log:
-        ticks = list(range(math.floor(low), math.ceil(high) + 1))
-        plt.yticks(ticks, [f"1e{t}" for t in ticks])
+    width, height = size
+    y_ticks = axes.y_axis(low, high, axes.plot_rows(height), log=log)
+    origin = pic.x_origin if options.by_time else None
+    x_ticks = axes.x_axis(pic.x_low, pic.x_high, axes.plot_columns(width, y_ticks), origin)
+    plt.yticks(y_ticks.values, y_ticks.labels)
+    plt.xticks(x_ticks.values, x_ticks.labels)
+    return x_ticks, y_ticks

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.text import Text
 
-from . import metrics
+from . import metrics, numbers
 from .charts import Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
@@ -57,13 +57,6 @@ def rank_rows(store: Store, run: RunView, now_wall: float) -> list[RankRow]:
     ]
 
 
-def duration(seconds: float) -> str:
-    """``1:02:03`` or ``2:03``."""
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def header_text(
     store: Store, run: RunView | None, runs: int, now_wall: float, extra: dict[str, Any]
 ) -> Text:
@@ -82,14 +75,14 @@ def header_text(
     first_t, last_t, step = run.started, run.last_t, run.last_step
     live = state in ("live", "stalled")
     if first_t and last_t:
-        text.append(f"  {duration((now_wall if live else last_t) - first_t)}")
+        text.append(f"  {numbers.duration((now_wall if live else last_t) - first_t)}")
     if step is not None:
         total = metrics.total_steps(run.config)
-        text.append(f"  step {step}" + (f"/{total}" if total else ""))
+        text.append(f"  step {numbers.step(step)}" + (f"/{numbers.step(total)}" if total else ""))
         rank0 = run.ranks[0] if run.ranks else None
         seconds = step_time(store, run.key, rank0.rank, rank0.step_seconds) if rank0 else None
         if total and seconds and state == "live" and step < total:
-            text.append(f" ETA {duration((total - step) * seconds)}")
+            text.append(f" ETA {numbers.duration((total - step) * seconds)}")
     epoch = next(
         (e for r in run.ranks if (e := last_value(store, run.key, r.rank, metrics.EPOCH_NAMES))),
         None,
@@ -106,7 +99,10 @@ def header_text(
     alerts = extra.get("alerts", 0)
     if alerts:
         critical = extra.get("critical", 0)
-        text.append(f"  ⚠ {alerts} alerts", style="bold red" if critical else "bold yellow")
+        text.append(
+            f"  ⚠ {alerts} alert{'s' * (alerts != 1)}",
+            style="bold red" if critical else "bold yellow",
+        )
     if extra.get("paused"):
         text.append("  PAUSED", style="reverse")
     return text
@@ -124,7 +120,9 @@ def pictures(
     for chart in charts:
         names = {name for line in chart.spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
-        pic = picture(store, run.key, chart.spec, options, chart.columns, run.config, steps)
+        pic = picture(
+            store, run.key, chart.spec, options, chart.columns, run.config, steps, run.started
+        )
         out.append((chart, pic))
     return out
 

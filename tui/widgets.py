@@ -11,6 +11,8 @@ from textual.app import RenderResult
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
+from . import numbers
+from .axes import Axis
 from .charts import RANK_COLORS, ChartSpec, Picture, ViewOptions, draw, rich_color
 from .text import inert
 
@@ -27,11 +29,13 @@ class Chart(PlotextPlot, can_focus=True):
         super().__init__(**kwargs)
         self.spec = spec
         self.picture: Picture | None = None
-        self._drawn_with: tuple[bool, bool] | None = None
+        self._drawn_with: tuple[bool, bool, bool, int, int] | None = None
+        self.axes: tuple[Axis, Axis] = (Axis(), Axis())
 
     def show(self, picture: Picture, options: ViewOptions, color: bool) -> None:
         """Replaces the picture and repaints, unless it is the one already shown."""
-        key = (options.log_y, color)  # the drawing's other inputs besides the picture
+        # The drawing's other inputs besides the picture: the ticks depend on the size.
+        key = (options.log_y, options.by_time, color, self.size.width, self.size.height)
         if picture == self.picture and key == self._drawn_with:
             return
         self.picture, self._drawn_with = picture, key
@@ -42,7 +46,7 @@ class Chart(PlotextPlot, can_focus=True):
             title.append("  ━ ", style=rich_color(line_color) if color else "")
             title.append(label)
         self.border_title = title
-        draw(self.plt, picture, options, color)
+        self.axes = draw(self.plt, picture, options, color, (self.size.width, self.size.height))
         self.refresh()
 
     def render(self) -> RenderResult:
@@ -148,21 +152,13 @@ ROW_STYLES = {"silent": "bold red", "crashed": "bold red", "error": "red", "stra
 def _cells(row: RankRow) -> list[str]:
     return [
         str(row.rank),
-        "-" if row.step is None else str(row.step),
-        "-" if row.step_time is None else f"{row.step_time:.3f}",
-        "-" if row.lag is None else str(row.lag),
-        "-" if row.memory is None else f"{row.memory:.1f}",
-        "-" if row.seen is None else _ago(row.seen),
+        numbers.step(row.step),
+        "-" if row.step_time is None else numbers.number(row.step_time),
+        numbers.step(row.lag),
+        "-" if row.memory is None else numbers.number(row.memory),
+        "-" if row.seen is None else numbers.duration(row.seen),
         row.state,
     ]
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(0.0, seconds):.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 class Header(Static):
