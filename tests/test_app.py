@@ -322,7 +322,7 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
         panel = app.query_one("#alerts")
         row = panel.get_row_at(0)  # type: ignore[attr-defined]
         assert "loss spike" in str(row[-1]) and str(row[1]) == "150" and str(row[2]) == "1"
-        assert str(app.query_one(Header).render()).endswith("⚠ 1 alert")  # singular
+        assert "⚠ 1 alert  " in str(app.query_one(Header).render())  # singular
         loss = chart(app, "loss")
         assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
         lr = chart(app, "lr")
@@ -356,7 +356,51 @@ async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path
             panel = app.query_one("#alerts")
             header = str(app.query_one(Header).render())
             if run.name == spiky.name:
-                assert panel.row_count == 1 and header.endswith("⚠ 1 alert")  # type: ignore[attr-defined]
+                assert panel.row_count == 1 and "⚠ 1 alert  " in header  # type: ignore[attr-defined]
             else:
                 assert panel.row_count == 0 and "alerts" not in header  # type: ignore[attr-defined]
         assert seen == {"spiky", "calm"}
+
+
+async def test_tab_turns_pages_of_charts_and_never_focuses_a_hidden_one(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(app, pilot)
+        seen = []
+        for _ in range(6):
+            assert isinstance(app.focused, Chart) and not app.focused.has_class("hidden")
+            assert len(visible_charts(app)) == 2
+            seen.append(app.focused.spec.key)
+            await pilot.press("tab")
+            await pilot.pause()
+        assert len(set(seen)) == 6 and app.focused is chart(app, "loss")  # all six, then back
+        shown = visible_charts(app)
+        assert "of 6" in str(shown[-1].border_subtitle)  # the screen says more exist
+        await pilot.resize_terminal(60, 20)
+        await pilot.pause()
+        await pilot.pause()
+        assert visible_charts(app) == [app.focused]
+        await pilot.press("tab")
+        await pilot.pause()
+        assert visible_charts(app) == [app.focused] == [chart(app, "lr")]
+
+
+async def test_many_ranks_draw_a_band_and_the_table_says_how_many_it_shows(
+    tmp_path: Path,
+) -> None:
+    run = write_run(tmp_path / "runs", ranks=16, steps=60)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(app, pilot, 16 * 60)
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None and {line.label for line in loss.lines} >= {
+            "train min",
+            "train median",
+            "train max",
+        }
+        ranks = app.query_one("#ranks")
+        assert str(ranks.border_title).startswith("16 ranks, 5 shown")
+        await pilot.press("r")
+        loss = chart(app, "loss").picture
+        assert loss is not None and "train r15" in {line.label for line in loss.lines}

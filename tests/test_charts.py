@@ -157,9 +157,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def plot_labels(text: str) -> tuple[list[str], list[str]]:
-    """The x labels (the last line) and the y labels (left of ┤) plotext printed."""
+    """The x labels (the last line) and the y labels (left of ┤, or ├ on a threshold line)."""
     lines = [ANSI.sub("", line) for line in text.splitlines()]
-    y = [line.split("┤")[0].strip() for line in lines if "┤" in line]
+    y = [re.split("[┤├]", line)[0].strip() for line in lines if re.search("[┤├]", line)]
     return lines[-1].split(), [label for label in y if label]
 
 
@@ -208,3 +208,52 @@ def test_ticks_read_like_numbers_and_never_run_together(log_y: bool, by_time: bo
                 assert all(label.endswith("k") or label == "0" for label in ys), where
             if spec.key == "lr" and not log_y:
                 assert any(label.endswith("e-4") for label in ys), where
+
+
+def test_colours_match_between_lines_legend_table_and_help() -> None:
+    from lmtop.tui.charts import ALERT_COLOR, PLOTEXT_ANSI, RANK_COLORS, rich_color
+    from lmtop.tui.screens import LEGEND
+    from rich.color import Color
+
+    store = Store()
+    store.metrics["run"] = {"loss", "eval_loss"}
+    for rank in range(4):
+        series = store.series[("run", rank, "loss")] = Series()
+        series.extend(list(range(50)), [float(s) for s in range(50)], [2.0 - rank * 0.1] * 50)
+    series = store.series[("run", 0, "eval_loss")] = Series()
+    series.extend([9, 19, 29], [9.0, 19.0, 29.0], [2.5, 2.4, 2.3])
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    options = ViewOptions(smoothing=0.0)
+    pic = picture(store, "run", loss, options, 60, alert_steps=[25])
+    plot = Plot()
+    plot.plotsize(70, 16)
+    draw(plot, pic, options, color=True, size=(70, 16))
+    text = plot.build()
+    drawn = {int(code) for code in re.findall(r"38;5;(\d+)m[⠁-⣿•]", text)}
+    legend = dict(pic.legend())
+    # The legend's swatches are the lines' colours: four ranks of train, and eval in its own.
+    assert [PLOTEXT_ANSI[c] for c in legend["train"]] == [PLOTEXT_ANSI[c] for c in RANK_COLORS[:4]]
+    assert {PLOTEXT_ANSI[c] for c in legend["train"] + legend["eval"]} == drawn
+    assert not set(legend["eval"]) & set(legend["train"])
+    # The ranks table's Rich colour is the terminal colour plotext printed (rank 1 had none).
+    for name in RANK_COLORS:
+        assert Color.parse(rich_color(name)).number == PLOTEXT_ANSI[name]
+    # The help says the alert mark is yellow: ANSI 11 is bright yellow.
+    assert re.search(rf"38;5;{PLOTEXT_ANSI[ALERT_COLOR]}m▼", text) and "yellow ▼" in LEGEND
+    assert Color.parse(rich_color(ALERT_COLOR)).number == Color.parse("bright_yellow").number
+
+
+def test_an_alert_on_a_nan_step_leaves_the_nan_mark_showing() -> None:
+    store = Store()
+    store.metrics["run"] = {"loss"}
+    series = store.series[("run", 0, "loss")] = Series()
+    values = [1.0] * 100
+    values[50] = math.nan
+    series.extend(list(range(100)), [float(s) for s in range(100)], values)
+    loss = next(spec for spec in DEFAULT_CHARTS if spec.key == "loss")
+    pic = picture(store, "run", loss, ViewOptions(), 60, alert_steps=[50])
+    plot = Plot()
+    plot.plotsize(70, 12)
+    draw(plot, pic, ViewOptions(), color=False, size=(70, 12))
+    top = ANSI.sub("", plot.build()).splitlines()[1]
+    assert "x" in top and "▼" not in top

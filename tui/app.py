@@ -78,6 +78,8 @@ class LmtopApp(Keys):
         self.paused = False
         self.bell_on = True
         self.zoomed = False
+        self.table_rows = 5  # the ranks the table shows at once, set by the layout
+        self.rank_mode_chosen = False  # until `r` is pressed, the rank count decides
         self.run_key: str | None = None
         self.frames = 0
         self.first_frame_at: float | None = None
@@ -202,6 +204,9 @@ class LmtopApp(Keys):
         self.drawn_at = time.monotonic()
         self.dirty = False
         run = self.current_run()
+        if run is not None and not self.rank_mode_chosen:
+            # Many ranks overlaid are a cloud of dots: their min-median-max band reads.
+            self.options.rank_mode = "band" if len(run.ranks) > 4 else "overlay"
         if run is not None:
             alerted = [(a.metric, a.step) for a in self.alerts if a.key == run.key and a.step]
             charts = [c for c in self.query(Chart) if not c.has_class("hidden")]
@@ -231,7 +236,7 @@ class LmtopApp(Keys):
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
             rows = frame.rank_rows(self.store, run, now) if run is not None else []
         self.query_one(Header).update(header)
-        self.query_one(RanksTable).update_rows(rows)
+        self.query_one(RanksTable).update_rows(rows, self.table_rows)
         self.query_one(AlertsPanel).update_alerts(shown)
 
     def _changed(self, note: str | None) -> None:

@@ -60,7 +60,8 @@ def rank_rows(store: Store, run: RunView, now_wall: float) -> list[RankRow]:
 def header_text(
     store: Store, run: RunView | None, runs: int, now_wall: float, extra: dict[str, Any]
 ) -> Text:
-    """The header line: run, host, state, elapsed, step/total and ETA, epoch, world, counters."""
+    """The header line: run, host, state, alerts, elapsed, step/total and ETA, epoch, world,
+    counters: the most urgent first, as a narrow terminal cuts the end."""
     text = Text(no_wrap=True, overflow="ellipsis")
     if run is None:
         text.append("lmtop", style="bold")
@@ -72,6 +73,16 @@ def header_text(
         text.append(f" ({runs} runs)")
     text.append(f"  {inert(run.info.get('host', '?'), 30)}  ")
     text.append(f" {state} ", style=f"reverse {STATE_COLORS.get(state, '')}")
+    # What must be seen at 80 columns first (the line is cut at the terminal's edge).
+    alerts = extra.get("alerts", 0)
+    if alerts:
+        critical = extra.get("critical", 0)
+        text.append(
+            f"  ⚠ {alerts} alert{'s' * (alerts != 1)}",
+            style="bold red" if critical else "bold yellow",
+        )
+    if extra.get("paused"):
+        text.append("  PAUSED", style="reverse")
     first_t, last_t, step = run.started, run.last_t, run.last_step
     live = state in ("live", "stalled")
     if first_t and last_t:
@@ -96,15 +107,6 @@ def header_text(
     backwards = store.backwards.get(run.key, 0)
     if backwards:
         text.append(f"  {backwards} points whose step went back", style="yellow")
-    alerts = extra.get("alerts", 0)
-    if alerts:
-        critical = extra.get("critical", 0)
-        text.append(
-            f"  ⚠ {alerts} alert{'s' * (alerts != 1)}",
-            style="bold red" if critical else "bold yellow",
-        )
-    if extra.get("paused"):
-        text.append("  PAUSED", style="reverse")
     return text
 
 

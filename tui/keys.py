@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from textual import events
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.containers import Grid
+from textual.geometry import Size
 
-from . import export, frame
+from . import export, frame, layout
 from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart
 from .screens import HelpScreen, PickScreen, help_text
 from .text import inert
@@ -34,13 +36,16 @@ BINDINGS: list[BindingType] = [
     Binding("l", "log", "log y", tooltip="log y axis"),
     Binding("w", "window", "window", tooltip="window: whole run, last 100 / 1000 / 10000 steps"),
     Binding("x", "x_axis", "x axis", tooltip="x axis: step or wall time"),
-    Binding("r", "ranks", "ranks", tooltip="ranks: overlay, min-median-max band, one rank (r again: next rank)"),
+    Binding("r", "ranks", "ranks", tooltip="ranks: overlay, min-median-max band (first beyond 4 ranks), one rank (r again: next rank)"),
     Binding("p", "pause", "pause", tooltip="pause the picture (data keeps arriving)"),
     Binding("e", "export", "export", tooltip="export an SVG screenshot and a CSV of the run's series into the run directory"),
     Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
     Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
-    Binding("right,down", "app.focus_next", "next chart", show=False),
-    Binding("left,up", "app.focus_previous", "previous chart", show=False),
+    # tab is the screen's own key (focus next): priority takes it for the charts' pages.
+    Binding("tab", "next_chart", "next chart", show=False, priority=True, tooltip="next chart (turns the page when more charts exist than fit)"),
+    Binding("shift+tab", "next_chart(-1)", "previous chart", show=False, priority=True, tooltip="previous chart"),
+    Binding("right,down", "next_chart", "next chart", show=False, tooltip="next chart"),
+    Binding("left,up", "next_chart(-1)", "previous chart", show=False, tooltip="previous chart"),
 ]  # fmt: skip
 
 
@@ -57,6 +62,8 @@ class Keys(App[int]):
     runs: tuple[RunView, ...]
     run_key: str | None
     exported: tuple[Path, Path]
+    table_rows: int
+    rank_mode_chosen: bool
 
     if TYPE_CHECKING:  # the app's own
 
@@ -64,29 +71,59 @@ class Keys(App[int]):
         def _changed(self, note: str | None) -> None: ...
         def redraw(self, force: bool = False) -> None: ...
 
-    def on_resize(self) -> None:
-        self.layout_charts()
+    def on_resize(self, event: events.Resize) -> None:
+        # The app's size follows the screen's a moment later: the event has the new one.
+        self.layout_charts(event.size)
 
-    def layout_charts(self) -> None:
-        """As many charts as fit: 2 at 80x24, all 6 on a big terminal; one when zoomed."""
-        width, height = self.size
+    def layout_charts(self, size: Size | None = None) -> None:
+        """Divides the screen for its size (see :mod:`.layout`): called on every resize.
+
+        The focused chart is always shown: the charts that fit are the page that holds it.
+        """
+        width, height = size or self.size
         charts = list(self.query(Chart))
-        columns = 1 if width < 60 else 2 if width < 180 else 3
-        rows = max(1, (height - 12) // 9) if not self.zoomed else 1
-        count = 1 if self.zoomed else min(len(charts), columns * rows)
-        if self.zoomed:
-            columns = 1
-        focused = self.focused if isinstance(self.focused, Chart) else charts[0]
-        visible = [focused] if self.zoomed else charts[:count]
-        if focused not in visible:
-            visible[-1] = focused
-        for chart in charts:
-            chart.set_class(chart not in visible, "hidden")
+        if not charts:
+            return
+        plan = layout.plan(width, height, len(charts), self.zoomed)
+        focused = self.focused if isinstance(self.focused, Chart) else None
+        index = charts.index(focused) if focused in charts else 0
+        shown = layout.page(len(charts), plan.shown, index)
+        for number, chart in enumerate(charts):
+            chart.set_class(number not in shown, "hidden")
+            chart.border_subtitle = ""
+        if plan.shown < len(charts):
+            # The charts that do not fit are one key away, and the screen says so.
+            charts[shown[-1]].border_subtitle = (
+                f"charts {shown[0] + 1}-{shown[-1] + 1} of {len(charts)} · tab: more"
+                if plan.shown > 1
+                else f"{index + 1} of {len(charts)} · tab: next"
+            )
         grid = self.query_one("#charts", Grid)
-        grid.styles.grid_size_columns = min(columns, len(visible))
-        grid.styles.grid_size_rows = -(-len(visible) // min(columns, len(visible)))
-        self.set_class(self.zoomed, "zoomed")
+        grid.styles.grid_size_columns = plan.columns
+        grid.styles.grid_size_rows = -(-plan.shown // plan.columns)
+        bottom = self.query_one("#bottom")
+        bottom.styles.height = plan.bottom
+        bottom.display = plan.bottom > 0
+        self.table_rows = plan.table_rows
+        if focused is None or focused.has_class("hidden"):
+            charts[shown[0]].focus()
         self.dirty = True
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """A picker or the help, when open, keeps tab and the arrows for itself."""
+        return not (action == "next_chart" and len(self.screen_stack) > 1)
+
+    def action_next_chart(self, step: int = 1) -> None:
+        """Focuses the next chart, turning the page (or, zoomed, the chart) when it is hidden."""
+        charts = list(self.query(Chart))
+        focused = self.focused if isinstance(self.focused, Chart) else None
+        index = charts.index(focused) if focused in charts else -step
+        target = charts[(index + step) % len(charts)]
+        hidden = target.has_class("hidden")
+        target.remove_class("hidden")  # shown first: a widget that is not displayed takes no focus
+        target.focus()
+        if hidden:
+            self.call_after_refresh(self.layout_charts)
 
     def action_zoom(self) -> None:
         self.zoomed = not self.zoomed
@@ -115,11 +152,15 @@ class Keys(App[int]):
         run = self.current_run()
         ranks = [r.rank for r in run.ranks] if run and run.ranks else [0]
         options = self.options
+        # The first mode is the default for the rank count (see redraw): band beyond 4 ranks.
+        modes = ("band", "overlay", "one") if len(ranks) > 4 else RANK_MODES
+        self.rank_mode_chosen = True
         if options.rank_mode == "one" and options.rank != ranks[-1]:
             later = [r for r in ranks if r > options.rank]
             options.rank = later[0] if later else ranks[0]
         else:
-            options.rank_mode = RANK_MODES[(RANK_MODES.index(options.rank_mode) + 1) % 3]
+            current = modes.index(options.rank_mode) if options.rank_mode in modes else 0
+            options.rank_mode = modes[(current + 1) % 3]
             options.rank = ranks[0]
         detail = f" {options.rank}" if options.rank_mode == "one" else ""
         self._changed(f"ranks: {options.rank_mode}{detail}")

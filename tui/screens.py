@@ -14,7 +14,6 @@ from textual.widgets.option_list import Option
 KEY_NAMES = {
     "question_mark": "?",
     "enter": "enter",
-    "tab": "tab",
     "right,down": "→ ↓",
     "left,up": "← ↑",
 }
@@ -27,12 +26,12 @@ Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red lin
 
 def help_text(bindings: Iterable[BindingType]) -> str:
     """One line per key, from the bindings themselves: the help cannot drift from the keys."""
-    lines = ["tab      move between charts (shift+tab back)"]
+    lines = []
     for binding in bindings:
         if not isinstance(binding, Binding):
             continue
         key = KEY_NAMES.get(binding.key, binding.key)
-        lines.append(f"{key:<8} {binding.tooltip or binding.description}")
+        lines.append(f"{key:<10} {binding.tooltip or binding.description}")
     return "\n".join(lines) + "\n" + LEGEND
 
 

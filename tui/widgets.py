@@ -29,22 +29,42 @@ class Chart(PlotextPlot, can_focus=True):
         super().__init__(**kwargs)
         self.spec = spec
         self.picture: Picture | None = None
-        self._drawn_with: tuple[bool, bool, bool, int, int] | None = None
+        self._drawn_with: tuple[Any, ...] | None = None
         self.axes: tuple[Axis, Axis] = (Axis(), Axis())
 
     def show(self, picture: Picture, options: ViewOptions, color: bool) -> None:
         """Replaces the picture and repaints, unless it is the one already shown."""
         # The drawing's other inputs besides the picture: the ticks depend on the size.
-        key = (options.log_y, options.by_time, color, self.size.width, self.size.height)
+        key = (
+            options.log_y,
+            options.by_time,
+            options.smoothing,
+            options.rank_mode,
+            color,
+            self.size.width,
+            self.size.height,
+        )
         if picture == self.picture and key == self._drawn_with:
             return
         self.picture, self._drawn_with = picture, key
         title = Text(picture.title)
         if picture.note:
             title.append(f" · {picture.note}")
-        for label, line_color in picture.legend():
-            title.append("  ━ ", style=rich_color(line_color) if color else "")
-            title.append(label)
+        for label, colours in picture.legend():
+            title.append("  ")
+            for swatch in colours[:8]:
+                title.append("━", style=rich_color(swatch) if color else "")
+            title.append(f" {label}")
+        # How the chart is drawn, so that no key's effect is a mystery.
+        state = [f"smoothed {options.smoothing:g}, raw grey"] if options.smoothing else []
+        if any(line.label.endswith(" median") for line in picture.lines):
+            state.append("ranks min-median-max")
+        elif options.rank_mode == "one":
+            state.append(f"rank {options.rank}")
+        if options.log_y:
+            state.append("log")
+        if state:
+            title.append(f"  ({', '.join(state)})", style="dim")
         self.border_title = title
         self.axes = draw(self.plt, picture, options, color, (self.size.width, self.size.height))
         self.refresh()
@@ -130,8 +150,17 @@ class RanksTable(DataTable[Any]):
         self.add_columns("rank", "step", "s/step", "lag", "mem GB", "seen", "state")
         self._shown: list[list[str]] | None = None
 
-    def update_rows(self, rows: list[RankRow]) -> None:
-        """Replaces the rows, when what they show changed (a repaint costs terminal bytes)."""
+    def update_rows(self, rows: list[RankRow], fit: int | None = None) -> None:
+        """Replaces the rows, when what they show changed (a repaint costs terminal bytes).
+
+        ``fit``: the rows the table has room for; when fewer than the ranks, its title says so
+        (the table scrolls).
+        """
+        count = len(rows)
+        title = f"{count} rank{'s' * (count != 1)}"
+        if fit is not None and count > fit:
+            title += f", {fit} shown (scroll)"
+        self.border_title = title
         shown = [_cells(row) for row in rows]
         if shown == self._shown:
             return
@@ -140,9 +169,8 @@ class RanksTable(DataTable[Any]):
         for row, cells in zip(rows, shown):
             style = ROW_STYLES.get(row.state, "")
             texts = [Text(c, style=style) for c in cells]
-            texts[0].stylize(
-                RANK_COLORS[row.rank % len(RANK_COLORS)]
-            )  # the rank's colour in charts
+            # The rank's colour in the charts: the same terminal colour plotext prints.
+            texts[0].stylize(rich_color(RANK_COLORS[row.rank % len(RANK_COLORS)]))
             self.add_row(*texts)
 
 
