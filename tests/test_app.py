@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from lmtop.tui.app import LmtopApp
 from lmtop.tui.follow import Follower
-from lmtop.tui.screens import HelpScreen, PickScreen
+from lmtop.tui.screens import HelpScreen, PickScreen, TextScreen
 from lmtop.tui.widgets import Chart, Header
 from runs import T0, line, write_run
+from textual.widgets import OptionList, Static
 
 SIZE = (160, 48)
 
@@ -236,20 +237,27 @@ async def test_switch_runs_and_pick_a_metric(tmp_path: Path) -> None:
         while len(app.runs) < 2 and time.monotonic() < deadline:
             await pilot.pause(0.05)
         await pilot.press("n")
+        # Newest first, the cursor on the run shown (the newest, by default).
         assert isinstance(app.screen, PickScreen)
-        names = [key for key, _ in app.screen.choices]
-        target = next(key for key in names if key.endswith("older"))
-        await pilot.press(*["down"] * names.index(target), "enter")
+        names = [Path(key).name for key, _ in app.screen.choices]
+        assert names == ["newer", "older"]
+        assert app.screen.query_one(OptionList).highlighted == 0
+        await pilot.press("down", "enter")
         await pilot.pause()
         assert app.current_run().name == "older"  # type: ignore[union-attr]
-        await pilot.press("n", "down", "enter") if names.index(target) == 0 else await pilot.press(
-            "n", "enter"
-        )
+        await pilot.press("n")
+        assert app.screen.query_one(OptionList).highlighted == 1
+        await pilot.press("up", "enter")
         await pilot.pause()
         assert app.current_run().name == "newer"  # type: ignore[union-attr]
         await pilot.press("c")
         assert isinstance(app.screen, PickScreen)
         keys = [key for key, _ in app.screen.choices]
+        titles = [title for _, title in app.screen.choices]
+        # Each chart once: no "loss" twice, no "grad_norm" beside "grad norm".
+        assert len(titles) == len(set(titles)) and "grad_norm" not in titles
+        assert titles.count("loss") == 1 and "custom_metric" in titles
+        assert app.screen.query_one(OptionList).highlighted == 0  # the focused chart: loss
         await pilot.press(*["down"] * keys.index("metric:custom_metric"), "enter")
         await pilot.pause()
         focused = app.focused
@@ -327,6 +335,16 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
         assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
         lr = chart(app, "lr")
         assert lr.picture is not None and not [m for m in lr.picture.marks if m[1] == "alert"]
+        # The panel cuts the text to its width; `a` then enter shows it whole.
+        await pilot.press("a")
+        assert isinstance(app.screen, PickScreen)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, TextScreen)
+        shown = str(app.screen.query_one(Static).render())
+        assert app.alerts[0].message in shown and "baseline" in shown and "rank" in shown
+        await pilot.press("escape")
+        assert not isinstance(app.screen, TextScreen)
 
 
 async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path) -> None:
@@ -404,3 +422,52 @@ async def test_many_ranks_draw_a_band_and_the_table_says_how_many_it_shows(
         await pilot.press("r")
         loss = chart(app, "loss").picture
         assert loss is not None and "train r15" in {line.label for line in loss.lines}
+
+
+async def test_ctrl_c_quits(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+    assert not app.is_running
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda tmp: tmp / "does-not-exist", "does not exist"),
+        (lambda tmp: tmp, "holds no runs lmtop can read"),
+        (
+            lambda tmp: (tmp / "notes.txt", (tmp / "notes.txt").write_text("hi"))[0],
+            "not a run file",
+        ),
+    ],
+)
+async def test_a_path_with_nothing_readable_says_so(tmp_path: Path, make, said: str) -> None:  # type: ignore[no-untyped-def]
+    path = make(tmp_path)
+    app = app_for(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        app.redraw_clock()
+        header = str(app.query_one(Header).render())
+        assert said in header and "waiting for a run" not in header
+
+
+def test_with_no_path_a_local_lmtop_runs_is_named(tmp_path: Path) -> None:
+    from lmtop.tui import discovery
+
+    for name in ("a", "b"):
+        write_run(tmp_path / "lmtop_runs", name=name, ranks=1, steps=5)
+    said = discovery.nothing_readable([], cwd=tmp_path)
+    assert "./lmtop_runs holds 2 runs: lmtop lmtop_runs" in said
+
+
+def test_python_dash_m_lmtop_runs_the_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lmtop", "--version"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("lmtop "), done.stderr

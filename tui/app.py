@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from . import frame
+from . import discovery, frame
 from .alert_settings import AlertSettings
 from .alerts import Alert
 from .charts import DEFAULT_CHARTS, ViewOptions
@@ -178,7 +178,7 @@ class LmtopApp(Keys):
     def current_run(self) -> RunView | None:
         """The run shown: the chosen one, else the newest."""
         chosen = next((r for r in self.runs if r.key == self.run_key), None)
-        return chosen or max(self.runs, key=lambda r: r.started or 0.0, default=None)
+        return chosen or max(self.runs, key=frame.recency, default=None)
 
     def _tick(self) -> None:
         # While a long history is read, a frame a second shows progress; drawing more often
@@ -225,12 +225,16 @@ class LmtopApp(Keys):
         self.clock_at = time.monotonic()
         run = self.current_run()
         shown = [a for a in self.alerts if run is not None and a.key == run.key]
-        counters = {
+        counters: dict[str, Any] = {
             "bad_live": self.source.bad_live,
             "alerts": len(shown),
             "critical": sum(1 for a in shown if a.severity == "critical"),
             "paused": self.paused,
         }
+        if run is None and not self.catching_up:
+            counters["nothing"] = discovery.nothing_readable(
+                list(getattr(self.source, "paths", []))
+            )
         now = frame.now()
         with self.store_lock:
             header = frame.header_text(self.store, run, len(self.runs), now, counters)

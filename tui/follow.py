@@ -59,6 +59,7 @@ class Follower:
         straggler: StragglerSettings | None = None,
     ) -> None:
         self.follow = follow
+        self.paths = list(paths)  # as the person wrote them, for messages
         self.book = RunBook(stall, straggler)
         self._use_registry = not paths
         run_dirs, folders = discovery.resolve(list(paths))

@@ -65,7 +65,13 @@ def header_text(
     text = Text(no_wrap=True, overflow="ellipsis")
     if run is None:
         text.append("lmtop", style="bold")
-        text.append("  waiting for a run… (start a training job that calls lmtop.hooks.publish)")
+        why = extra.get("nothing")
+        if why:
+            text.append(f"  nothing to show: {inert(why, 300)}", style="yellow")
+        else:
+            text.append(
+                "  waiting for a run… (start a training job that calls lmtop.hooks.publish)"
+            )
         return text
     state = run.state
     text.append(inert(run.name, 60), style="bold")
@@ -129,6 +135,11 @@ def pictures(
     return out
 
 
+def recency(run: RunView) -> tuple[float, float]:
+    """How new a run is: its start, then its latest message (runs started together)."""
+    return (run.started or 0.0, run.last_t or 0.0)
+
+
 def run_label(run: RunView) -> str:
     """A run in the run picker: its name, state, ranks and directory."""
     where = f"  {inert(str(run.dir.parent), 40)}" if run.dir is not None else ""
@@ -138,3 +149,40 @@ def run_label(run: RunView) -> str:
 def now() -> float:
     """Wall-clock time (the publishers' clock in messages is wall time too)."""
     return time.time()
+
+
+def alert_line(alert: Any) -> str:
+    """An alert in a list: severity, step, rank and the start of what happened."""
+    step = "-" if alert.step is None else numbers.step(alert.step)
+    return f"{alert.severity[:4].upper():<5}step {step:<7}rank {alert.rank:<4}{inert(alert.message, 70)}"
+
+
+def alert_text(alert: Any) -> Text:
+    """An alert in full: what happened, where, the value against its baseline, when."""
+    text = Text()
+    text.append(inert(alert.message, 2000) + "\n\n", style="bold")
+    rows = [
+        ("type", alert.type),
+        ("run", inert(alert.run, 200)),
+        ("rank", str(alert.rank)),
+        ("metric", "-" if alert.metric is None else inert(alert.metric, 200)),
+        ("step", "-" if alert.step is None else str(alert.step)),
+        (
+            "value",
+            "-" if alert.value is None else f"{alert.value!r} ({numbers.number(alert.value)})",
+        ),
+        (
+            "baseline",
+            "-"
+            if alert.baseline is None
+            else f"{alert.baseline!r} ({numbers.number(alert.baseline)})",
+        ),
+        (
+            "at",
+            "-" if alert.t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert.t)),
+        ),
+    ]
+    for name, value in rows:
+        text.append(f"{name:<9}", style="dim")
+        text.append(f"{value}\n")
+    return text

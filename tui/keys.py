@@ -13,13 +13,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Grid
 from textual.geometry import Size
 
-from . import export, frame, layout
+from . import export, frame, layout, metrics
 from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart
-from .screens import HelpScreen, PickScreen, help_text
+from .screens import HelpScreen, PickScreen, TextScreen, help_text
 from .text import inert
 from .widgets import Chart
 
 if TYPE_CHECKING:
+    from .alerts import Alert
     from .runbook import RunView
     from .store import Store
 
@@ -29,6 +30,8 @@ RANK_MODES = ("overlay", "band", "one")
 
 BINDINGS: list[BindingType] = [
     Binding("q", "quit", "quit"),
+    # Textual's ctrl+c shows a toast about ctrl+q; in a terminal, ctrl+c means stop.
+    Binding("ctrl+c", "quit", "quit", show=False, priority=True),
     Binding("question_mark", "help", "help", tooltip="this help"),
     Binding("enter", "zoom", "zoom", tooltip="zoom the chart to the whole screen, and back"),
     Binding("c", "pick_metric", "chart", tooltip="pick the metric the chart shows"),
@@ -40,6 +43,7 @@ BINDINGS: list[BindingType] = [
     Binding("p", "pause", "pause", tooltip="pause the picture (data keeps arriving)"),
     Binding("e", "export", "export", tooltip="export an SVG screenshot and a CSV of the run's series into the run directory"),
     Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
+    Binding("a", "pick_alert", "alerts", tooltip="the alerts, newest first: enter shows one in full"),
     Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
     # tab is the screen's own key (focus next): priority takes it for the charts' pages.
     Binding("tab", "next_chart", "next chart", show=False, priority=True, tooltip="next chart (turns the page when more charts exist than fit)"),
@@ -62,6 +66,7 @@ class Keys(App[int]):
     runs: tuple[RunView, ...]
     run_key: str | None
     exported: tuple[Path, Path]
+    alerts: list[Alert]
     table_rows: int
     rank_mode_chosen: bool
 
@@ -181,8 +186,13 @@ class Keys(App[int]):
             return
         with self.store_lock:
             names = sorted(self.store.metrics.get(run.key, set()))
+        # A default chart is listed once, under its title, and not again under the metric it
+        # draws ("grad norm", not also "grad_norm").
+        drawn = {
+            metrics.first_present(line, set(names)) for s in DEFAULT_CHARTS for line in s.lines
+        }
         choices = [(spec.key, spec.title) for spec in DEFAULT_CHARTS]
-        choices += [(f"metric:{n}", inert(n)) for n in names]
+        choices += [(f"metric:{n}", inert(n)) for n in names if n not in drawn]
 
         def chosen(key: str | None) -> None:
             if key is None:
@@ -191,13 +201,13 @@ class Keys(App[int]):
             chart.spec = spec or metric_chart(key.removeprefix("metric:"))
             self._changed(None)
 
-        self.push_screen(PickScreen("chart", choices), chosen)
+        self.push_screen(PickScreen("chart", choices, chart.spec.key), chosen)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(help_text(self.BINDINGS)))
 
     def action_pick_run(self) -> None:
-        runs = sorted(self.runs, key=lambda r: r.started or 0.0, reverse=True)
+        runs = sorted(self.runs, key=frame.recency, reverse=True)
         choices = [(r.key, frame.run_label(r)) for r in runs]
 
         def chosen(key: str | None) -> None:
@@ -205,7 +215,26 @@ class Keys(App[int]):
                 self.run_key = key
                 self._changed(None)
 
-        self.push_screen(PickScreen("runs", choices), chosen)
+        current = self.current_run()
+        self.push_screen(PickScreen("runs", choices, current.key if current else None), chosen)
+
+    def action_pick_alert(self) -> None:
+        run = self.current_run()
+        shown = [a for a in self.alerts if run is not None and a.key == run.key]
+        if not shown:
+            self.notify("no alerts in this run", timeout=2)
+            return
+        choices = [(str(i), frame.alert_line(a)) for i, a in reversed(list(enumerate(shown)))]
+
+        def chosen(index: str | None) -> None:
+            if index is not None:
+                self.show_alert(shown[int(index)])
+
+        self.push_screen(PickScreen("alerts, newest first", choices, choices[0][0]), chosen)
+
+    def show_alert(self, alert: Alert) -> None:
+        """The whole of one alert, which the panel cuts to its width."""
+        self.push_screen(TextScreen(f"{alert.severity} alert", frame.alert_text(alert)))
 
     def action_export(self) -> None:
         run = self.current_run()

@@ -201,9 +201,16 @@ class AlertsPanel(DataTable[Any]):
     DEFAULT_CSS = "AlertsPanel { overflow-x: hidden; }"
 
     def on_mount(self) -> None:
-        self.cursor_type = "none"
+        self.cursor_type = "row"  # a click (or enter once focused) shows the alert in full
         self.add_columns("", "step", "rank", "alert")
         self._shown: tuple[int, Any] = (0, None)
+        self._rows: list[Any] = []
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if 0 <= event.cursor_row < len(self._rows):
+            show = getattr(self.app, "show_alert", None)
+            if show is not None:
+                show(self._rows[event.cursor_row])
 
     def update_alerts(self, alerts: list[Any]) -> None:
         """Replaces the rows with the newest alerts, when there are new ones."""
@@ -213,7 +220,8 @@ class AlertsPanel(DataTable[Any]):
         self._shown = shown
         self.clear()
         styles = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
-        for alert in reversed(alerts[-200:]):
+        self._rows = list(reversed(alerts[-200:]))
+        for alert in self._rows:
             style = styles.get(getattr(alert, "severity", "info"), "")
             rank = getattr(alert, "rank", None)
             step = getattr(alert, "step", None)
