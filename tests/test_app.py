@@ -440,7 +440,7 @@ async def test_ctrl_c_quits(run_dir: Path) -> None:
         (lambda tmp: tmp, "holds no runs lmtop can read"),
         (
             lambda tmp: (tmp / "notes.txt", (tmp / "notes.txt").write_text("hi"))[0],
-            "not a run file",
+            "not a file lmtop can read",
         ),
     ],
 )

@@ -14,6 +14,8 @@ from typing import Any
 
 from lmtop.hooks import registry
 
+from . import trainer_state
+
 RANK_FILE = re.compile(r"^rank-(\d{1,7})\.jsonl$")
 
 
@@ -92,8 +94,11 @@ def nothing_readable(paths: list[str], cwd: Path | None = None) -> str:
         if not path.exists():
             said.append(f"{text} does not exist (watching for it)")
         elif path.is_file():
-            said.append(f"{text} is not a run file lmtop can read (it reads rank-N.jsonl)")
-        elif not run_dirs(path):
+            said.append(
+                f"{text} is not a file lmtop can read (it reads rank-N.jsonl run files, "
+                "run folders and Trainer output folders with trainer_state.json)"
+            )
+        elif not run_dirs(path) and not trainer_state.trainer_dirs(path):
             said.append(f"{text} holds no runs lmtop can read (watching it)")
     if not paths:
         said.append("no live run of this user yet (start a job that calls lmtop.hooks.publish)")

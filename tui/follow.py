@@ -24,10 +24,11 @@ from typing import Any
 
 from lmtop.hooks import registry, schema
 
-from . import discovery
+from . import discovery, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
+from .trainer_state import TrainerRun
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
@@ -63,6 +64,8 @@ class Follower:
         self.book = RunBook(stall, straggler)
         self._use_registry = not paths
         run_dirs, folders = discovery.resolve(list(paths))
+        # Trainer output directories (trainer_state.json): found among the paths and folders.
+        self._trainers: dict[str, TrainerRun] = {}
         self._run_dirs = [Path(os.path.realpath(p)) for p in run_dirs]
         self._folders = [Path(os.path.realpath(p)) for p in folders]
         self._files: dict[tuple[str, int], RankFile] = {}
@@ -127,6 +130,10 @@ class Follower:
             for folder in self._folders:
                 for run_dir in discovery.run_dirs(folder):
                     self._add_run_dir(Path(os.path.realpath(run_dir)))
+                for trainer_dir in trainer_state.trainer_dirs(folder):
+                    self._trainers.setdefault(str(trainer_dir), TrainerRun(trainer_dir))
+        for trainer in self._trainers.values():
+            self._read_trainer(trainer, out)
             for run in list(self.runs.values()):  # ranks that came and went between scans
                 if run.dir is not None:
                     self._add_run_dir(run.dir)
@@ -142,6 +149,16 @@ class Follower:
         self.book.settle(now)
         self._backlog = backlog
         self._scanned_once = True
+
+    def _read_trainer(self, trainer: TrainerRun, out: list[Keyed]) -> None:
+        """Applies what a Trainer's state file holds beyond what was applied."""
+        messages = trainer.read()
+        if not messages:
+            return
+        run = self.book.run(str(trainer.dir), trainer.name, trainer.dir)
+        rank = self.book.rank(run, 0)
+        for message in messages:
+            self._apply(run, rank, message, out)
 
     def _discover_registry(self) -> None:
         wanted = set(map(str, self._run_dirs))
