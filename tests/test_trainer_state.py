@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lmtop import hooks
@@ -32,30 +33,26 @@ def read_dir(path: Path, follower: Follower | None = None) -> tuple[RunView, lis
     return run, messages
 
 
-def test_a_trainer_output_dir_matches_the_hooks_own_run_point_for_point(
-    lmtop_env: dict[str, str], tmp_path: Path, fresh_hooks: None
-) -> None:
+def train_tiny(out: Path, steps: int, **settings: object) -> object:
+    """Trains a tiny Llama (1 layer, width 32) with the hook, logging every step; returns the
+    Trainer. ``settings``: more TrainingArguments (evaluation, saving, reporting)."""
     from _tiny import ArithmeticDataset, build_model, build_tokenizer, collate, setup
     from lmtop.hooks import LmtopCallback
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     setup()
     tokenizer, model = build_tokenizer(), build_model(seed=0, layers=1, hidden=32)
-    out = tmp_path / "out"
     args = TrainingArguments(
         output_dir=str(out),
-        max_steps=12,
+        max_steps=steps,
         per_device_train_batch_size=4,
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=4,
-        save_strategy="steps",
-        save_steps=4,
-        metric_for_best_model="eval_loss",
         learning_rate=1e-3,
-        report_to=[],
         use_cpu=True,
         disable_tqdm=True,
+        **settings,  # type: ignore[arg-type]
     )
     trainer = Trainer(
         model=model,
@@ -68,6 +65,21 @@ def test_a_trainer_output_dir_matches_the_hooks_own_run_point_for_point(
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     hooks.finish()
+    return trainer
+
+
+def test_a_trainer_output_dir_matches_the_hooks_own_run_point_for_point(
+    lmtop_env: dict[str, str], tmp_path: Path, fresh_hooks: None
+) -> None:
+    out = tmp_path / "out"
+    trainer: Any = train_tiny(
+        out,
+        12,
+        save_strategy="steps",
+        save_steps=4,
+        metric_for_best_model="eval_loss",
+        report_to=[],
+    )
 
     _, hooked = read_run(lmtop_env["LMTOP_DIR"])
     follower = Follower([str(out)], follow=True, live=False)
@@ -161,3 +173,25 @@ async def test_the_viewer_draws_a_trainer_dir_like_any_run(tmp_path: Path) -> No
         assert loss is not None and {line.label for line in loss.lines} >= {"train", "eval"}
         header = str(app.query_one("#header").render())
         assert "out" in header and "step 40/40" in header
+
+
+def test_a_trainer_logged_for_tensorboard_alone_matches_the_hooks_run(
+    lmtop_env: dict[str, str], tmp_path: Path, fresh_hooks: None
+) -> None:
+    pytest.importorskip("tensorboard", reason="the optional extra lmtop[tensorboard]")
+    out = tmp_path / "tb-out"
+    # No checkpoint, so no trainer_state.json: the event files alone.
+    train_tiny(out, 8, save_strategy="no", report_to=["tensorboard"])
+
+    _, hooked = read_run(lmtop_env["LMTOP_DIR"])
+    run, read = read_dir(out)
+    assert run.name == "tb-out"
+    hook_loss = {s: m["loss"] for s, m in steps_with(hooked, 0, "loss").items()}
+    file_loss = {s: m["train/loss"] for s, m in steps_with(read, 0, "train/loss").items()}
+    assert sorted(file_loss) == sorted(hook_loss) == list(range(1, 9))
+    for step, loss in hook_loss.items():
+        # TensorBoard stores float32: the same loss to its 7 significant digits.
+        assert file_loss[step] == pytest.approx(loss, rel=1e-6), step
+    assert sorted(steps_with(read, 0, "eval/loss")) == [4, 8]
+    times = [m.t for m in read if m.kind == "metrics"]
+    assert times == sorted(times) and times[-1] - times[0] < 600, "the events' own wall times"

@@ -14,7 +14,7 @@ from typing import Any
 
 from lmtop.hooks import registry
 
-from . import trainer_state
+from . import tensorboard_events, trainer_state
 
 RANK_FILE = re.compile(r"^rank-(\d{1,7})\.jsonl$")
 
@@ -99,7 +99,13 @@ def nothing_readable(paths: list[str], cwd: Path | None = None) -> str:
                 "run folders and Trainer output folders with trainer_state.json)"
             )
         elif not run_dirs(path) and not trainer_state.trainer_dirs(path):
-            said.append(f"{text} holds no runs lmtop can read (watching it)")
+            if not tensorboard_events.event_dirs(path):
+                said.append(f"{text} holds no runs lmtop can read (watching it)")
+            elif not tensorboard_events.available():
+                said.append(
+                    f"{text} holds TensorBoard event files: pip install 'lmtop[tensorboard]' "
+                    "to read them"
+                )
     if not paths:
         said.append("no live run of this user yet (start a job that calls lmtop.hooks.publish)")
     local = (cwd or Path.cwd()) / "lmtop_runs"

@@ -24,10 +24,11 @@ from typing import Any
 
 from lmtop.hooks import registry, schema
 
-from . import discovery, trainer_state
+from . import discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
+from .tensorboard_events import TensorBoardRun
 from .trainer_state import TrainerRun
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
@@ -64,8 +65,9 @@ class Follower:
         self.book = RunBook(stall, straggler)
         self._use_registry = not paths
         run_dirs, folders = discovery.resolve(list(paths))
-        # Trainer output directories (trainer_state.json): found among the paths and folders.
-        self._trainers: dict[str, TrainerRun] = {}
+        # Trainer output directories (trainer_state.json) and TensorBoard event directories:
+        # found among the paths and folders.
+        self._trainers: dict[str, TrainerRun | TensorBoardRun] = {}
         self._run_dirs = [Path(os.path.realpath(p)) for p in run_dirs]
         self._folders = [Path(os.path.realpath(p)) for p in folders]
         self._files: dict[tuple[str, int], RankFile] = {}
@@ -130,8 +132,15 @@ class Follower:
             for folder in self._folders:
                 for run_dir in discovery.run_dirs(folder):
                     self._add_run_dir(Path(os.path.realpath(run_dir)))
-                for trainer_dir in trainer_state.trainer_dirs(folder):
+                trainer_dirs = trainer_state.trainer_dirs(folder)
+                for trainer_dir in trainer_dirs:
                     self._trainers.setdefault(str(trainer_dir), TrainerRun(trainer_dir))
+                if tensorboard_events.available():
+                    # A Trainer's own event files (output/runs/...) repeat its state file.
+                    inside = tuple(f"{d}{os.sep}" for d in trainer_dirs)
+                    for event_dir in tensorboard_events.event_dirs(folder):
+                        if not f"{event_dir}{os.sep}".startswith(inside):
+                            self._trainers.setdefault(str(event_dir), TensorBoardRun(event_dir))
         for trainer in self._trainers.values():
             self._read_trainer(trainer, out)
             for run in list(self.runs.values()):  # ranks that came and went between scans
@@ -150,8 +159,8 @@ class Follower:
         self._backlog = backlog
         self._scanned_once = True
 
-    def _read_trainer(self, trainer: TrainerRun, out: list[Keyed]) -> None:
-        """Applies what a Trainer's state file holds beyond what was applied."""
+    def _read_trainer(self, trainer: TrainerRun | TensorBoardRun, out: list[Keyed]) -> None:
+        """Applies what a Trainer's state file (or event files) hold beyond what was applied."""
         messages = trainer.read()
         if not messages:
             return

@@ -29,6 +29,8 @@ from typing import Any
 
 from lmtop.hooks import schema
 
+from . import synthetic
+
 STATE_FILE = "trainer_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # log_history keys that are not metrics: where the entry is, not what was measured.
@@ -165,23 +167,8 @@ class TrainerRun:
         return out
 
     def _message(self, kind: str, step: int | None, t: float, **fields: Any) -> schema.Message:
-        """A protocol message, encoded and decoded by the schema: the same checks as a hooked
-        run's lines (a value the schema cannot carry is dropped as it would be there)."""
-        data = {
-            "v": schema.PROTOCOL_VERSION,
-            "run": self.name or "trainer",
-            "rank": 0,
-            "world": 1,
-            "seq": self.seq,
-            "t": float(t),
-            "kind": kind,
-            "step": step,
-            **fields,
-        }
-        if "m" in data:
-            data["m"] = {k: schema.finite_or_token(float(v)) for k, v in data["m"].items()}
         self.seq += 1
-        return schema.decode(schema.encode(data))
+        return synthetic.message(self.name or "trainer", self.seq - 1, kind, step, t, **fields)
 
 
 def _numbers(entry: dict[str, Any]) -> dict[str, float]:
