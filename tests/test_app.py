@@ -471,3 +471,43 @@ def test_python_dash_m_lmtop_runs_the_command(tmp_path: Path) -> None:
         [sys.executable, "-m", "lmtop", "--version"], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("lmtop "), done.stderr
+
+
+async def test_o_overlays_every_run_with_its_colour_and_legend(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    write_run(folder, name="lr-low", ranks=1, steps=100, extra={50: {"loss": 12.0}})
+    write_run(
+        folder, name="lr-high", ranks=2, steps=150, extra={s: {"loss": 3.0} for s in range(150)}
+    )
+    app = app_for(folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 100 * 7 + 150 * 7 * 2)
+        deadline = time.monotonic() + 5
+        while len(app.runs) < 2 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        shown = app.current_run()
+        assert shown is not None
+        await pilot.press("o")
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None
+        runs = {line.label.split(" ")[0]: line.color for line in loss.lines if not line.faint}
+        assert set(runs) == {"lr-low", "lr-high"} and len(set(runs.values())) == 2
+        assert loss.lines[-1].label.startswith(shown.name), "the run shown is drawn on top"
+        assert loss.y_high == 12.0 and loss.x_high >= 149, "both runs' ranges"
+        # lr-low's spike, which its smoothed curve flattens, is in its raw envelope.
+        raw = [line for line in loss.lines if line.faint and line.label.startswith("lr-low")]
+        assert max(y for line in raw for y in line.y) == 12.0
+        title = str(chart(app, "loss").border_title)
+        assert "lr-low" in title and "lr-high" in title and "2 runs" in title
+        await pilot.press("x")
+        await pilot.pause()
+        x_ticks, _ = chart(app, "loss").axes
+        assert x_ticks.labels and all(label.startswith("+") for label in x_ticks.labels)
+        await pilot.press("o")
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None and {line.label.split(" ")[0] for line in loss.lines} <= {
+            "train",
+            "eval",
+        }

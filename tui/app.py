@@ -211,7 +211,7 @@ class LmtopApp(Keys):
             alerted = [(a.metric, a.step) for a in self.alerts if a.key == run.key and a.step]
             charts = [c for c in self.query(Chart) if not c.has_class("hidden")]
             with self.store_lock:
-                pictures = frame.pictures(self.store, run, charts, self.options, alerted)
+                pictures = frame.pictures(self.store, run, charts, self.options, alerted, self.runs)
             for chart, pic in pictures:
                 chart.show(pic, self.options, self.color)
         self.redraw_clock()

@@ -93,6 +93,7 @@ class ViewOptions:
     by_time: bool = False
     rank_mode: str = "overlay"  # "overlay", "band" or "one"
     rank: int = 0
+    compare: bool = False  # every run found overlaid, one colour per run
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.text import Text
 
-from . import metrics, numbers
+from . import compare, metrics, numbers
 from .charts import Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
@@ -122,10 +122,25 @@ def pictures(
     charts: list[Chart],
     options: ViewOptions,
     alerted: list[tuple[str | None, int]],
+    runs: tuple[RunView, ...] = (),
 ) -> list[tuple[Chart, Picture]]:
-    """The picture of each visible chart, with the alert marks of its metrics."""
+    """The picture of each visible chart, with the alert marks of its metrics; with
+    ``options.compare``, every one of ``runs`` overlaid, ``run`` on top."""
     out = []
+    compared = sorted(runs, key=recency) if options.compare and len(runs) > 1 else []
     for chart in charts:
+        if compared:
+            each = [
+                (
+                    inert(r.name, 40),
+                    picture(store, r.key, chart.spec, options, chart.columns, r.config),
+                    (r.started or 0.0) if options.by_time else 0.0,
+                )
+                for r in compared
+            ]
+            pinned = next(i for i, r in enumerate(compared) if r.key == run.key)
+            out.append((chart, compare.overlay(each, pinned)))
+            continue
         names = {name for line in chart.spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
         pic = picture(

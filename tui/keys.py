@@ -43,6 +43,7 @@ BINDINGS: list[BindingType] = [
     Binding("p", "pause", "pause", tooltip="pause the picture (data keeps arriving)"),
     Binding("e", "export", "export", tooltip="export an SVG screenshot and a CSV of the run's series into the run directory"),
     Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
+    Binding("o", "compare", "compare", tooltip="overlay every run found, one colour per run, the one shown on top"),
     Binding("a", "pick_alert", "alerts", tooltip="the alerts, newest first: enter shows one in full"),
     Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
     # tab is the screen's own key (focus next): priority takes it for the charts' pages.
@@ -169,6 +170,13 @@ class Keys(App[int]):
             options.rank = ranks[0]
         detail = f" {options.rank}" if options.rank_mode == "one" else ""
         self._changed(f"ranks: {options.rank_mode}{detail}")
+
+    def action_compare(self) -> None:
+        if len(self.runs) < 2 and not self.options.compare:
+            self.notify("one run only: nothing to compare", timeout=2)
+            return
+        self.options.compare = not self.options.compare
+        self._changed(f"compare runs {'on' if self.options.compare else 'off'}")
 
     def action_pause(self) -> None:
         self.paused = not self.paused
