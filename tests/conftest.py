@@ -51,3 +51,12 @@ def viewer(*args: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+@pytest.fixture
+def fresh_hooks() -> Iterator[None]:
+    """In-process runs: each test's publisher is finished before the next one starts."""
+    yield
+    from lmtop import hooks
+
+    hooks.finish()

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from lmtop.tui.app import LmtopApp
 from lmtop.tui.follow import Follower
-from lmtop.tui.screens import HelpScreen, PickScreen
+from lmtop.tui.screens import HelpScreen, PickScreen, TextScreen
 from lmtop.tui.widgets import Chart, Header
 from runs import T0, line, write_run
+from textual.widgets import OptionList, Static
 
 SIZE = (160, 48)
 
@@ -134,13 +135,21 @@ async def test_smoothing_log_window_and_x_axis(run_dir: Path) -> None:
         assert not any("smoothed" in line.label for line in loss.picture.lines)  # type: ignore[union-attr]
         assert not any(line.faint for line in loss.picture.lines)  # type: ignore[union-attr]
         await pilot.press("l")
-        assert (app.options.log_y and "1e-1" in loss.plt.build()) or "1e0" in loss.plt.build()
+        await pilot.pause()
+        # Loss from 0.4 to 2.4, under one decade: round values, each at its logarithm.
+        _, y_ticks = loss.axes
+        assert app.options.log_y and "1" in y_ticks.labels
+        for value, label in zip(y_ticks.values, y_ticks.labels):
+            assert value == pytest.approx(math.log10(float(label)))
         await pilot.press("l", "w")
         assert app.options.window == 100 and loss.picture.x_low == 199  # type: ignore[union-attr]
         await pilot.press("w", "w", "w")
         assert app.options.window is None and loss.picture.x_low == 0  # type: ignore[union-attr]
         await pilot.press("x")
         assert app.options.by_time and loss.picture.x_low == T0 + 1  # type: ignore[union-attr]
+        await pilot.pause()
+        x_ticks, _ = loss.axes
+        assert all(label.startswith("+") for label in x_ticks.labels) and "+1m" in x_ticks.labels
 
 
 async def test_rank_modes(run_dir: Path) -> None:
@@ -228,20 +237,27 @@ async def test_switch_runs_and_pick_a_metric(tmp_path: Path) -> None:
         while len(app.runs) < 2 and time.monotonic() < deadline:
             await pilot.pause(0.05)
         await pilot.press("n")
+        # Newest first, the cursor on the run shown (the newest, by default).
         assert isinstance(app.screen, PickScreen)
-        names = [key for key, _ in app.screen.choices]
-        target = next(key for key in names if key.endswith("older"))
-        await pilot.press(*["down"] * names.index(target), "enter")
+        names = [Path(key).name for key, _ in app.screen.choices]
+        assert names == ["newer", "older"]
+        assert app.screen.query_one(OptionList).highlighted == 0
+        await pilot.press("down", "enter")
         await pilot.pause()
         assert app.current_run().name == "older"  # type: ignore[union-attr]
-        await pilot.press("n", "down", "enter") if names.index(target) == 0 else await pilot.press(
-            "n", "enter"
-        )
+        await pilot.press("n")
+        assert app.screen.query_one(OptionList).highlighted == 1
+        await pilot.press("up", "enter")
         await pilot.pause()
         assert app.current_run().name == "newer"  # type: ignore[union-attr]
         await pilot.press("c")
         assert isinstance(app.screen, PickScreen)
         keys = [key for key, _ in app.screen.choices]
+        titles = [title for _, title in app.screen.choices]
+        # Each chart once: no "loss" twice, no "grad_norm" beside "grad norm".
+        assert len(titles) == len(set(titles)) and "grad_norm" not in titles
+        assert titles.count("loss") == 1 and "custom_metric" in titles
+        assert app.screen.query_one(OptionList).highlighted == 0  # the focused chart: loss
         await pilot.press(*["down"] * keys.index("metric:custom_metric"), "enter")
         await pilot.pause()
         focused = app.focused
@@ -317,11 +333,21 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
         rows = [panel.get_row_at(i) for i in range(panel.row_count)]  # type: ignore[attr-defined]
         (row,) = [r for r in rows if str(r[-1]).startswith("loss 30 at step 150")]
         assert str(row[0]) == "WARN" and str(row[1]) == "150" and str(row[2]) == "1"
-        assert "1 alerts" in str(app.query_one(Header).render())
+        assert "⚠ 1 alert  " in str(app.query_one(Header).render())  # singular
         loss = chart(app, "loss")
         assert loss.picture is not None and (150.0, "alert") in loss.picture.marks
         lr = chart(app, "lr")
         assert lr.picture is not None and not [m for m in lr.picture.marks if m[1] == "alert"]
+        # The panel cuts the text to its width; `a` then enter shows it whole.
+        await pilot.press("a")
+        assert isinstance(app.screen, PickScreen)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, TextScreen)
+        shown = str(app.screen.query_one(Static).render())
+        assert app.alerts[-1].message in shown and "baseline" in shown and "rank" in shown  # newest
+        await pilot.press("escape")
+        assert not isinstance(app.screen, TextScreen)
 
 
 async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path) -> None:
@@ -358,7 +384,140 @@ async def test_the_alerts_panel_and_badge_show_the_shown_run_only(tmp_path: Path
             # Each run's panel: its own alerts and verdicts; the badge counts warnings only.
             shown = verdicts.get(run.name, 0)
             if run.name == spiky.name:
-                assert panel.row_count == 1 + shown and "1 alerts" in header  # type: ignore[attr-defined]
+                assert panel.row_count == 1 + shown and "⚠ 1 alert  " in header  # type: ignore[attr-defined]
             else:
                 assert panel.row_count == shown and "alerts" not in header  # type: ignore[attr-defined]
         assert seen == {"spiky", "calm"}
+
+
+async def test_tab_turns_pages_of_charts_and_never_focuses_a_hidden_one(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(app, pilot)
+        seen = []
+        for _ in range(6):
+            assert isinstance(app.focused, Chart) and not app.focused.has_class("hidden")
+            assert len(visible_charts(app)) == 2
+            seen.append(app.focused.spec.key)
+            await pilot.press("tab")
+            await pilot.pause()
+        assert len(set(seen)) == 6 and app.focused is chart(app, "loss")  # all six, then back
+        shown = visible_charts(app)
+        assert "of 6" in str(shown[-1].border_subtitle)  # the screen says more exist
+        await pilot.resize_terminal(60, 20)
+        await pilot.pause()
+        await pilot.pause()
+        assert visible_charts(app) == [app.focused]
+        await pilot.press("tab")
+        await pilot.pause()
+        assert visible_charts(app) == [app.focused] == [chart(app, "lr")]
+
+
+async def test_many_ranks_draw_a_band_and_the_table_says_how_many_it_shows(
+    tmp_path: Path,
+) -> None:
+    run = write_run(tmp_path / "runs", ranks=16, steps=60)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(app, pilot, 16 * 60)
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None and {line.label for line in loss.lines} >= {
+            "train min",
+            "train median",
+            "train max",
+        }
+        ranks = app.query_one("#ranks")
+        assert str(ranks.border_title).startswith("16 ranks, 5 shown")
+        await pilot.press("r")
+        loss = chart(app, "loss").picture
+        assert loss is not None and "train r15" in {line.label for line in loss.lines}
+
+
+async def test_ctrl_c_quits(run_dir: Path) -> None:
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+    assert not app.is_running
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda tmp: tmp / "does-not-exist", "does not exist"),
+        (lambda tmp: tmp, "holds no runs lmtop can read"),
+        (
+            lambda tmp: (tmp / "notes.txt", (tmp / "notes.txt").write_text("hi"))[0],
+            "not a file lmtop can read",
+        ),
+    ],
+)
+async def test_a_path_with_nothing_readable_says_so(tmp_path: Path, make, said: str) -> None:  # type: ignore[no-untyped-def]
+    path = make(tmp_path)
+    app = app_for(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        app.redraw_clock()
+        header = str(app.query_one(Header).render())
+        assert said in header and "waiting for a run" not in header
+
+
+def test_with_no_path_a_local_lmtop_runs_is_named(tmp_path: Path) -> None:
+    from lmtop.tui import discovery
+
+    for name in ("a", "b"):
+        write_run(tmp_path / "lmtop_runs", name=name, ranks=1, steps=5)
+    said = discovery.nothing_readable([], cwd=tmp_path)
+    assert "./lmtop_runs holds 2 runs: lmtop lmtop_runs" in said
+
+
+def test_python_dash_m_lmtop_runs_the_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lmtop", "--version"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("lmtop "), done.stderr
+
+
+async def test_o_overlays_every_run_with_its_colour_and_legend(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    write_run(folder, name="lr-low", ranks=1, steps=100, extra={50: {"loss": 12.0}})
+    write_run(
+        folder, name="lr-high", ranks=2, steps=150, extra={s: {"loss": 3.0} for s in range(150)}
+    )
+    app = app_for(folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 100 * 7 + 150 * 7 * 2)
+        deadline = time.monotonic() + 5
+        while len(app.runs) < 2 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        shown = app.current_run()
+        assert shown is not None
+        await pilot.press("o")
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None
+        runs = {line.label.split(" ")[0]: line.color for line in loss.lines if not line.faint}
+        assert set(runs) == {"lr-low", "lr-high"} and len(set(runs.values())) == 2
+        assert loss.lines[-1].label.startswith(shown.name), "the run shown is drawn on top"
+        assert loss.y_high == 12.0 and loss.x_high >= 149, "both runs' ranges"
+        # lr-low's spike, which its smoothed curve flattens, is in its raw envelope.
+        raw = [line for line in loss.lines if line.faint and line.label.startswith("lr-low")]
+        assert max(y for line in raw for y in line.y) == 12.0
+        title = str(chart(app, "loss").border_title)
+        assert "lr-low" in title and "lr-high" in title and "2 runs" in title
+        await pilot.press("x")
+        await pilot.pause()
+        x_ticks, _ = chart(app, "loss").axes
+        assert x_ticks.labels and all(label.startswith("+") for label in x_ticks.labels)
+        await pilot.press("o")
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None and {line.label.split(" ")[0] for line in loss.lines} <= {
+            "train",
+            "eval",
+        }

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +125,6 @@ def assert_warmup_cosine(records: dict[int, dict[str, Any]], peak: float, warmup
     rates = [records[k]["learning_rate"] for k in range(1, total + 1)]
     assert rates[0] == 0.0 and max(rates) == pytest.approx(peak, rel=0.05)
     assert rates.index(max(rates)) == warmup, "the peak comes at the end of the warm-up"
-
-
-@pytest.fixture
-def fresh_hooks() -> Iterator[None]:
-    """In-process runs: each test's publisher is finished before the next one starts."""
-    yield
-    hooks.finish()
 
 
 def test_plain_loop_trains_and_publishes_every_step(lmtop_env: dict[str, str]) -> None:

@@ -87,7 +87,7 @@ async def test_a_finished_run_holding_a_nan_opens_with_its_alert_and_quits(
         await pilot.pause(0.2)
         header = str(app.query_one(Header).render())
         # The NaN of step 150 on both ranks is one event: one critical alert naming the ranks.
-        assert "nan-test" in header and "finished" in header and "1 alerts" in header
+        assert "nan-test" in header and "finished" in header and "⚠ 1 alert " in header
         nans = [a for a in app.alerts if a.type == "nonfinite"]
         assert [(a.rank, a.ranks, a.step, a.severity) for a in nans] == [
             (0, (0, 1), 150, "critical")

@@ -28,6 +28,7 @@ from .detectors import (
     TailSpikeDetector,
 )
 from .learning_curve import NOT_ENOUGH_DATA, LearningCurve
+from .numbers import number
 
 INFO, WARNING, CRITICAL = "info", "warning", "critical"
 SEVERITIES = (INFO, WARNING, CRITICAL)
@@ -73,7 +74,7 @@ class Rule:
 
 def _percent(value: float, baseline: float) -> str:
     if baseline == 0 or baseline != baseline or abs(baseline) == float("inf"):
-        return f"{value - baseline:+.3g}"
+        return f"{'+' if value >= baseline else ''}{number(value - baseline)}"
     return f"{(value - baseline) / abs(baseline):.0%}"
 
 
@@ -117,14 +118,15 @@ def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
         f"; this run's usual max is {f.usual_ratio:.1f}×" if f.usual_ratio == f.usual_ratio else ""
     )
     usual += f"; {f.note}" if f.note else ""
+    value, median = number(f.value, 4), number(f.baseline, 4)
     if f.value < f.baseline and f.value > 0:
         return (
-            f"{name} dropped to {f.value:.4g} at step {step}, "
-            f"{f.baseline / f.value:.1f}× below its median {f.baseline:.4g}{usual}"
+            f"{name} dropped to {value} at step {step}, "
+            f"{f.baseline / f.value:.1f}× below its median {median}{usual}"
         )
     if f.ratio == f.ratio:
-        return f"{name} {f.value:.4g} at step {step}, {f.ratio:.1f}× its median {f.baseline:.4g}{usual}"
-    return f"{name} spike to {f.value:.4g} at step {step} (median {f.baseline:.4g})"
+        return f"{name} {value} at step {step}, {f.ratio:.1f}× its median {median}{usual}"
+    return f"{name} spike to {value} at step {step} (median {median})"
 
 
 def _divergence(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
@@ -133,8 +135,8 @@ def _divergence(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 def _word_divergence(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     return (
-        f"{name} diverging at step {step}: its rolling median {f.value:.4g} is "
-        f"{_percent(f.value, f.baseline)} above its best {f.baseline:.4g}"
+        f"{name} diverging at step {step}: its rolling median {number(f.value, 4)} is "
+        f"{_percent(f.value, f.baseline)} above its best {number(f.baseline, 4)}"
     )
 
 
@@ -153,8 +155,8 @@ def _overfitting(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 def _word_overfitting(s: AlertSettings, name: str, step: int, f: Finding) -> str:
     return (
         f"overfitting: {name} rose over {s.overfitting.evaluations} evaluations "
-        f"to {f.value:.4g}, {_percent(f.value, f.baseline)} above its best "
-        f"{f.baseline:.4g}, while the training loss did not rise"
+        f"to {number(f.value, 4)}, {_percent(f.value, f.baseline)} above its best "
+        f"{number(f.baseline, 4)}, while the training loss did not rise"
     )
 
 
@@ -199,8 +201,8 @@ def _learning_rate(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 
 def _word_learning_rate(s: AlertSettings, name: str, step: int, f: Finding) -> str:
-    why = f"cut from {f.baseline:.3g}" if f.baseline else "still zero after warm-up"
-    return f"{name} is {f.value:g} at step {step}: {why}"
+    why = f"cut from {number(f.baseline)}" if f.baseline else "still zero after warm-up"
+    return f"{name} is {number(f.value)} at step {step}: {why}"
 
 
 def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
@@ -224,7 +226,7 @@ def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
 
 def _word_memory(s: AlertSettings, name: str, step: int, f: Finding) -> str:
-    return f"{name} at {f.value:.0%} of device memory ({f.scale:.4g}) at step {step}"
+    return f"{name} at {f.value:.0%} of device memory ({number(f.scale, 4)}) at step {step}"
 
 
 RULES = (

@@ -22,7 +22,7 @@ from typing import Any
 
 from lmtop.hooks import schema
 
-from . import metrics, rank_health
+from . import metrics, numbers, rank_health
 from .alert_rules import (
     CRASHED,
     CRITICAL,
@@ -297,13 +297,13 @@ def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, 
         text = f"rank {e.rank} exited without an end message {after} (killed, os._exit or OOM?)"
         return CRASHED, CRITICAL, None, math.nan, math.nan, text
     if isinstance(e, rank_health.Stall):
-        text = f"rank {e.rank} silent for {e.silent:.0f} s after step {e.step} while other ranks progress"
+        text = f"rank {e.rank} silent for {numbers.duration(e.silent)} after step {e.step} while other ranks progress"
         return STALL, CRITICAL, None, e.silent, e.limit, text
     assert isinstance(e, rank_health.Straggle)
     if e.kind == "slow":
         text = (
-            f"rank {e.rank} straggling: {e.value:.3g} s per step against "
-            f"{e.baseline:.3g} s on the other ranks"
+            f"rank {e.rank} straggling: {numbers.number(e.value)} s per step against "
+            f"{numbers.number(e.baseline)} s on the other ranks"
         )
         return STRAGGLER, WARNING, "step_time", e.value, e.baseline, text
     text = f"rank {e.rank} straggling: {e.value:.0f} steps behind the leading rank (step {e.baseline:.0f})"

@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from . import frame
+from . import discovery, frame
 from .alert_settings import AlertSettings
 from .alerts import Alert
 from .charts import DEFAULT_CHARTS, ViewOptions
@@ -78,6 +78,8 @@ class LmtopApp(Keys):
         self.paused = False
         self.bell_on = True
         self.zoomed = False
+        self.table_rows = 5  # the ranks the table shows at once, set by the layout
+        self.rank_mode_chosen = False  # until `r` is pressed, the rank count decides
         self.run_key: str | None = None
         self.frames = 0
         self.first_frame_at: float | None = None
@@ -176,7 +178,7 @@ class LmtopApp(Keys):
     def current_run(self) -> RunView | None:
         """The run shown: the chosen one, else the newest."""
         chosen = next((r for r in self.runs if r.key == self.run_key), None)
-        return chosen or max(self.runs, key=lambda r: r.started or 0.0, default=None)
+        return chosen or max(self.runs, key=frame.recency, default=None)
 
     def _tick(self) -> None:
         # While a long history is read, a frame a second shows progress; drawing more often
@@ -206,6 +208,9 @@ class LmtopApp(Keys):
         self.drawn_at = time.monotonic()
         self.dirty = False
         run = self.current_run()
+        if run is not None and not self.rank_mode_chosen:
+            # Many ranks overlaid are a cloud of dots: their min-median-max band reads.
+            self.options.rank_mode = "band" if len(run.ranks) > 4 else "overlay"
         if run is not None:
             alerted = [  # marks on the charts: what is worth a look, not info
                 (a.metric, a.step)
@@ -216,7 +221,7 @@ class LmtopApp(Keys):
                 (c, c.spec, c.columns) for c in self.query(Chart) if not c.has_class("hidden")
             ]
             with self.store_lock:  # the widgets were read before: nothing of the UI inside
-                pictures = frame.pictures(self.store, run, charts, self.options, alerted)
+                pictures = frame.pictures(self.store, run, charts, self.options, alerted, self.runs)
             for chart, pic in pictures:
                 chart.show(pic, self.options, self.color)
         self.redraw_clock()
@@ -230,18 +235,22 @@ class LmtopApp(Keys):
         self.clock_at = time.monotonic()
         run = self.current_run()
         shown = [a for a in self.alerts if run is not None and a.key == run.key]
-        counters = {  # info alerts are listed, not counted in the badge
+        counters: dict[str, Any] = {  # info alerts are listed, not counted in the badge
             "bad_live": self.source.bad_live,
             "alerts": sum(1 for a in shown if a.severity != "info"),
             "critical": sum(1 for a in shown if a.severity == "critical"),
             "paused": self.paused,
         }
+        if run is None and not self.catching_up:
+            counters["nothing"] = discovery.nothing_readable(
+                list(getattr(self.source, "paths", []))
+            )
         now = frame.now()
         with self.store_lock:
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
             rows = frame.rank_rows(self.store, run, now) if run is not None else []
         self.query_one(Header).update(header)
-        self.query_one(RanksTable).update_rows(rows)
+        self.query_one(RanksTable).update_rows(rows, self.table_rows)
         self.query_one(AlertsPanel).update_alerts(shown)
 
     def _changed(self, note: str | None) -> None:

@@ -13,16 +13,49 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
+from . import axes, metrics
+from .axes import Axis
 from .store import Columns, Store
 from .text import inert
 
-RANK_COLORS = ("cyan", "orange", "green", "magenta", "yellow", "blue", "red", "white")
+# plotext's colour names and the terminal colour each one prints. They are not Rich's: plotext's
+# "orange" is ANSI 3 (what Rich calls yellow), "orange+" ANSI 11 (bright yellow), and a name
+# plotext does not know ("yellow") silently prints its default, bright blue.
+PLOTEXT_ANSI = {
+    "red": 1,
+    "green": 2,
+    "orange": 3,
+    "blue": 4,
+    "magenta": 5,
+    "cyan": 6,
+    "gray": 8,
+    "red+": 9,
+    "green+": 10,
+    "orange+": 11,
+    "blue+": 12,
+    "magenta+": 13,
+    "cyan+": 14,
+    "white": 15,
+}
+# One colour per rank, the same in the charts and the ranks table. Red is the NaN marks',
+# bright yellow the alert marks', bright magenta the second kind of line (eval): none is a rank's.
+RANK_COLORS = ("cyan", "orange", "green", "magenta", "blue+", "cyan+", "green+", "white")
+KIND_COLORS = ("", "magenta+", "red+", "blue")  # per kind after the first, which is per rank
+ALERT_COLOR = "orange+"
+NAN_COLOR = "red"
 
 
 def rich_color(name: str) -> str:
-    """The Rich colour for a plotext colour name (plotext's "orange" is Rich's "orange1")."""
-    return "orange1" if name == "orange" else name
+    """The Rich colour that prints what plotext prints for ``name``: the same terminal colour."""
+    code = PLOTEXT_ANSI.get(name)
+    return name if code is None else f"color({code})"
+
+
+def line_color(rank: int, kind: int) -> str:
+    """The colour of one rank's line of the ``kind``-th kind (train 0, eval 1)."""
+    if kind == 0:
+        return RANK_COLORS[rank % len(RANK_COLORS)]
+    return KIND_COLORS[kind % len(KIND_COLORS)] or RANK_COLORS[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +93,7 @@ class ViewOptions:
     by_time: bool = False
     rank_mode: str = "overlay"  # "overlay", "band" or "one"
     rank: int = 0
+    compare: bool = False  # every run found overlaid, one colour per run
 
 
 @dataclass(slots=True)
@@ -89,18 +123,23 @@ class Picture:
     y_high: float = -math.inf
     x_low: float = 0.0
     x_high: float = 1.0
+    x_origin: float = 0.0  # wall-time x: the run's start, where "+0" is
     note: str = ""
 
-    def legend(self) -> list[tuple[str, str]]:
-        """(label, colour) per kind of line (train, eval), when a chart draws more than one kind;
-        the ranks of a kind are told apart by the ranks table's colours."""
-        kinds: dict[str, str] = {}
+    def legend(self) -> list[tuple[str, list[str]]]:
+        """(label, colours) per kind of line (train, eval), when a chart draws more than one kind
+        or more than one rank: a kind drawn per rank lists its ranks' colours (the ranks
+        table's), in rank order."""
+        kinds: dict[str, list[str]] = {}
         for line in self.lines:
             if not line.faint:
-                kinds.setdefault(
-                    re.sub(r"( (r\d+|\(smoothed\)|min|median|max))+$", "", line.label), line.color
-                )
-        return list(kinds.items()) if len(kinds) > 1 else []
+                kind = re.sub(r"( (r\d+|\(smoothed\)|min|median|max))+$", "", line.label)
+                colours = kinds.setdefault(kind, [])
+                if line.color not in colours:
+                    colours.append(line.color)
+        if len(kinds) > 1 or any(len(c) > 1 for c in kinds.values()):
+            return list(kinds.items())
+        return []
 
     @property
     def empty(self) -> bool:
@@ -145,6 +184,7 @@ def picture(
     ncols: int,
     config: Mapping[str, Any] | None = None,
     alert_steps: list[int] | None = None,
+    origin: float | None = None,
 ) -> Picture:
     """Computes what one chart shows: min/max per column from the full series, never sampled."""
     picked = resolve(spec, store.metrics.get(run, set()))
@@ -153,6 +193,7 @@ def picture(
     if not found:
         return pic
     pic.x_low, pic.x_high = x_low, x_high = x_range(store, run, found, options)
+    pic.x_origin = x_low if origin is None else min(origin, x_low)
     width = (x_high - x_low) / max(ncols, 1)
     for index, metric in enumerate(picked):
         if metric is None:
@@ -179,8 +220,7 @@ def picture(
         else:
             for rank, cols in per_rank.items():
                 name = label if len(per_rank) == 1 else f"{label} r{rank}"
-                color = RANK_COLORS[(rank + 3 * index) % len(RANK_COLORS)]
-                _envelope(pic, cols, name, color, options)
+                _envelope(pic, cols, name, line_color(rank, index), options)
     threshold = metrics.max_grad_norm(config or {})
     if spec.key == "grad_norm" and threshold is not None:
         pic.hlines.append((threshold, "clip"))
@@ -237,7 +277,7 @@ def _band(
         extremes += cols.low + cols.high
     order = sorted(by_col)
     x = [x_low + (c + 0.5) * width for c in order]
-    color = RANK_COLORS[(3 * index) % len(RANK_COLORS)]
+    color = line_color(0, index)
     pic.lines.append(Line(f"{label} min", x, [min(by_col[c]) for c in order], color, faint=True))
     pic.lines.append(
         Line(f"{label} median", x, [statistics.median(by_col[c]) for c in order], color)
@@ -261,13 +301,22 @@ def _clipped_share(store: Store, run: str, metric: str, threshold: float, last: 
     return f"clipped {100 * clipped / len(values):.0f}% of last {len(values)} steps"
 
 
-def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> None:
-    """Hands a picture to a plotext object (textual-plotext's ``plt``)."""
+def draw(
+    plt: Any,
+    pic: Picture,
+    options: ViewOptions,
+    color: bool = True,
+    size: tuple[int, int] = (80, 12),
+) -> tuple[Axis, Axis]:
+    """Hands a picture to a plotext object (textual-plotext's ``plt``) ``size`` cells big.
+
+    Returns the (x, y) ticks it set: lmtop's own, which fit the size (see :mod:`.axes`).
+    """
     plt.clear_data()
     plt.clear_figure()
     if pic.empty:
         plt.title("no data yet")
-        return
+        return Axis(), Axis()
     # No legend inside the plot: it would cover data (a spike, a NaN mark). The chart's border
     # title names the lines instead, and with many ranks the colours match the ranks table.
     log = options.log_y and pic.y_low > 0
@@ -290,21 +339,26 @@ def draw(plt: Any, pic: Picture, options: ViewOptions, color: bool = True) -> No
     if high <= low:
         high = low + (abs(low) * 0.1 or 1.0)
     for y, _why in pic.hlines:
-        plt.hline(math.log10(y) if log else y, "red" if color else None)
-    # NaN/Inf steps: a red line through the plot and an x on top, as the value has no y. Alert
-    # steps: a yellow ▼ on the top edge only, so that a run with many alerts stays readable.
-    bad = [x for x, why in pic.marks if why in ("nan", "inf")]
-    for x in bad:
-        plt.vline(x, "red" if color else None)
-    if bad:
-        plt.scatter(bad, [high] * len(bad), marker="x", **({"color": "red"} if color else {}))
+        plt.hline(math.log10(y) if log else y, NAN_COLOR if color else None)
+    # Alert steps: a yellow ▼ on the top edge only, so that a run with many alerts stays
+    # readable. NaN/Inf steps: a red line through the plot and an x on top, as the value has no
+    # y; drawn after the ▼, so that an alert on a NaN step leaves the x showing.
     alerted = [x for x, why in pic.marks if why == "alert"]
     if alerted:
         plt.scatter(
-            alerted, [high] * len(alerted), marker="▼", **({"color": "yellow"} if color else {})
+            alerted, [high] * len(alerted), marker="▼", **({"color": ALERT_COLOR} if color else {})
         )
+    bad = [x for x, why in pic.marks if why in ("nan", "inf")]
+    for at in bad:
+        plt.vline(at, NAN_COLOR if color else None)
+    if bad:
+        plt.scatter(bad, [high] * len(bad), marker="x", **({"color": NAN_COLOR} if color else {}))
     plt.ylim(low, high)
     plt.xlim(pic.x_low, pic.x_high)
-    if log:
-        ticks = list(range(math.floor(low), math.ceil(high) + 1))
-        plt.yticks(ticks, [f"1e{t}" for t in ticks])
+    width, height = size
+    y_ticks = axes.y_axis(low, high, axes.plot_rows(height), log=log)
+    origin = pic.x_origin if options.by_time else None
+    x_ticks = axes.x_axis(pic.x_low, pic.x_high, axes.plot_columns(width, y_ticks), origin)
+    plt.yticks(y_ticks.values, y_ticks.labels)
+    plt.xticks(x_ticks.values, x_ticks.labels)
+    return x_ticks, y_ticks

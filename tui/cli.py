@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         "--headless", action="store_true", help="print JSON lines instead of the screen"
     )
     parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="one line per run (final and best loss and eval loss, steps, time, alerts) and exit; "
+        "JSON lines with --headless",
+    )
+    parser.add_argument(
         "--no-follow",
         dest="follow",
         action="store_false",
@@ -90,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(args_list)
     settings = _alert_settings(parser, args)
+    if args.summary:
+        from . import summary
+
+        return summary.run(args.paths, as_json=args.headless, settings=settings)
     if args.headless:
         from . import headless
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lmtop.hooks import registry, schema
 
+from . import tensorboard_events, trainer_state
+
 RANK_FILE = schema.RANK_FILE
 
 
@@ -85,3 +87,37 @@ def resolve(paths: list[str]) -> tuple[list[Path], list[Path]]:
         else:
             folders.append(path)
     return runs, folders
+
+
+def nothing_readable(paths: list[str], cwd: Path | None = None) -> str:
+    """Why nothing is shown yet, in one line: what the paths hold, and where runs are.
+
+    ``lmtop /does-not-exist``, an empty folder or a ``.txt`` file say so (the path is still
+    watched: a job may create it), and with no path, a ``./lmtop_runs`` that holds runs is named.
+    """
+    said = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if not path.exists():
+            said.append(f"{text} does not exist (watching for it)")
+        elif path.is_file():
+            said.append(
+                f"{text} is not a file lmtop can read (it reads rank-N.jsonl run files, "
+                "run folders and Trainer output folders with trainer_state.json)"
+            )
+        elif not run_dirs(path) and not trainer_state.trainer_dirs(path):
+            if not tensorboard_events.event_dirs(path):
+                said.append(f"{text} holds no runs lmtop can read (watching it)")
+            elif not tensorboard_events.available():
+                said.append(
+                    f"{text} holds TensorBoard event files: pip install 'lmtop[tensorboard]' "
+                    "to read them"
+                )
+    if not paths:
+        said.append("no live run of this user yet (start a job that calls lmtop.hooks.publish)")
+    local = (cwd or Path.cwd()) / "lmtop_runs"
+    if not paths or not any(Path(p).expanduser().absolute() == local.absolute() for p in paths):
+        found = len(run_dirs(local))
+        if found:
+            said.append(f"./lmtop_runs holds {found} run{'s' * (found != 1)}: lmtop lmtop_runs")
+    return "; ".join(said)

@@ -24,10 +24,12 @@ from typing import Any
 
 from lmtop.hooks import registry, schema
 
-from . import discovery
+from . import discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
+from .tensorboard_events import TensorBoardRun
+from .trainer_state import TrainerRun
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 # A rank that said nothing is read (and its process checked) less and less often, up to this:
@@ -64,9 +66,13 @@ class Follower:
         straggler: StragglerSettings | None = None,
     ) -> None:
         self.follow = follow
+        self.paths = list(paths)  # as the person wrote them, for messages
         self.book = RunBook(stall, straggler)
         self._use_registry = not paths
         run_dirs, folders = discovery.resolve(list(paths))
+        # Trainer output directories (trainer_state.json) and TensorBoard event directories:
+        # found among the paths and folders.
+        self._trainers: dict[str, TrainerRun | TensorBoardRun] = {}
         self._run_dirs = [Path(os.path.realpath(p)) for p in run_dirs]
         self._folders = [Path(os.path.realpath(p)) for p in folders]
         self._files: dict[tuple[str, int], RankFile] = {}
@@ -133,6 +139,19 @@ class Follower:
             for folder in self._folders:
                 for run_dir in discovery.run_dirs(folder):
                     self._add_run_dir(Path(os.path.realpath(run_dir)))
+                trainer_dirs = trainer_state.trainer_dirs(folder)
+                for trainer_dir in trainer_dirs:
+                    self._trainers.setdefault(str(trainer_dir), TrainerRun(trainer_dir))
+                event_dirs = tensorboard_events.event_dirs(folder)
+                # TensorBoard's reader is imported (~0.3 s) only once event files are found.
+                if event_dirs and tensorboard_events.available():
+                    # A Trainer's own event files (output/runs/...) repeat its state file.
+                    inside = tuple(f"{d}{os.sep}" for d in trainer_dirs)
+                    for event_dir in event_dirs:
+                        if not f"{event_dir}{os.sep}".startswith(inside):
+                            self._trainers.setdefault(str(event_dir), TensorBoardRun(event_dir))
+        for trainer in self._trainers.values():
+            self._read_trainer(trainer, out)
             for run in list(self.runs.values()):  # ranks that came and went between scans
                 if run.dir is not None and run.dir not in self._run_dirs:
                     self._add_run_dir(run.dir)
@@ -157,6 +176,16 @@ class Follower:
         self.book.settle(now)
         self._backlog = backlog
         self._scanned_once = True
+
+    def _read_trainer(self, trainer: TrainerRun | TensorBoardRun, out: list[Keyed]) -> None:
+        """Applies what a Trainer's state file (or event files) hold beyond what was applied."""
+        messages = trainer.read()
+        if not messages:
+            return
+        run = self.book.run(str(trainer.dir), trainer.name, trainer.dir)
+        rank = self.book.rank(run, 0)
+        for message in messages:
+            self._apply(run, rank, message, out)
 
     def _discover_registry(self) -> None:
         wanted = set(map(str, self._run_dirs))

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.text import Text
 
-from . import metrics
+from . import compare, metrics, numbers
 from .charts import ChartSpec, Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
@@ -57,21 +57,21 @@ def rank_rows(store: Store, run: RunView, now_wall: float) -> list[RankRow]:
     ]
 
 
-def duration(seconds: float) -> str:
-    """``1:02:03`` or ``2:03``."""
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def header_text(
     store: Store, run: RunView | None, runs: int, now_wall: float, extra: dict[str, Any]
 ) -> Text:
-    """The header line: run, host, state, elapsed, step/total and ETA, epoch, world, counters."""
+    """The header line: run, host, state, alerts, elapsed, step/total and ETA, epoch, world,
+    counters: the most urgent first, as a narrow terminal cuts the end."""
     text = Text(no_wrap=True, overflow="ellipsis")
     if run is None:
         text.append("lmtop", style="bold")
-        text.append("  waiting for a run… (start a training job that calls lmtop.hooks.publish)")
+        why = extra.get("nothing")
+        if why:
+            text.append(f"  nothing to show: {inert(why, 300)}", style="yellow")
+        else:
+            text.append(
+                "  waiting for a run… (start a training job that calls lmtop.hooks.publish)"
+            )
         return text
     state = run.state
     text.append(inert(run.name, 60), style="bold")
@@ -79,17 +79,27 @@ def header_text(
         text.append(f" ({runs} runs)")
     text.append(f"  {inert(run.info.get('host', '?'), 30)}  ")
     text.append(f" {state} ", style=f"reverse {STATE_COLORS.get(state, '')}")
+    # What must be seen at 80 columns first (the line is cut at the terminal's edge).
+    alerts = extra.get("alerts", 0)
+    if alerts:
+        critical = extra.get("critical", 0)
+        text.append(
+            f"  ⚠ {alerts} alert{'s' * (alerts != 1)}",
+            style="bold red" if critical else "bold yellow",
+        )
+    if extra.get("paused"):
+        text.append("  PAUSED", style="reverse")
     first_t, last_t, step = run.started, run.last_t, run.last_step
     live = state in ("live", "stalled")
     if first_t and last_t:
-        text.append(f"  {duration((now_wall if live else last_t) - first_t)}")
+        text.append(f"  {numbers.duration((now_wall if live else last_t) - first_t)}")
     if step is not None:
         total = metrics.total_steps(run.config)
-        text.append(f"  step {step}" + (f"/{total}" if total else ""))
+        text.append(f"  step {numbers.step(step)}" + (f"/{numbers.step(total)}" if total else ""))
         rank0 = run.ranks[0] if run.ranks else None
         seconds = step_time(store, run.key, rank0.rank, rank0.step_seconds) if rank0 else None
         if total and seconds and state == "live" and step < total:
-            text.append(f" ETA {duration((total - step) * seconds)}")
+            text.append(f" ETA {numbers.duration((total - step) * seconds)}")
     epoch = next(
         (e for r in run.ranks if (e := last_value(store, run.key, r.rank, metrics.EPOCH_NAMES))),
         None,
@@ -103,12 +113,6 @@ def header_text(
     backwards = store.backwards.get(run.key, 0)
     if backwards:
         text.append(f"  {backwards} points whose step went back", style="yellow")
-    alerts = extra.get("alerts", 0)
-    if alerts:
-        critical = extra.get("critical", 0)
-        text.append(f"  ⚠ {alerts} alerts", style="bold red" if critical else "bold yellow")
-    if extra.get("paused"):
-        text.append("  PAUSED", style="reverse")
     return text
 
 
@@ -118,15 +122,36 @@ def pictures(
     charts: list[tuple[Chart, ChartSpec, int]],
     options: ViewOptions,
     alerted: list[tuple[str | None, int]],
+    runs: tuple[RunView, ...] = (),
 ) -> list[tuple[Chart, Picture]]:
     """The picture of each visible chart (with its spec and width in columns, read from the
-    widget before the store's lock is taken), with the alert marks of its metrics."""
+    widget before the store's lock is taken), with the alert marks of its metrics; with
+    ``options.compare``, every one of ``runs`` overlaid, ``run`` on top."""
     out = []
+    compared = sorted(runs, key=recency) if options.compare and len(runs) > 1 else []
     for chart, spec, columns in charts:
+        if compared:
+            each = [
+                (
+                    inert(r.name, 40),
+                    picture(store, r.key, spec, options, columns, r.config),
+                    (r.started or 0.0) if options.by_time else 0.0,
+                )
+                for r in compared
+            ]
+            pinned = next(i for i, r in enumerate(compared) if r.key == run.key)
+            out.append((chart, compare.overlay(each, pinned)))
+            continue
         names = {name for line in spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
-        out.append((chart, picture(store, run.key, spec, options, columns, run.config, steps)))
+        pic = picture(store, run.key, spec, options, columns, run.config, steps, run.started)
+        out.append((chart, pic))
     return out
+
+
+def recency(run: RunView) -> tuple[float, float]:
+    """How new a run is: its start, then its latest message (runs started together)."""
+    return (run.started or 0.0, run.last_t or 0.0)
 
 
 def run_label(run: RunView) -> str:
@@ -138,3 +163,40 @@ def run_label(run: RunView) -> str:
 def now() -> float:
     """Wall-clock time (the publishers' clock in messages is wall time too)."""
     return time.time()
+
+
+def alert_line(alert: Any) -> str:
+    """An alert in a list: severity, step, rank and the start of what happened."""
+    step = "-" if alert.step is None else numbers.step(alert.step)
+    return f"{alert.severity[:4].upper():<5}step {step:<7}rank {alert.rank:<4}{inert(alert.message, 70)}"
+
+
+def alert_text(alert: Any) -> Text:
+    """An alert in full: what happened, where, the value against its baseline, when."""
+    text = Text()
+    text.append(inert(alert.message, 2000) + "\n\n", style="bold")
+    rows = [
+        ("type", alert.type),
+        ("run", inert(alert.run, 200)),
+        ("rank", str(alert.rank)),
+        ("metric", "-" if alert.metric is None else inert(alert.metric, 200)),
+        ("step", "-" if alert.step is None else str(alert.step)),
+        (
+            "value",
+            "-" if alert.value is None else f"{alert.value!r} ({numbers.number(alert.value)})",
+        ),
+        (
+            "baseline",
+            "-"
+            if alert.baseline is None
+            else f"{alert.baseline!r} ({numbers.number(alert.baseline)})",
+        ),
+        (
+            "at",
+            "-" if alert.t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert.t)),
+        ),
+    ]
+    for name, value in rows:
+        text.append(f"{name:<9}", style="dim")
+        text.append(f"{value}\n")
+    return text

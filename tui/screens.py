@@ -14,7 +14,6 @@ from textual.widgets.option_list import Option
 KEY_NAMES = {
     "question_mark": "?",
     "enter": "enter",
-    "tab": "tab",
     "right,down": "→ ↓",
     "left,up": "← ↑",
 }
@@ -27,12 +26,12 @@ Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red lin
 
 def help_text(bindings: Iterable[BindingType]) -> str:
     """One line per key, from the bindings themselves: the help cannot drift from the keys."""
-    lines = ["tab      move between charts (shift+tab back)"]
+    lines = []
     for binding in bindings:
         if not isinstance(binding, Binding):
             continue
         key = KEY_NAMES.get(binding.key, binding.key)
-        lines.append(f"{key:<8} {binding.tooltip or binding.description}")
+        lines.append(f"{key:<10} {binding.tooltip or binding.description}")
     return "\n".join(lines) + "\n" + LEGEND
 
 
@@ -54,23 +53,48 @@ class HelpScreen(ModalScreen[None]):
 
 
 class PickScreen(ModalScreen[str | None]):
-    """A list to pick from: a metric for a chart, or a run."""
+    """A list to pick from: a metric for a chart, a run, an alert; the cursor on ``current``."""
 
     BINDINGS = [Binding("escape,q", "cancel", "cancel")]
     DEFAULT_CSS = "PickScreen { align: center middle; } PickScreen OptionList { width: 70; max-height: 80%; border: round $accent; }"
 
-    def __init__(self, title: str, choices: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, title: str, choices: list[tuple[str, str]], current: str | None = None
+    ) -> None:
         super().__init__()
         self.title_text = title
         self.choices = choices
+        self.current = current
 
     def compose(self) -> ComposeResult:
         options = OptionList(*(Option(Text(label), id=key) for key, label in self.choices))
         options.border_title = self.title_text
+        keys = [key for key, _ in self.choices]
+        if self.current in keys:
+            options.highlighted = keys.index(self.current)
         yield options
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
 
     def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class TextScreen(ModalScreen[None]):
+    """One thing in full (an alert): text that a table row or a chart title cuts."""
+
+    BINDINGS = [Binding("escape,q,enter", "close", "close")]
+    DEFAULT_CSS = "TextScreen { align: center middle; } TextScreen Static { width: auto; max-width: 100; border: round $accent; padding: 1 2; background: $surface; }"
+
+    def __init__(self, title: str, text: Text) -> None:
+        super().__init__()
+        self.title_text, self.text = title, text
+
+    def compose(self) -> ComposeResult:
+        body = Static(self.text)
+        body.border_title = self.title_text
+        yield body
+
+    def action_close(self) -> None:
         self.dismiss(None)

@@ -11,6 +11,8 @@ from textual.app import RenderResult
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
+from . import numbers
+from .axes import Axis
 from .charts import RANK_COLORS, ChartSpec, Picture, ViewOptions, draw, rich_color
 from .text import inert
 
@@ -27,22 +29,44 @@ class Chart(PlotextPlot, can_focus=True):
         super().__init__(**kwargs)
         self.spec = spec
         self.picture: Picture | None = None
-        self._drawn_with: tuple[bool, bool] | None = None
+        self._drawn_with: tuple[Any, ...] | None = None
+        self.axes: tuple[Axis, Axis] = (Axis(), Axis())
 
     def show(self, picture: Picture, options: ViewOptions, color: bool) -> None:
         """Replaces the picture and repaints, unless it is the one already shown."""
-        key = (options.log_y, color)  # the drawing's other inputs besides the picture
+        # The drawing's other inputs besides the picture: the ticks depend on the size.
+        key = (
+            options.log_y,
+            options.by_time,
+            options.smoothing,
+            options.rank_mode,
+            color,
+            self.size.width,
+            self.size.height,
+        )
         if picture == self.picture and key == self._drawn_with:
             return
         self.picture, self._drawn_with = picture, key
         title = Text(picture.title)
         if picture.note:
             title.append(f" · {picture.note}")
-        for label, line_color in picture.legend():
-            title.append("  ━ ", style=rich_color(line_color) if color else "")
-            title.append(label)
+        for label, colours in picture.legend():
+            title.append("  ")
+            for swatch in colours[:8]:
+                title.append("━", style=rich_color(swatch) if color else "")
+            title.append(f" {label}")
+        # How the chart is drawn, so that no key's effect is a mystery.
+        state = [f"smoothed {options.smoothing:g}, raw grey"] if options.smoothing else []
+        if any(line.label.endswith(" median") for line in picture.lines):
+            state.append("ranks min-median-max")
+        elif options.rank_mode == "one":
+            state.append(f"rank {options.rank}")
+        if options.log_y:
+            state.append("log")
+        if state:
+            title.append(f"  ({', '.join(state)})", style="dim")
         self.border_title = title
-        draw(self.plt, picture, options, color)
+        self.axes = draw(self.plt, picture, options, color, (self.size.width, self.size.height))
         self.refresh()
 
     def render(self) -> RenderResult:
@@ -126,8 +150,17 @@ class RanksTable(DataTable[Any]):
         self.add_columns("rank", "step", "s/step", "lag", "mem GB", "seen", "state")
         self._shown: list[list[str]] | None = None
 
-    def update_rows(self, rows: list[RankRow]) -> None:
-        """Replaces the rows, when what they show changed (a repaint costs terminal bytes)."""
+    def update_rows(self, rows: list[RankRow], fit: int | None = None) -> None:
+        """Replaces the rows, when what they show changed (a repaint costs terminal bytes).
+
+        ``fit``: the rows the table has room for; when fewer than the ranks, its title says so
+        (the table scrolls).
+        """
+        count = len(rows)
+        title = f"{count} rank{'s' * (count != 1)}"
+        if fit is not None and count > fit:
+            title += f", {fit} shown (scroll)"
+        self.border_title = title
         shown = [_cells(row) for row in rows]
         if shown == self._shown:
             return
@@ -136,9 +169,8 @@ class RanksTable(DataTable[Any]):
         for row, cells in zip(rows, shown):
             style = ROW_STYLES.get(row.state, "")
             texts = [Text(c, style=style) for c in cells]
-            texts[0].stylize(
-                RANK_COLORS[row.rank % len(RANK_COLORS)]
-            )  # the rank's colour in charts
+            # The rank's colour in the charts: the same terminal colour plotext prints.
+            texts[0].stylize(rich_color(RANK_COLORS[row.rank % len(RANK_COLORS)]))
             self.add_row(*texts)
 
 
@@ -148,21 +180,13 @@ ROW_STYLES = {"silent": "bold red", "crashed": "bold red", "error": "red", "stra
 def _cells(row: RankRow) -> list[str]:
     return [
         str(row.rank),
-        "-" if row.step is None else str(row.step),
-        "-" if row.step_time is None else f"{row.step_time:.3f}",
-        "-" if row.lag is None else str(row.lag),
-        "-" if row.memory is None else f"{row.memory:.1f}",
-        "-" if row.seen is None else _ago(row.seen),
+        numbers.step(row.step),
+        "-" if row.step_time is None else numbers.number(row.step_time),
+        numbers.step(row.lag),
+        "-" if row.memory is None else numbers.number(row.memory),
+        "-" if row.seen is None else numbers.duration(row.seen),
         row.state,
     ]
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(0.0, seconds):.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 class Header(Static):
@@ -177,9 +201,16 @@ class AlertsPanel(DataTable[Any]):
     DEFAULT_CSS = "AlertsPanel { overflow-x: hidden; }"
 
     def on_mount(self) -> None:
-        self.cursor_type = "none"
+        self.cursor_type = "row"  # a click (or enter once focused) shows the alert in full
         self.add_columns("", "step", "rank", "alert")
         self._shown: tuple[int, Any] = (0, None)
+        self._rows: list[Any] = []
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if 0 <= event.cursor_row < len(self._rows):
+            show = getattr(self.app, "show_alert", None)
+            if show is not None:
+                show(self._rows[event.cursor_row])
 
     def update_alerts(self, alerts: list[Any]) -> None:
         """Replaces the rows with the newest alerts, when there are new ones."""
@@ -189,7 +220,8 @@ class AlertsPanel(DataTable[Any]):
         self._shown = shown
         self.clear()
         styles = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
-        for alert in reversed(alerts[-200:]):
+        self._rows = list(reversed(alerts[-200:]))
+        for alert in self._rows:
             style = styles.get(getattr(alert, "severity", "info"), "")
             rank = getattr(alert, "rank", None)
             step = getattr(alert, "step", None)
