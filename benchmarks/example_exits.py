@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,10 +37,47 @@ def launch(example: str, args: list[str], limit: float, folder: str) -> tuple[st
     try:
         code = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
+        _dump_stacks(process.pid)
+        for pid in _descendants(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return "hung", time.monotonic() - started
     return ("ok" if code == 0 else "failed"), time.monotonic() - started
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below ``root`` (torchrun starts ranks in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read()
+                parents[int(entry)] = int(raw[raw.rfind(b")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _dump_stacks(root: int) -> None:
+    """Where each rank of a hung launch is (py-spy, when installed), on stderr."""
+    if shutil.which("py-spy") is None:
+        return
+    for pid in _descendants(root):
+        dump = subprocess.run(
+            ["py-spy", "dump", "--native", "--pid", str(pid)], capture_output=True, text=True
+        )
+        print(f"--- pid {pid}\n{dump.stdout}{dump.stderr}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

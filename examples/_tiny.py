@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,16 +130,20 @@ def setup() -> None:
 
 
 def end_distributed() -> None:
-    """Shuts the process group down while the program still runs, before the interpreter frees it.
+    """Lets the process group's threads finish before the program frees the DDP model.
 
-    On CPU ranks, freeing a DDP model at exit joins gloo's worker threads with the GIL held,
-    and a worker still freeing the last all-reduce's tensors waits for the GIL: the rank hangs
-    in exit (pytorch/pytorch#56297). ``destroy_process_group`` shuts the group down here, with
-    the GIL released while its threads are joined. PyTorch asks every program to call it.
+    On CPU ranks a rank can hang at exit (pytorch/pytorch#56297; py-spy on a hung rank of
+    ``accelerate_loop.py``): freeing the DDP model frees gloo's process group, which joins its
+    worker threads with the GIL held, while a worker is still destroying the last collective's
+    work, whose tensors are Python objects: it waits for the GIL. So: a barrier (every
+    collective is done on every rank), a pause with the GIL released (the workers drop that
+    work), then ``destroy_process_group``, as PyTorch asks every program to call.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
