@@ -35,6 +35,10 @@ SCAN_SECONDS = 0.25  # how often files are read and processes checked
 IDLE_SECONDS = 2.0
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
 SILENT_UNKNOWN_SECONDS = 10.0  # a rank whose liveness cannot be checked, silent this long, is done
+# Bytes of run files read per poll, over all ranks together (at least MIN_READ per rank): what
+# one poll returns, and so what a viewer holds at once, does not grow with the ranks or history.
+READ_BUDGET = 2 << 20
+MIN_READ = 128 << 10
 LIVE_DRAIN_FRAMES = 2000
 LIVE_DRAIN_SECONDS = 0.05
 
@@ -73,6 +77,7 @@ class Follower:
         self._last_scan = -1e9
         self._last_folder_scan = -1e9
         self._backlog = False
+        self._limit = READ_BUDGET  # bytes per rank file per read (see READ_BUDGET)
         self._scanned_once = False
         self._live = _LiveSockets() if follow and live else None
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
@@ -135,6 +140,8 @@ class Follower:
                 if run.dir is not None and run.dir not in self._run_dirs:
                     self._add_run_dir(run.dir)
         backlog = False  # set once at the end: the app's thread reads it meanwhile
+        reading = sum(1 for run in self.runs.values() for r in run.ranks.values() if not r.done)
+        self._limit = max(MIN_READ, READ_BUDGET // max(1, reading))
         for run in self.runs.values():
             for rank in run.ranks.values():
                 if rank.done:
@@ -213,7 +220,7 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return False
-        messages, more = file.read()
+        messages, more = file.read(self._limit)
         for message in messages:
             self._apply(run, rank, message, out)
         rank.bad_lines = file.bad_lines
