@@ -36,9 +36,10 @@ IDLE_SECONDS = 2.0
 FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
 SILENT_UNKNOWN_SECONDS = 10.0  # a rank whose liveness cannot be checked, silent this long, is done
 # Bytes of run files read per poll, over all ranks together (at least MIN_READ per rank): what
-# one poll returns, and so what a viewer holds at once, does not grow with the ranks or history.
+# one poll returns, and so what a viewer holds at once, does not grow with the history, nor with
+# the ranks up to READ_BUDGET / MIN_READ = 128 of them (then by MIN_READ, ~40 lines, a rank).
 READ_BUDGET = 2 << 20
-MIN_READ = 128 << 10
+MIN_READ = 16 << 10
 LIVE_DRAIN_FRAMES = 2000
 LIVE_DRAIN_SECONDS = 0.05
 
