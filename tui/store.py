@@ -211,8 +211,9 @@ class Store:
         self.backwards: dict[str, int] = {}  # run key -> points dropped for a step that went back
         self.points = 0
         # (run, rank, metric names) -> the steps and times shared by those series while every
-        # point of theirs came from messages with exactly those names.
-        self.groups: dict[tuple[str, int, tuple[str, ...]], Series] = {}
+        # point of theirs came from messages with exactly those names. Dropped when a group
+        # arrives that no series shares any more (each has taken its own copy).
+        self.groups: dict[tuple[str, int, tuple[str, ...]], tuple[array[int], array[float]]] = {}
 
     def add(self, batch: Iterable[tuple[str, schema.Message]]) -> int:
         """Adds the metrics messages of a batch of (run key, message); returns points added.
@@ -250,18 +251,20 @@ class Store:
         times = array("d", [m.t for m in group])
         self.last_step[(run, rank)] = max(steps[-1], self.last_step.get((run, rank), steps[-1]))
         added = 0
-        index = self.groups.get((run, rank, tuple(first.m)))
+        group_key = (run, rank, tuple(first.m))
+        index = self.groups.get(group_key)
         if index is None:
-            index = self.groups[(run, rank, tuple(first.m))] = Series()
+            index = self.groups[group_key] = (array("q"), array("d"))
+        index_steps, index_times = index
         sharing = []
         for name in first.m:
             key = (run, rank, name)
             series = self.series.get(key)
             if series is None:
-                series = Series(index.steps, index.times) if not len(index.steps) else Series()
+                series = Series(*index) if not index_steps else Series()
                 self.series[key] = series
                 self.metrics.setdefault(run, set()).add(name)
-            if series.shared and series.steps is index.steps:
+            if series.shared and series.steps is index_steps:
                 sharing.append((name, series))
                 continue
             start = 0
@@ -273,13 +276,15 @@ class Store:
             elif start < len(group):
                 series.extend(steps[start:], times[start:], [m.m[name] for m in group[start:]])
             added += len(group) - start
-        if sharing:  # their steps are the index's: what is kept is the same for all of them
+        if not sharing:
+            del self.groups[group_key]
+        else:  # their steps are the index's: what is kept is the same for all of them
             start = 0
-            if len(index.steps) and index.steps[-1] > steps[0]:
-                start = bisect_left(steps, index.steps[-1])
+            if index_steps and index_steps[-1] > steps[0]:
+                start = bisect_left(steps, index_steps[-1])
                 self.backwards[run] = self.backwards.get(run, 0) + start * len(sharing)
-            index.steps.extend(steps[start:])
-            index.times.extend(times[start:])
+            index_steps.extend(steps[start:])
+            index_times.extend(times[start:])
             for name, series in sharing:
                 series.extend_values([m.m[name] for m in group[start:]])
             added += (len(group) - start) * len(sharing)
