@@ -4,6 +4,7 @@
     python benchmarks/history.py first-frame DIR           # the real app, 160x48
     python benchmarks/history.py headless DIR [--no-alerts]
     python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
+    python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
 
 ``make`` starts RANKS processes, each a rank of one launch (``RANK``, ``WORLD_SIZE``,
 ``LMTOP_DIR``, ``LMTOP_RUN``), that call ``hooks.publish`` STEPS times with 10 metrics, as a
@@ -11,6 +12,8 @@ training loop would. ``first-frame`` opens the app (alerts on, as ``lmtop`` runs
 process and prints the seconds until every visible chart shows the last step, and the process's
 resident memory then and once the alerts over the history are computed. ``headless`` runs
 ``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
+``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
+and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``.
 """
 
 from __future__ import annotations
@@ -157,6 +160,52 @@ def headless(run: Path, alerts: bool) -> None:
     )
 
 
+def live(ranks: int = 16, seconds: float = 20.0) -> None:
+    """Share of one core the app uses while ``ranks`` ranks publish 40 steps a second."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from lmtop.tui.demo import start_ranks, stop
+
+    folder = tempfile.mkdtemp(prefix="lmtop-live-")
+    procs = start_ranks(ranks, 10_000_000, 1.0, folder)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
+        os.environ["TERM"] = "xterm-256color"
+        os.execv(sys.executable, [sys.executable, "-m", "lmtop.tui", folder])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 48, 160, 0, 0))
+
+    def cpu_seconds() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def drain(until: float) -> None:
+        while time.monotonic() < until:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    os.read(fd, 1 << 16)
+                except OSError:
+                    return
+
+    try:
+        drain(time.monotonic() + 5.0)  # start-up and the first paint
+        before, started = cpu_seconds(), time.monotonic()
+        drain(started + seconds)
+        used = (cpu_seconds() - before) / (time.monotonic() - started)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        stop(procs)
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"live: {ranks} ranks x 40 steps/s, the app uses {used:.0%} of a core", flush=True)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args[0] == "rank":
@@ -167,6 +216,8 @@ def main() -> None:
         first_frame(Path(args[1]))
     elif args[0] == "headless":
         headless(Path(args[1]), "--no-alerts" not in args)
+    elif args[0] == "live":
+        live(*(int(a) for a in args[1:2]), *(float(a) for a in args[2:3]))
     elif args[0] == "all":
         ranks, steps = int(args[1]), int(args[2])
         repeats = int(args[3]) if len(args) > 3 else 1
