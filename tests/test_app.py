@@ -521,3 +521,47 @@ async def test_o_overlays_every_run_with_its_colour_and_legend(tmp_path: Path) -
             "train",
             "eval",
         }
+
+
+async def test_alerts_over_a_history_longer_than_the_deferral_are_those_of_a_plain_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alerts owed mid-way through a long history (more messages than the app holds for them)
+    are computed at once, and the app ends with exactly the alerts a plain read raises."""
+    import json
+
+    from lmtop.tui import app as app_module
+    from lmtop.tui import follow
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+
+    run_dir = write_run(tmp_path / "runs", ranks=2, steps=3000)
+    for rank, steps in ((0, (500, 2500)), (1, (1500,))):
+        path = run_dir / f"rank-{rank}.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        for step in steps:
+            record = json.loads(lines[step + 1])
+            record["m"]["loss"] = 10.0
+            lines[step + 1] = json.dumps(record).encode() + b"\n"
+        path.write_bytes(b"".join(lines))
+    monkeypatch.setattr(follow, "READ_BUDGET", 64 << 10)  # many small batches
+    monkeypatch.setattr(follow, "MIN_READ", 16 << 10)
+    monkeypatch.setattr(app_module, "DEFER_ALERT_MESSAGES", 700)
+
+    plain_source = Follower([str(run_dir)], follow=False, live=False)
+    plain = Alerting(AlertSettings(), plain_source.runs)
+    expected = []
+    while not plain_source.done:
+        expected += [a for k, m in plain_source.poll(0) for a in plain.feed(k, m)]
+    want = [(a.type, a.rank, a.metric, a.step) for a in expected]
+    assert ("spike", 1, "loss", 1500) in want
+
+    source = Follower([str(run_dir)], follow=False, live=False)
+    app = LmtopApp(source, refresh_hz=20, alerts=Alerting(AlertSettings(), source.runs))
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, points=2 * 3000 * 7)
+        deadline = time.monotonic() + 20
+        while len(app.alerts) < len(want) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+        assert [(a.type, a.rank, a.metric, a.step) for a in app.alerts] == want

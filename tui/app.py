@@ -40,8 +40,9 @@ REFRESH_HZ = 2.0
 CLOCK_SECONDS = 1.0  # the header and ranks table follow the clock at least this often
 SNAPSHOT_SECONDS = 0.25  # the worker posts a snapshot at least this often, data or not
 HEALTH_SECONDS = 0.5  # stalls and stragglers are judged this often
-# Messages of a long history held for the alert engine until the history is read (~1 KB each).
-DEFER_ALERT_MESSAGES = 200_000
+# Messages of a long history held for the alert engine until the history is read (~1.5 KB each:
+# 200,000 of them were 300 MB of the app's 650 MB over an 8-rank history).
+DEFER_ALERT_MESSAGES = 50_000
 
 
 class Polled(Message):
@@ -139,7 +140,10 @@ class LmtopApp(Keys):
                 # Read after the batch is in the store: the last batch of a history is drawn.
                 self.catching_up = catching_up = source.catching_up
                 if unalerted and (not catching_up or waiting > DEFER_ALERT_MESSAGES):
-                    if len(unalerted) > 1:  # a long history was read: paint it, then alert
+                    # A long history read to its end: paint it, then alert. Alerts owed mid-way
+                    # (too many messages held) are computed at once: painting a part first would
+                    # not bring the whole history's frame any sooner.
+                    if len(unalerted) > 1 and not catching_up:
                         self._painted.clear()
                         self._paint_pending = True
                         self.post_message(Polled(book.snapshot(), [], True))

@@ -39,6 +39,11 @@ FOLDER_SCAN_SECONDS = 1.0  # how often folders are searched for new runs
 # A rank whose process cannot be checked (another host, or no pid known), silent this long, is
 # given up as "unknown": an evaluation or a checkpoint can be silent for minutes.
 REMOTE_SILENT_SECONDS = 300.0
+# Bytes of run files read per poll, over all ranks together (at least MIN_READ per rank): what
+# one poll returns, and so what a viewer holds at once, does not grow with the history, nor with
+# the ranks up to READ_BUDGET / MIN_READ = 128 of them (then by MIN_READ, ~40 lines, a rank).
+READ_BUDGET = 2 << 20
+MIN_READ = 16 << 10
 LIVE_DRAIN_FRAMES = 2000
 LIVE_DRAIN_SECONDS = 0.05
 
@@ -81,6 +86,7 @@ class Follower:
         self._last_scan = -1e9
         self._last_folder_scan = -1e9
         self._backlog = False
+        self._limit = READ_BUDGET  # bytes per rank file per read (see READ_BUDGET)
         self._scanned_once = False
         self._live = _LiveSockets() if follow and live else None
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
@@ -156,6 +162,8 @@ class Follower:
                 if run.dir is not None and run.dir not in self._run_dirs:
                     self._add_run_dir(run.dir)
         backlog = False  # set once at the end: the app's thread reads it meanwhile
+        reading = sum(1 for run in self.runs.values() for r in run.ranks.values() if not r.done)
+        self._limit = max(MIN_READ, READ_BUDGET // max(1, reading))
         for run in self.runs.values():
             for rank in run.ranks.values():
                 if rank.done:
@@ -245,7 +253,7 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return False
-        messages, more = file.read()
+        messages, more = file.read(self._limit)
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
             # or rewritten line, whatever its content) is not the rank's; count it. Only the

@@ -65,6 +65,11 @@ class RankFile:
                 if size > self.offset
                 else b""
             )
+            if len(chunk) < min(READ_CHUNK, size - self.offset) and b"\n" not in chunk:
+                # A small read inside one long line: read on to READ_CHUNK, as a full read
+                # would, so the lines kept do not depend on how the reads are sized.
+                end = self.offset + min(READ_CHUNK, size - self.offset)
+                chunk += os.pread(fd, end - self.offset - len(chunk), self.offset + len(chunk))
         except OSError:
             return [], False
         finally:

@@ -1,6 +1,8 @@
 """The series store: every point of every metric of every rank, compact, with a min/max pyramid.
 
-A point costs 24 bytes (step, wall time, value in three flat arrays). Blocks of 64 and of 4096
+A point costs 24 bytes (step, wall time, value in three flat arrays), or about 8 when the
+series shares its steps and times with the other metrics of the same messages (the usual case:
+one ``publish`` call reports ten metrics at one step and time). Blocks of 64 and of 4096
 points keep their finite min, max, sum and count, so asking for the min and max of each terminal
 column costs the same whether a series holds ten thousand points or ten million: charts decimate
 from the full series every frame, and never hide a spike.
@@ -37,11 +39,13 @@ class Columns:
 class Series:
     """The points of one metric of one rank, in arrival order (steps should not go back)."""
 
-    __slots__ = ("b1", "b2", "nonfinite", "steps", "times", "values")
+    __slots__ = ("b1", "b2", "nonfinite", "shared", "steps", "times", "values")
 
-    def __init__(self) -> None:
-        self.steps = array("q")
-        self.times = array("d")
+    def __init__(self, steps: array[int] | None = None, times: array[float] | None = None) -> None:
+        # Given steps and times are another owner's (a Store's group index), extended by it.
+        self.shared = steps is not None
+        self.steps = steps if steps is not None else array("q")
+        self.times = times if times is not None else array("d")
         self.values = array("d")
         self.nonfinite: list[int] = []  # indices of NaN/Inf points
         # Per block: finite min, max, sum and count.
@@ -60,9 +64,23 @@ class Series:
         self, steps: array[int] | list[int], times: array[float] | list[float], values: list[float]
     ) -> None:
         """Appends points; the block summaries they touch are recomputed."""
-        start = len(self.values)
+        self.own()
         self.steps.extend(steps)
         self.times.extend(times)
+        self.extend_values(values)
+
+    def own(self) -> None:
+        """Takes its own copy of shared steps and times (before they take other points)."""
+        if self.shared:
+            self.steps, self.times, self.shared = (
+                array("q", self.steps),
+                array("d", self.times),
+                False,
+            )
+
+    def extend_values(self, values: list[float]) -> None:
+        """Appends the values of points whose steps and times are already in place."""
+        start = len(self.values)
         self.values.extend(values)
         for offset, value in enumerate(values):
             if value - value != 0.0:
@@ -192,6 +210,10 @@ class Store:
         self.last_step: dict[tuple[str, int], int] = {}
         self.backwards: dict[str, int] = {}  # run key -> points dropped for a step that went back
         self.points = 0
+        # (run, rank, metric names) -> the steps and times shared by those series while every
+        # point of theirs came from messages with exactly those names. Dropped when a group
+        # arrives that no series shares any more (each has taken its own copy).
+        self.groups: dict[tuple[str, int, tuple[str, ...]], tuple[array[int], array[float]]] = {}
 
     def add(self, batch: Iterable[tuple[str, schema.Message]]) -> int:
         """Adds the metrics messages of a batch of (run key, message); returns points added.
@@ -229,12 +251,22 @@ class Store:
         times = array("d", [m.t for m in group])
         self.last_step[(run, rank)] = max(steps[-1], self.last_step.get((run, rank), steps[-1]))
         added = 0
+        group_key = (run, rank, tuple(first.m))
+        index = self.groups.get(group_key)
+        if index is None:
+            index = self.groups[group_key] = (array("q"), array("d"))
+        index_steps, index_times = index
+        sharing = []
         for name in first.m:
             key = (run, rank, name)
             series = self.series.get(key)
             if series is None:
-                series = self.series[key] = Series()
+                series = Series(*index) if not index_steps else Series()
+                self.series[key] = series
                 self.metrics.setdefault(run, set()).add(name)
+            if series.shared and series.steps is index_steps:
+                sharing.append((name, series))
+                continue
             start = 0
             if len(series) and series.steps[-1] > steps[0]:  # went back: keep what is not
                 start = bisect_left(steps, series.steps[-1])
@@ -244,6 +276,18 @@ class Store:
             elif start < len(group):
                 series.extend(steps[start:], times[start:], [m.m[name] for m in group[start:]])
             added += len(group) - start
+        if not sharing:
+            del self.groups[group_key]
+        else:  # their steps are the index's: what is kept is the same for all of them
+            start = 0
+            if index_steps and index_steps[-1] > steps[0]:
+                start = bisect_left(steps, index_steps[-1])
+                self.backwards[run] = self.backwards.get(run, 0) + start * len(sharing)
+            index_steps.extend(steps[start:])
+            index_times.extend(times[start:])
+            for name, series in sharing:
+                series.extend_values([m.m[name] for m in group[start:]])
+            added += (len(group) - start) * len(sharing)
         return added
 
     def ranks(self, run: str, metric: str) -> list[int]:
@@ -255,5 +299,14 @@ class Store:
         return self.series.get((run, rank, metric))
 
     def nbytes(self) -> int:
-        """Bytes held by every series."""
-        return sum(s.nbytes() for s in self.series.values())
+        """Bytes held by every series (shared steps and times counted once)."""
+        total, seen = 0, set()
+        for series in self.series.values():
+            total += series.nbytes()
+            if series.shared:
+                if id(series.steps) in seen:
+                    total -= sum(
+                        a.buffer_info()[1] * a.itemsize for a in (series.steps, series.times)
+                    )
+                seen.add(id(series.steps))
+        return total

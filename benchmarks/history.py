@@ -1,0 +1,239 @@
+"""A multi-rank job's whole history: first frame, app memory, headless time and peak memory.
+
+    python benchmarks/history.py make DIR RANKS STEPS      # write a run with the real hook
+    python benchmarks/history.py first-frame DIR           # the real app, 160x48
+    python benchmarks/history.py headless DIR [--no-alerts]
+    python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
+    python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
+
+``make`` starts RANKS processes, each a rank of one launch (``RANK``, ``WORLD_SIZE``,
+``LMTOP_DIR``, ``LMTOP_RUN``), that call ``hooks.publish`` STEPS times with 10 metrics, as a
+training loop would. ``first-frame`` opens the app (alerts on, as ``lmtop`` runs it) in a fresh
+process and prints the seconds until every visible chart shows the last step, and the process's
+resident memory then and once the alerts over the history are computed. ``headless`` runs
+``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
+``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
+and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _metrics import NAMES as EIGHT  # benchmarks/ is on the path of its scripts
+
+NAMES = (*EIGHT, "eval_loss", "memory_reserved_gb")  # ten metrics a step
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} cores, {platform.machine()}, Python {sys.version.split()[0]}, "
+        f"load {load[0]:.1f}/{load[1]:.1f}"
+    )
+
+
+def rank_process(steps: int) -> None:
+    """One rank: STEPS calls of ``hooks.publish``, as a training loop makes them."""
+    from lmtop import hooks
+
+    rank = int(os.environ["RANK"])
+    for step in range(steps):
+        x = (step * 7919 + rank * 104729) % 1000 / 1000
+        hooks.publish({name: 1.0 + x / (i + 1) for i, name in enumerate(NAMES)}, step=step)
+    hooks.finish()
+
+
+def make(folder: Path, ranks: int, steps: int) -> Path:
+    """Writes one run of ``ranks`` processes; returns the run directory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"hist-{ranks}x{steps}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "rank", str(steps)],
+            env=dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(ranks),
+                LMTOP_DIR=str(folder),
+                LMTOP_RUN=name,
+            ),
+        )
+        for rank in range(ranks)
+    ]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"a rank failed: {proc.returncode}")
+    (run,) = [p for p in folder.iterdir() if p.is_dir()]
+    size = sum(f.stat().st_size for f in run.iterdir())
+    print(f"made {run}: {ranks} ranks x {steps:,} steps, {size / 1e6:.0f} MB", flush=True)
+    return run
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def first_frame(run: Path) -> None:
+    """Seconds until every visible chart shows the whole history; resident memory."""
+    from lmtop.tui.alert_actions import Alerting
+    from lmtop.tui.alert_settings import AlertSettings
+    from lmtop.tui.app import LmtopApp
+    from lmtop.tui.follow import Follower
+    from lmtop.tui.widgets import Chart
+
+    last = max(
+        int(line.split(b'"step":')[1].split(b",")[0])
+        for f in run.glob("rank-*.jsonl")
+        for line in f.read_bytes()[-4096:].splitlines()[-20:]
+        if b'"kind":"metrics"' in line
+    )
+    rendered: dict[str, float] = {}
+    render = Chart.render
+
+    def timed_render(chart: Chart) -> object:
+        result = render(chart)
+        pic = chart.picture
+        if (
+            pic is not None
+            and pic.lines
+            and max(max(line.x) for line in pic.lines) >= last - last // 100
+        ):
+            rendered.setdefault(chart.spec.key, time.perf_counter())
+        return result
+
+    Chart.render = timed_render  # type: ignore[method-assign]
+
+    async def measure() -> None:
+        started = time.perf_counter()
+        source = Follower([str(run)], follow=True, live=False)
+        engine = Alerting(AlertSettings(), source.runs)
+        app = LmtopApp(source, alerts=engine)  # as run_app does
+        async with app.run_test(size=(160, 48)) as pilot:
+            shown = [c.spec.key for c in app.query(Chart) if not c.has_class("hidden")]
+            deadline = time.monotonic() + 300
+            while not all(key in rendered for key in shown) and time.monotonic() < deadline:
+                await pilot.pause(0.01)
+            seconds = max(rendered[key] for key in shown) - started
+            at_frame = rss_mb()
+            # Alerts over the history come after the first frame: wait for the worker to drain.
+            while time.monotonic() < deadline:
+                await pilot.pause(0.5)
+                if not source.catching_up and not app.catching_up:
+                    await pilot.pause(1.0)
+                    break
+            done = time.perf_counter() - started
+            print(
+                f"first frame {seconds:.2f} s; RSS {at_frame:.0f} MB then, "
+                f"{rss_mb():.0f} MB at {done:.1f} s (alerts computed); "
+                f"{app.store.points:,} points stored",
+                flush=True,
+            )
+
+    asyncio.run(measure())
+
+
+def headless(run: Path, alerts: bool) -> None:
+    """Wall time and peak RSS of ``lmtop --headless --no-follow``."""
+    command = [sys.executable, "-m", "lmtop.tui", "--headless", "--no-follow", str(run)]
+    if not alerts:
+        command.insert(-1, "--no-alerts")
+    started = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(command, stdout=devnull)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    print(
+        f"headless{'' if alerts else ' --no-alerts'}: {seconds:.2f} s, "
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB (exit {os.waitstatus_to_exitcode(status)})",
+        flush=True,
+    )
+
+
+def live(ranks: int = 16, seconds: float = 20.0) -> None:
+    """Share of one core the app uses while ``ranks`` ranks publish 40 steps a second."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from lmtop.tui.demo import start_ranks, stop
+
+    folder = tempfile.mkdtemp(prefix="lmtop-live-")
+    procs = start_ranks(ranks, 10_000_000, 1.0, folder)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
+        os.environ["TERM"] = "xterm-256color"
+        os.execv(sys.executable, [sys.executable, "-m", "lmtop.tui", folder])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 48, 160, 0, 0))
+
+    def cpu_seconds() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def drain(until: float) -> None:
+        while time.monotonic() < until:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    os.read(fd, 1 << 16)
+                except OSError:
+                    return
+
+    try:
+        drain(time.monotonic() + 5.0)  # start-up and the first paint
+        before, started = cpu_seconds(), time.monotonic()
+        drain(started + seconds)
+        used = (cpu_seconds() - before) / (time.monotonic() - started)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        stop(procs)
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"live: {ranks} ranks x 40 steps/s, the app uses {used:.0%} of a core", flush=True)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[0] == "rank":
+        rank_process(int(args[1]))
+    elif args[0] == "make":
+        make(Path(args[1]), int(args[2]), int(args[3]))
+    elif args[0] == "first-frame":
+        first_frame(Path(args[1]))
+    elif args[0] == "headless":
+        headless(Path(args[1]), "--no-alerts" not in args)
+    elif args[0] == "live":
+        live(*(int(a) for a in args[1:2]), *(float(a) for a in args[2:3]))
+    elif args[0] == "all":
+        ranks, steps = int(args[1]), int(args[2])
+        repeats = int(args[3]) if len(args) > 3 else 1
+        print(f"machine: {machine()}", flush=True)
+        folder = Path(tempfile.mkdtemp(prefix="lmtop-history-"))
+        try:
+            run = make(folder, ranks, steps)
+            for _ in range(repeats):
+                subprocess.run([sys.executable, __file__, "first-frame", str(run)], check=True)
+                headless(run, alerts=False)
+                headless(run, alerts=True)
+        finally:
+            shutil.rmtree(folder)
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
