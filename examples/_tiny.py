@@ -8,8 +8,9 @@ fine-tuning, so the loss is the model's surprise at the answer.
 from __future__ import annotations
 
 import math
+import os
 import random
-import time
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,21 +131,31 @@ def setup() -> None:
 
 
 def end_distributed() -> None:
-    """Lets the process group's threads finish before the program frees the DDP model.
+    """Ends a CPU (gloo) rank here, once every rank is done, without freeing the DDP model.
 
-    On CPU ranks a rank can hang at exit (pytorch/pytorch#56297; py-spy on a hung rank of
-    ``accelerate_loop.py``): freeing the DDP model frees gloo's process group, which joins its
-    worker threads with the GIL held, while a worker is still destroying the last collective's
-    work, whose tensors are Python objects: it waits for the GIL. So: a barrier (every
-    collective is done on every rank), a pause with the GIL released (the workers drop that
-    work), then ``destroy_process_group``, as PyTorch asks every program to call.
+    On CPU ranks a rank can hang at exit (pytorch/pytorch#56297): freeing the DDP model frees
+    gloo's process group, whose destructor waits for a worker thread while holding the GIL,
+    and the worker, destroying a finished all-reduce whose tensors are Python objects, waits for
+    the GIL. py-spy shows exactly that on hung ranks of ``accelerate_loop.py``; neither
+    ``destroy_process_group`` nor a barrier and a pause before it prevented it (2 of 15 and 1
+    of 9 launches hung). So a gloo rank, its work done, records its end with lmtop, flushes its
+    output and leaves with ``os._exit(0)``: nothing is left to free. NCCL (GPU) ranks return
+    normally after ``destroy_process_group``, as PyTorch asks.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        time.sleep(0.2)
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.barrier()
+    dist.destroy_process_group()
+    if gloo:
+        from lmtop import hooks
+
+        hooks.finish()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def describe(config: dict[str, Any]) -> str:
