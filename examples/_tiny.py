@@ -136,20 +136,21 @@ def end_distributed() -> None:
     On CPU ranks a rank can hang at exit (pytorch/pytorch#56297): freeing the DDP model frees
     gloo's process group, whose destructor waits for a worker thread while holding the GIL,
     and the worker, destroying a finished all-reduce whose tensors are Python objects, waits for
-    the GIL. py-spy shows exactly that on hung ranks of ``accelerate_loop.py``; neither
-    ``destroy_process_group`` nor a barrier and a pause before it prevented it (2 of 15 and 1
-    of 9 launches hung). So a gloo rank, its work done, records its end with lmtop, flushes its
-    output and leaves with ``os._exit(0)``: nothing is left to free. NCCL (GPU) ranks return
-    normally after ``destroy_process_group``, as PyTorch asks.
+    the GIL. py-spy shows exactly that on hung ranks of ``accelerate_loop.py``, whose
+    ``accelerator.end_training()`` had already destroyed the process group: the DDP model
+    still holds it. So a CPU rank of a multi-process run, its work done, records its end with
+    lmtop, flushes its output and leaves with ``os._exit(0)``: nothing is left to free. NCCL
+    (GPU) ranks return normally after ``destroy_process_group``, as PyTorch asks.
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gloo = dist.get_backend() == "gloo"
-    dist.barrier()
-    dist.destroy_process_group()
-    if gloo:
+    if dist.is_available() and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
+        dist.barrier()
+        dist.destroy_process_group()
+    else:  # already destroyed (accelerate's end_training does it): the DDP model still holds it
+        gloo = not torch.cuda.is_available()
+    if gloo and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from lmtop import hooks
 
         hooks.finish()
