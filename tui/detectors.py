@@ -129,12 +129,10 @@ class SpikeDetector:
             self._log = False
             self._window.clear()
             self._seen = 0
-        x = math.log(value) if self._log else value
-        self._seen += 1
-        window = self._window
-        if len(window) < 3:
-            window.add(x)
+        x = _admit(self, value)
+        if x is None:
             return None
+        window = self._window
         level = window.median()
         residual = x - level
         if self.direction == UP:
@@ -159,13 +157,28 @@ class SpikeDetector:
             self._in_spike = True
             baseline = math.exp(level) if self._log else level
             return Finding(value, baseline, scale, deviation / scale)
-        self._outliers = 0
-        window.add(x)
-        if self._in_spike:
-            self._calm += 1
-            if self._calm >= s.merge_steps:
-                self._in_spike = False
+        _settle(self, window, x)
         return None
+
+
+def _admit(detector: SpikeDetector | TailSpikeDetector, value: float) -> float | None:
+    """The value on the detector's scale (log or not), or None while its window fills."""
+    x = math.log(value) if detector._log else value
+    detector._seen += 1
+    if len(detector._window) < 3:
+        detector._window.add(x)
+        return None
+    return x
+
+
+def _settle(detector: SpikeDetector | TailSpikeDetector, window: RollingWindow, x: float) -> None:
+    """A point within bounds joins the baseline; ``merge_steps`` of them end a spike episode."""
+    detector._outliers = 0
+    window.add(x)
+    if detector._in_spike:
+        detector._calm += 1
+        if detector._calm >= detector.s.merge_steps:
+            detector._in_spike = False
 
 
 class TailSpikeDetector:
@@ -252,12 +265,10 @@ class TailSpikeDetector:
             self._seen = 0
             self._scale = self._spread = 0.0
             self._scale_count = 0
-        x = math.log(value) if self._log else value
-        self._seen += 1
-        window = self._window
-        if len(window) < 3:
-            window.add(x)
+        x = _admit(self, value)
+        if x is None:
             return None
+        window = self._window
         s = self.s
         level = window.median()
         residual = x - level
@@ -334,12 +345,7 @@ class TailSpikeDetector:
                 self._usual,
                 severity,
             )
-        self._outliers = 0
-        window.add(x)
-        if self._in_spike:
-            self._calm += 1
-            if self._calm >= s.merge_steps:
-                self._in_spike = False
+        _settle(self, window, x)
         return None
 
 
