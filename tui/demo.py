@@ -75,9 +75,8 @@ def simulate(rank: int, world: int, steps: int, speed: float) -> None:
         progress = step / steps
         loss = 0.35 + 2.4 * math.exp(-4 * progress) + rng.gauss(0, 0.03)
         if step == int(0.55 * steps) and rank == 0:
-            loss *= (
-                12  # one loss spike, big enough to be a warning (a 4x blip the run absorbs is info)
-            )
+            # One loss spike, big enough to be a warning (a 4x blip the run absorbs is info).
+            loss *= 20
         # Multiplicative noise, as real grad norms have (a half-normal added on top made the
         # spike detector fire ~26 times in a 4 x 3000-step demo; this makes it ~2).
         grad_norm = (0.45 * math.exp(-2 * progress) + 0.35) * math.exp(rng.gauss(0, 0.06))
