@@ -8,9 +8,11 @@ as nodes with a shared filesystem do. The relay over TCP (issue 15) is not cover
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +36,10 @@ def test_two_nodes_on_a_shared_directory_make_one_run_named_alike_without_lmtop_
 ) -> None:
     port, steps = _free_port(), 200
     shared = tmp_path / "shared-runs"
-    nodes = []
-    for node in (0, 1):
-        runtime = Path(f"/tmp/ltn{node}{os.getpid() % 10000}")
-        runtime.mkdir(mode=0o700, exist_ok=True)
+    nodes, runtimes = [], []
+    for node in (0, 1):  # each node's own private runtime directory, with a short path
+        runtime = Path(tempfile.mkdtemp(prefix=f"ltn{node}", dir="/tmp"))
+        runtimes.append(runtime)
         env = dict(os.environ, LMTOP_DIR=str(shared), LMTOP_RUNTIME_DIR=str(runtime))
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LMTOP_RUN"):
             env.pop(name, None)
@@ -65,9 +67,13 @@ def test_two_nodes_on_a_shared_directory_make_one_run_named_alike_without_lmtop_
                 stderr=subprocess.PIPE,
             )
         )
-    for launcher in nodes:
-        _, err = launcher.communicate(timeout=180)
-        assert launcher.returncode == 0, err.decode()[-2000:]
+    try:
+        for launcher in nodes:
+            _, err = launcher.communicate(timeout=180)
+            assert launcher.returncode == 0, err.decode()[-2000:]
+    finally:
+        for runtime in runtimes:
+            shutil.rmtree(runtime, ignore_errors=True)
     (run_dir,) = [p for p in shared.iterdir() if p.is_dir()]
     assert sorted(p.name for p in run_dir.glob("rank-*.jsonl")) == [
         f"rank-{r}.jsonl" for r in range(4)

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SCRIPTS
+from lmtop.hooks import schema
 from lmtop.tui.follow import IDLE_SECONDS, Follower
 from lmtop.tui.runbook import RunView
 from lmtop.tui.store import Store
@@ -164,42 +166,34 @@ def test_a_seq_repeated_in_a_file_is_counted_and_the_first_one_kept(tmp_path: Pa
     assert run.bad_lines == 6
 
 
-def test_a_nan_in_a_long_history_batch_gets_its_whole_snapshot(tmp_path: Path) -> None:
-    # The snapshot of a critical alert holds the 50 steps before it: read in one batch with
-    # 1000 steps after it, those must not have been pushed out of the recent window first.
-    from lmtop.hooks import schema as wire
+def _read_with_alerts(folder: Path, steps: int, nan_step: int) -> tuple[Path, Any]:
+    """A 1-rank run with a NaN loss at ``nan_step``, read whole through the alerts (not closed)."""
     from lmtop.tui.alert_actions import Alerting
     from lmtop.tui.alert_settings import AlertSettings
 
-    nan = wire.finite_or_token(float("nan"))
-    run_dir = write_run(
-        tmp_path / "runs", name="long", ranks=1, steps=2000, extra={1000: {"loss": nan}}
-    )  # type: ignore[dict-item]
+    nan: Any = schema.finite_or_token(float("nan"))
+    run_dir = write_run(folder, name="nan", ranks=1, steps=steps, extra={nan_step: {"loss": nan}})
     follower = Follower([str(run_dir)], follow=False, live=False)
     alerting = Alerting(AlertSettings(), follower.runs)
     while not follower.done:
         alerting.feed_batch(follower.poll(0))
+    return run_dir, alerting
+
+
+def test_a_nan_in_a_long_history_batch_gets_its_whole_snapshot(tmp_path: Path) -> None:
+    # The snapshot of a critical alert holds the 50 steps before it: read in one batch with
+    # 1000 steps after it, those must not have been pushed out of the recent window first.
+    run_dir, alerting = _read_with_alerts(tmp_path / "runs", 2000, 1000)
     alerting.close()
     (snapshot,) = (run_dir / "alerts").glob("nonfinite-*.jsonl")
-    steps = [wire.decode(raw).step for raw in snapshot.read_bytes().splitlines()[1:]]
+    steps = [schema.decode(raw).step for raw in snapshot.read_bytes().splitlines()[1:]]
     assert min(steps) == 950 and max(steps) == 1050 and 1000 in steps
 
 
 def test_a_snapshot_near_the_end_of_a_run_is_written_when_the_run_ends(tmp_path: Path) -> None:
     # A NaN 10 steps before the end: the 50 steps after it never come. The snapshot is written
     # when the rank's end arrives, not only when the viewer quits.
-    from lmtop.hooks import schema as wire
-    from lmtop.tui.alert_actions import Alerting
-    from lmtop.tui.alert_settings import AlertSettings
-
-    nan = wire.finite_or_token(float("nan"))
-    run_dir = write_run(
-        tmp_path / "runs", name="late", ranks=1, steps=300, extra={290: {"loss": nan}}
-    )  # type: ignore[dict-item]
-    follower = Follower([str(run_dir)], follow=False, live=False)
-    alerting = Alerting(AlertSettings(), follower.runs)
-    while not follower.done:
-        alerting.feed_batch(follower.poll(0))
+    run_dir, alerting = _read_with_alerts(tmp_path / "runs", 300, 290)
     written = list((run_dir / "alerts").glob("nonfinite-*.jsonl"))  # before close()
     alerting.close()
     assert len(written) == 1

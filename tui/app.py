@@ -37,6 +37,7 @@ from .widgets import AlertsPanel, Chart, Header, RanksTable
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
 REFRESH_HZ = 2.0
+NOTHING_SECONDS = 5.0  # how often paths that show nothing are looked at again for why
 CLOCK_SECONDS = 1.0  # the header and ranks table follow the clock at least this often
 SNAPSHOT_SECONDS = 0.25  # the worker posts a snapshot at least this often, data or not
 HEALTH_SECONDS = 0.5  # stalls and stragglers are judged this often
@@ -85,6 +86,7 @@ class LmtopApp(Keys):
         self.frames = 0
         self.first_frame_at: float | None = None
         self.last_frame_ms = 0.0
+        self._nothing: tuple[float, str] = (-1e9, "")  # when "nothing readable" was said, what
         self.color = "NO_COLOR" not in os.environ
 
     def compose(self) -> ComposeResult:
@@ -246,9 +248,12 @@ class LmtopApp(Keys):
             "paused": self.paused,
         }
         if run is None and not self.catching_up:
-            counters["nothing"] = discovery.nothing_readable(
-                list(getattr(self.source, "paths", []))
-            )
+            # It lists folders on this thread: looked at every few seconds, not every second.
+            said_at, said = self._nothing
+            if time.monotonic() - said_at >= NOTHING_SECONDS:
+                said = discovery.nothing_readable(list(getattr(self.source, "paths", [])))
+                self._nothing = (time.monotonic(), said)
+            counters["nothing"] = said
         now = frame.now()
         with self.store_lock:
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
