@@ -61,6 +61,7 @@ def write_run(
     eval_every: int = 20,
     pid: int = 999_999_999,
     host: str = "gpu-box",
+    events: dict[int, str] | None = None,
 ) -> Path:
     """Writes ``folder/name/rank-N.jsonl`` for a finished (or cut-off) run; returns its directory."""
     run_dir = folder / name
@@ -101,6 +102,10 @@ def write_run(
                     m=metrics,
                 )
             )
+            if events and step in events:  # every rank says it, as a Trainer's ranks do
+                seq += 1
+                t = T0 + 1 + step * (0.2 + 0.05 * rank)
+                lines.append(line(name, rank, ranks, seq, "event", step, t, text=events[step]))
             if rank == 0 and eval_every and step % eval_every == eval_every - 1:
                 seq += 1
                 lines.append(

@@ -565,3 +565,39 @@ async def test_alerts_over_a_history_longer_than_the_deferral_are_those_of_a_pla
             await pilot.pause(0.05)
         await pilot.pause(0.3)
         assert [(a.type, a.rank, a.metric, a.step) for a in app.alerts] == want
+
+
+async def test_events_are_marks_on_every_chart_and_i_lists_them_with_the_config(
+    tmp_path: Path,
+) -> None:
+    # Both ranks say each event, as a Trainer's ranks do: one event naming both.
+    said = {49: "evaluation: eval_loss 1.23", 99: "checkpoint saved: ckpt-100", 149: "evaluation"}
+    config = {"learning_rate": 3e-4, "lora_r": 16, "max_grad_norm": 1.0, "total_steps": 200}
+    run_dir = write_run(tmp_path / "runs", ranks=2, steps=200, events=said, config=config)
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 200 * 7 * 2)
+        run = app.current_run()
+        assert run is not None
+        assert [(e.step, e.text, e.ranks) for e in run.events] == [
+            (step, text, (0, 1)) for step, text in sorted(said.items())
+        ]
+        for shown in visible_charts(app):
+            assert shown.picture is not None
+            marks = [x for x, why in shown.picture.marks if why == "event"]
+            assert marks == [49.0, 99.0, 149.0], shown.id
+        await pilot.press("x")  # wall time: the marks move with the axis
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert loss is not None
+        assert [x for x, why in loss.marks if why == "event"] == [e.t for e in run.events]
+        await pilot.press("i")
+        await pilot.pause()
+        assert isinstance(app.screen, TextScreen)
+        page = str(app.screen.query_one(Static).render())
+        assert "lora_r" in page and "16" in page and "3e-4" in page
+        listed = [text for text in said.values() if text in page]
+        assert listed and page.index("ckpt-100") < page.index("eval_loss 1.23"), "newest first"
+        assert "ranks 0-1" in page
+        await pilot.press("escape")
+        assert not isinstance(app.screen, TextScreen)

@@ -325,3 +325,27 @@ async def test_a_job_going_silent_then_dying_shows_with_no_key_press(
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+def test_config_given_in_an_event_is_the_runs_config(tmp_path: Path) -> None:
+    # accelerate's tracker records its config as an event when the script started the run
+    # itself: the clipping threshold it names draws the clip line all the same.
+    run_dir = tmp_path / "acc"
+    run_dir.mkdir()
+    lines = [
+        line("acc", 0, 1, 0, "start", None, T0, info={"host": "h", "pid": 1, "config": {}}),
+        line("acc", 0, 1, 1, "event", 0, T0, text="configuration",
+             data={"config": {"gradient_clipping": 0.5, "lr": 1e-3}}),
+        line("acc", 0, 1, 2, "metrics", 0, T0 + 1, m={"grad_norm": 0.7}),
+        line("acc", 0, 1, 3, "end", 0, T0 + 2, status="ok"),
+    ]  # fmt: skip
+    (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    store = Store()
+    while not follower.done:
+        store.add(follower.poll(0))
+    (run,) = follower.book.snapshot()
+    assert run.config == {"gradient_clipping": 0.5, "lr": 1e-3}
+    assert [e.text for e in run.events] == ["configuration"]
+    pic = picture(store, run.key, DEFAULT_CHARTS[2], ViewOptions(), 40, run.config)
+    assert pic.hlines == [(0.5, "clip")]

@@ -43,6 +43,7 @@ RANK_COLORS = ("cyan", "orange", "green", "magenta", "blue+", "cyan+", "green+",
 KIND_COLORS = ("", "magenta+", "red+", "blue")  # per kind after the first, which is per rank
 ALERT_COLOR = "orange+"
 NAN_COLOR = "red"
+EVENT_COLOR = "default"  # the terminal's own foreground: an event is neither good nor bad
 
 
 def rich_color(name: str) -> str:
@@ -117,7 +118,8 @@ class Picture:
 
     title: str
     lines: list[Line] = field(default_factory=list)
-    marks: list[tuple[float, str]] = field(default_factory=list)  # (x, why): NaN/Inf, alerts
+    # (x, why): "nan"/"inf" steps, "alert" steps, "event" (an evaluation, a checkpoint, ...)
+    marks: list[tuple[float, str]] = field(default_factory=list)
     hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, why): clipping threshold
     y_low: float = math.inf
     y_high: float = -math.inf
@@ -185,8 +187,12 @@ def picture(
     config: Mapping[str, Any] | None = None,
     alert_steps: list[int] | None = None,
     origin: float | None = None,
+    events: list[float] | None = None,
 ) -> Picture:
-    """Computes what one chart shows: min/max per column from the full series, never sampled."""
+    """Computes what one chart shows: min/max per column from the full series, never sampled.
+
+    ``events``: the x (step, or wall time with ``options.by_time``) of the run's events.
+    """
     picked = resolve(spec, store.metrics.get(run, set()))
     found = [m for m in picked if m is not None]
     pic = Picture(title=inert(spec.title))
@@ -228,6 +234,8 @@ def picture(
         _include(pic, [threshold], options)
     if alert_steps and not options.by_time:
         pic.marks.extend((float(s), "alert") for s in alert_steps if x_low <= s <= x_high)
+    if events:
+        pic.marks.extend((x, "event") for x in events if x_low <= x <= x_high)
     return pic
 
 
@@ -324,6 +332,18 @@ def draw(
     def y_of(values: list[float]) -> list[float]:
         return [math.log10(v) if v > 0 else math.nan for v in values] if log else values
 
+    low, high = pic.y_low, pic.y_high
+    if log:
+        low, high = math.log10(low), math.log10(high)
+    if high <= low:
+        high = low + (abs(low) * 0.1 or 1.0)
+    # Events: a ▲ on the bottom edge, drawn first, so that the data drawn after it is never
+    # hidden by one.
+    happened = [x for x, why in pic.marks if why == "event"]
+    if happened:
+        plt.scatter(
+            happened, [low] * len(happened), marker="▲", **({"color": EVENT_COLOR} if color else {})
+        )
     for line in pic.lines:
         points = [(x, y) for x, y in zip(line.x, y_of(line.y)) if y - y == 0.0]
         if not points:
@@ -333,11 +353,6 @@ def draw(
         if color:
             kwargs["color"] = "gray" if line.faint else line.color
         plt.plot(list(xs), list(ys), **kwargs)
-    low, high = pic.y_low, pic.y_high
-    if log:
-        low, high = math.log10(low), math.log10(high)
-    if high <= low:
-        high = low + (abs(low) * 0.1 or 1.0)
     for y, _why in pic.hlines:
         plt.hline(math.log10(y) if log else y, NAN_COLOR if color else None)
     # Alert steps: a yellow ▼ on the top edge only, so that a run with many alerts stays

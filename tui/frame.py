@@ -144,9 +144,19 @@ def pictures(
             continue
         names = {name for line in spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
-        pic = picture(store, run.key, spec, options, columns, run.config, steps, run.started)
+        events = event_marks(run, options.by_time)
+        pic = picture(
+            store, run.key, spec, options, columns, run.config, steps, run.started, events
+        )
         out.append((chart, pic))
     return out
+
+
+def event_marks(run: RunView, by_time: bool) -> list[float]:
+    """Where the run's events lie on an x axis of steps, or of wall time."""
+    if by_time:
+        return [e.t for e in run.events]
+    return [float(e.step) for e in run.events if e.step is not None]
 
 
 def recency(run: RunView) -> tuple[float, float]:
@@ -169,6 +179,68 @@ def alert_line(alert: Any) -> str:
     """An alert in a list: severity, step, rank and the start of what happened."""
     step = "-" if alert.step is None else numbers.step(alert.step)
     return f"{alert.severity[:4].upper():<5}step {step:<7}rank {alert.rank:<4}{inert(alert.message, 70)}"
+
+
+RUN_EVENTS_SHOWN = 200  # the newest events the run's page lists
+
+
+def run_text(run: RunView) -> Text:
+    """A run's page: where it ran, its config (every key, sorted) and its events, newest first."""
+    text = Text()
+    info = run.info
+    rows = [
+        ("run", inert(run.name, 200)),
+        ("folder", "-" if run.dir is None else inert(str(run.dir), 300)),
+        ("state", run.state),
+        ("ranks", f"{len(run.ranks)} of {run.world}"),
+        ("host", inert(str(info.get("host", "-")), 100)),
+        ("command", inert(" ".join(map(str, info.get("argv") or [])) or "-", 300)),
+        ("launch", inert(str(info.get("launch", "-")), 100)),
+    ]
+    if run.started:
+        rows.append(("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))))
+    for name, value in rows:
+        text.append(f"{name:<9}", style="dim")
+        text.append(f"{value}\n")
+    text.append("\nconfig\n", style="bold")
+    if not run.config:
+        text.append("  none recorded (hooks.init(config=...) records one)\n", style="dim")
+    width = min(32, max((len(inert(str(k), 32)) for k in run.config), default=0))
+    for key in sorted(run.config, key=str):
+        text.append(f"  {inert(str(key), 32):<{width}}  ", style="dim")
+        text.append(f"{config_value(run.config[key])}\n")
+    events = run.events[-RUN_EVENTS_SHOWN:]
+    title = f"events, newest first ({len(events)} of {len(run.events)})"
+    text.append(
+        f"\n{title if len(events) < len(run.events) else 'events, newest first'}\n", style="bold"
+    )
+    if not events:
+        text.append("  none yet (evaluations, checkpoints, hooks.event(...))\n", style="dim")
+    for event in reversed(events):
+        when = time.strftime("%H:%M:%S", time.localtime(event.t))
+        ranks = "" if len(run.ranks) < 2 else f"  ranks {ranks_text(event.ranks)}"
+        text.append(f"  step {numbers.step(event.step):<7} {when}  ", style="dim")
+        text.append(inert(event.text, 200))
+        text.append(f"{ranks}\n", style="dim")
+    return text
+
+
+def config_value(value: Any) -> str:
+    """A config value on one line: numbers as people read them, the rest cut at 80 characters."""
+    if isinstance(value, float):
+        return numbers.number(value)
+    return inert(value if isinstance(value, str) else repr(value), 80)
+
+
+def ranks_text(ranks: tuple[int, ...]) -> str:
+    """``0,1,2,5`` as ``0-2,5``."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def alert_text(alert: Any) -> Text:

@@ -45,6 +45,7 @@ BINDINGS: list[BindingType] = [
     Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
     Binding("o", "compare", "compare", tooltip="overlay every run found, one colour per run, the one shown on top"),
     Binding("a", "pick_alert", "alerts", tooltip="the alerts, newest first: enter shows one in full"),
+    Binding("i", "run_info", "run", tooltip="the run: where it runs, its config, its events (newest first)"),
     Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
     # tab is the screen's own key (focus next): priority takes it for the charts' pages.
     Binding("tab", "next_chart", "next chart", show=False, priority=True, tooltip="next chart (turns the page when more charts exist than fit)"),
@@ -239,6 +240,13 @@ class Keys(App[int]):
                 self.show_alert(shown[int(index)])
 
         self.push_screen(PickScreen("alerts, newest first", choices, choices[0][0]), chosen)
+
+    def action_run_info(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self.notify("no run yet", timeout=2)
+            return
+        self.push_screen(TextScreen(inert(run.name, 60), frame.run_text(run)))
 
     def show_alert(self, alert: Alert) -> None:
         """The whole of one alert, which the panel cuts to its width."""

@@ -25,6 +25,13 @@ from . import rank_health
 from .alert_settings import StallSettings, StragglerSettings
 
 MISSING_RANK_GRACE = 5.0  # ranks that never showed up stop holding a finished run open
+# A run's newest events kept for its marks and its list: evaluations and checkpoints are a few
+# hundred in a long run; an event() every step keeps the newest.
+MAX_EVENTS = 500
+EVENT_TEXT_CHARS = 500
+# Ranks say the same event at the same step (an evaluation, a checkpoint): the newest this many
+# events are looked at to make it one event naming its ranks.
+EVENT_MERGE_WINDOW = 16
 
 LIVE, STALLED, FINISHED, FAILED, CRASHED = "live", "stalled", "finished", "failed", "crashed"
 
@@ -62,6 +69,17 @@ class RankState:
         return self.status is not None
 
 
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One line on a run's timeline (an evaluation, a checkpoint, ``event()``), said by ``ranks``."""
+
+    step: int | None
+    t: float  # the publisher's clock
+    text: str
+    ranks: tuple[int, ...]
+    data: Mapping[str, Any]
+
+
 @dataclass(slots=True)
 class Run:
     """One run: every rank's state, by rank."""
@@ -72,6 +90,9 @@ class Run:
     ranks: dict[int, RankState] = field(default_factory=dict)
     world: int = 1
     done_since: float | None = None  # monotonic time every known rank was done
+    # Replaced, never changed in place: a snapshot shares the tuple with the book.
+    events: tuple[RunEvent, ...] = ()
+    late_config: dict[str, Any] = field(default_factory=dict)  # config given in events
 
     @property
     def info(self) -> dict[str, Any]:
@@ -84,9 +105,11 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The hyper-parameters recorded at start."""
+        """The hyper-parameters recorded at start, with those given later in events (an
+        accelerate tracker's configuration, a Trainer's arguments in a run already going)."""
         config = self.info.get("config")
-        return config if isinstance(config, dict) else {}
+        config = config if isinstance(config, dict) else {}
+        return {**config, **self.late_config} if self.late_config else config
 
     def all_done(self, now: float) -> bool:
         """Every rank has ended (or crashed) and no missing rank is still awaited."""
@@ -133,6 +156,7 @@ class RunView:
     ranks: tuple[RankView, ...]
     info: Mapping[str, Any]
     config: Mapping[str, Any]
+    events: tuple[RunEvent, ...]  # the newest MAX_EVENTS, oldest first
     dropped: int  # messages that never arrived (gaps in seq), and values the hook dropped
     bad_lines: int  # lines that were not messages, and messages whose seq was not the rank's
 
@@ -219,6 +243,8 @@ class RunBook:
             rank.pace.update(step, message.t)
         elif kind == schema.START:
             self._start(run, rank, message)
+        elif kind == schema.EVENT:
+            self._event(run, rank, message)
         elif kind == schema.END:
             self._end(rank, message)
         run.world = max(run.world, message.world)
@@ -273,6 +299,28 @@ class RunBook:
             run.name = message.run  # the launch's own name over its folder's
 
     @staticmethod
+    def _event(run: Run, rank: RankState, message: schema.Message) -> None:
+        """Adds an event to the run's timeline: one event for the ranks that say it together."""
+        text = message.data.get("text")
+        text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
+        data = message.data.get("data")
+        data = data if isinstance(data, dict) else {}
+        config = data.get("config")
+        if isinstance(config, dict):
+            run.late_config.update(config)
+        events = run.events
+        for index in range(len(events) - 1, max(-1, len(events) - 1 - EVENT_MERGE_WINDOW), -1):
+            seen = events[index]
+            if seen.step == message.step and seen.text == text:
+                if rank.rank not in seen.ranks:
+                    ranks = tuple(sorted((*seen.ranks, rank.rank)))
+                    merged = RunEvent(seen.step, seen.t, seen.text, ranks, seen.data)
+                    run.events = (*events[:index], merged, *events[index + 1 :])
+                return
+        added = RunEvent(message.step, message.t, text, (rank.rank,), data)
+        run.events = (*events[-(MAX_EVENTS - 1) :], added)
+
+    @staticmethod
     def _end(rank: RankState, message: schema.Message) -> None:
         status = message.data.get("status")
         rank.status = status if isinstance(status, str) and status else "ok"
@@ -293,6 +341,7 @@ class RunBook:
             ranks=ranks,
             info=run.info,
             config=run.config,
+            events=run.events,
             dropped=sum(r.gaps + _dropped_values(r.problems) for r in run.ranks.values()),
             bad_lines=sum(r.bad_lines + r.bad_seq for r in run.ranks.values()),
         )

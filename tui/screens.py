@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
@@ -21,7 +22,8 @@ KEY_NAMES = {
 LEGEND = """
 Charts draw each terminal column's min and max from the full series: no spike is hidden.
 Grey dots are that raw min-max envelope under the smoothed line.
-Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red line the clipping threshold."""
+Red x marks and lines are NaN/Inf steps, yellow ▼ marks alert steps, a red line the clipping threshold.
+▲ on the bottom edge marks the run's events (evaluations, checkpoints, event()): i lists them."""
 
 
 def help_text(bindings: Iterable[BindingType]) -> str:
@@ -82,19 +84,24 @@ class PickScreen(ModalScreen[str | None]):
 
 
 class TextScreen(ModalScreen[None]):
-    """One thing in full (an alert): text that a table row or a chart title cuts."""
+    """One thing in full (an alert, a run's config and events): text that a table row or a
+    chart title cuts. It scrolls (arrows, page keys) when longer than the screen."""
 
     BINDINGS = [Binding("escape,q,enter", "close", "close")]
-    DEFAULT_CSS = "TextScreen { align: center middle; } TextScreen Static { width: auto; max-width: 100; border: round $accent; padding: 1 2; background: $surface; }"
+    DEFAULT_CSS = """
+    TextScreen { align: center middle; }
+    TextScreen VerticalScroll { width: auto; max-width: 104; height: auto; max-height: 90%; border: round $accent; background: $surface; }
+    TextScreen Static { width: auto; padding: 1 2; }
+    """
 
     def __init__(self, title: str, text: Text) -> None:
         super().__init__()
         self.title_text, self.text = title, text
 
     def compose(self) -> ComposeResult:
-        body = Static(self.text)
-        body.border_title = self.title_text
-        yield body
+        with VerticalScroll() as body:
+            body.border_title = self.title_text
+            yield Static(self.text)
 
     def action_close(self) -> None:
         self.dismiss(None)
