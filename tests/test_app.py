@@ -601,3 +601,52 @@ async def test_events_are_marks_on_every_chart_and_i_lists_them_with_the_config(
         assert "ranks 0-1" in page
         await pilot.press("escape")
         assert not isinstance(app.screen, TextScreen)
+
+
+async def test_overlaid_runs_are_listed_in_their_colours_with_the_config_that_differs(
+    tmp_path: Path,
+) -> None:
+    from lmtop.tui.charts import rich_color
+    from lmtop.tui.widgets import RanksTable, RunsTable
+
+    folder = tmp_path / "sweep"
+    for name, lr, r in (("lr1e-4-r8", 1e-4, 8), ("lr3e-4-r16", 3e-4, 16)):
+        config = {"learning_rate": lr, "lora": {"r": r, "alpha": 16}, "output_dir": f"out/{name}"}
+        write_run(folder, name=name, ranks=1, steps=100, config={**config, "seed": 0})
+    app = app_for(folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 2 * 100 * 7)
+        deadline = time.monotonic() + 5
+        while len(app.runs) < 2 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        table = app.query_one(RunsTable)
+        assert not table.display, "one run's ranks until runs are overlaid"
+        await pilot.press("o")
+        await pilot.pause()
+        assert table.display and not app.query_one(RanksTable).display
+        columns = [str(c.label) for c in table.columns.values()]
+        # What the sweep varied first, then what differs between any two runs; never the seed.
+        assert columns == [
+            "run",
+            "state",
+            "step",
+            "loss",
+            "eval",
+            "learning_rate",
+            "lora.r",
+            "output_dir",
+        ]
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        by_name = {str(row[0]).split()[1]: row for row in rows}
+        assert [str(c) for c in by_name["lr3e-4-r16"][5:]] == ["3e-4", "16", "out/lr3e-4-r16"]
+        loss = chart(app, "loss").picture
+        assert loss is not None
+        drawn = {line.label.split(" ")[0]: line.color for line in loss.lines if not line.faint}
+        for name, row in by_name.items():
+            swatch = row[0].spans[0].style
+            assert str(swatch) == rich_color(drawn[name]), f"{name}: its lines' colour"
+        assert "(on top)" in str(by_name[app.current_run().name][0])  # type: ignore[union-attr]
+        assert str(by_name["lr1e-4-r8"][2]) == "99" and str(by_name["lr1e-4-r8"][1]) == "finished"
+        await pilot.press("o")
+        await pilot.pause()
+        assert not table.display and app.query_one(RanksTable).display

@@ -32,7 +32,7 @@ from .keys import BINDINGS, Keys
 from .runbook import RunView
 from .source import Source
 from .store import Store
-from .widgets import AlertsPanel, Chart, Header, RanksTable
+from .widgets import AlertsPanel, Chart, Header, RanksTable, RunsTable
 
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
@@ -96,6 +96,7 @@ class LmtopApp(Keys):
                 yield Chart(spec, id=f"chart-{spec.key}")
         with Horizontal(id="bottom"):
             yield RanksTable(id="ranks")
+            yield RunsTable(id="runs")
             yield AlertsPanel(id="alerts")
         yield Footer()
 
@@ -255,11 +256,18 @@ class LmtopApp(Keys):
                 self._nothing = (time.monotonic(), said)
             counters["nothing"] = said
         now = frame.now()
+        compared = frame.compared_runs(self.runs, self.options) if run is not None else []
         with self.store_lock:
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
             rows = frame.rank_rows(self.store, run, now) if run is not None else []
+            overlaid = frame.run_rows(self.store, compared, run) if run and compared else None
         self.query_one(Header).update(header)
-        self.query_one(RanksTable).update_rows(rows, self.table_rows)
+        # Runs overlaid: the table lists them (their colours, what differs), not one's ranks.
+        ranks, runs = self.query_one(RanksTable), self.query_one(RunsTable)
+        ranks.display, runs.display = overlaid is None, overlaid is not None
+        ranks.update_rows(rows, self.table_rows)
+        if overlaid is not None:
+            runs.update_runs(*overlaid)
         self.query_one(AlertsPanel).update_alerts(shown)
 
     def _changed(self, note: str | None) -> None:

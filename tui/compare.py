@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .charts import RANK_COLORS, Line, Picture
 
 RUN_COLORS = RANK_COLORS
 SUFFIXES = r"( (r\d+|\(smoothed\)|min|median|max))+$"  # a line's rank or part, not its kind
+# Config keys a sweep varies, listed first when they differ (matched as words of the key).
+SWEPT = re.compile(
+    r"(^|[_.])(lr|learning_rate|r|rank|alpha|lora\w*|batch\w*|seed|warmup\w*|weight_decay|"
+    r"optim\w*|scheduler|lr_scheduler\w*|model\w*|epochs?|num_train_epochs|max_steps|"
+    r"gradient_accumulation_steps|dropout|beta\d?|eps|max_grad_norm|gradient_clipping)([_.]|$)"
+)
+# Keys that differ between any two runs without saying anything about them: listed last.
+INCIDENTAL = re.compile(r"(dir|path|name|time|date|hub|token|report_to|logging|id)$")
 
 
 def overlay(runs: list[tuple[str, Picture, float]], pinned: int) -> Picture:
@@ -71,3 +81,32 @@ def _kinds(lines: list[Line]) -> dict[str, str]:
     bare = {line.label: re.sub(SUFFIXES, "", line.label) for line in lines}
     first = next(iter(bare.values()), "")
     return {label: ("" if kind == first else kind) for label, kind in bare.items()}
+
+
+def config_diff(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The config keys whose values differ between ``configs`` (a key one of them lacks
+    differs): what a sweep varied first (learning rate, LoRA r, batch size, ...), then the rest,
+    then what differs between any two runs (output folders, names, times). Nested settings are
+    ``outer.inner``."""
+    flat = [flatten(config) for config in configs]
+    keys = sorted({key for config in flat for key in config})
+    missing = object()
+    differ = [key for key in keys if len({repr(config.get(key, missing)) for config in flat}) > 1]
+
+    def order(key: str) -> int:
+        last = key.rsplit(".", 1)[-1]
+        return 2 if INCIDENTAL.search(last) else 0 if SWEPT.search(key) else 1
+
+    return sorted(differ, key=order)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """``{"lora": {"r": 8}}`` as ``{"lora.r": 8}``, ``depth`` levels down."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and depth > 1:
+            out.update(flatten(value, f"{name}.", depth - 1))
+        else:
+            out[name] = value
+    return out

@@ -15,7 +15,7 @@ from .charts import ChartSpec, Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
 from .text import inert
-from .widgets import Chart, RankRow
+from .widgets import Chart, RankRow, RunRow
 
 STATE_COLORS = {
     "live": "green",
@@ -128,7 +128,7 @@ def pictures(
     widget before the store's lock is taken), with the alert marks of its metrics; with
     ``options.compare``, every one of ``runs`` overlaid, ``run`` on top."""
     out = []
-    compared = sorted(runs, key=recency) if options.compare and len(runs) > 1 else []
+    compared = compared_runs(runs, options)
     for chart, spec, columns in charts:
         if compared:
             each = [
@@ -150,6 +150,45 @@ def pictures(
         )
         out.append((chart, pic))
     return out
+
+
+def compared_runs(runs: tuple[RunView, ...], options: ViewOptions) -> list[RunView]:
+    """The runs overlaid (``o``), oldest first: the order of their colours."""
+    return sorted(runs, key=recency) if options.compare and len(runs) > 1 else []
+
+
+DIFF_COLUMNS = 6  # config keys that differ, shown in the runs table
+
+
+def run_rows(store: Store, runs: list[RunView], shown: RunView) -> tuple[list[RunRow], list[str]]:
+    """The runs table (``o``): one row per run overlaid, in its colour, and the config keys
+    whose values differ between the runs, what a sweep varied first."""
+    keys = compare.config_diff([r.config for r in runs])[:DIFF_COLUMNS]
+    rows = []
+    for index, run in enumerate(runs):
+        flat = compare.flatten(run.config)
+        first = run.ranks[0].rank if run.ranks else 0
+        rows.append(
+            RunRow(
+                name=run.name,
+                color=compare.RUN_COLORS[index % len(compare.RUN_COLORS)],
+                pinned=run.key == shown.key,
+                state=run.state,
+                step=run.last_step,
+                loss=last_value(store, run.key, first, metrics.LOSS_NAMES),
+                eval_loss=next(
+                    (
+                        v
+                        for r in run.ranks
+                        if (v := last_value(store, run.key, r.rank, metrics.EVAL_LOSS_NAMES))
+                        is not None
+                    ),
+                    None,
+                ),
+                config=[config_value(flat[k]) if k in flat else "-" for k in keys],
+            )
+        )
+    return rows, keys
 
 
 def event_marks(run: RunView, by_time: bool) -> list[float]:

@@ -189,6 +189,58 @@ def _cells(row: RankRow) -> list[str]:
     ]
 
 
+@dataclass(slots=True)
+class RunRow:
+    """What the runs table shows for one run overlaid on the charts."""
+
+    name: str
+    color: str  # its lines' colour on the charts
+    pinned: bool  # the run shown: drawn on top
+    state: str
+    step: int | None
+    loss: float | None
+    eval_loss: float | None
+    config: list[str]  # the values of the config keys that differ between the runs
+
+
+class RunsTable(DataTable[Any]):
+    """The runs overlaid (``o``): each in its lines' colour, where it stands, and the config
+    keys whose values differ between them (what the sweep varied)."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "none"
+        self.zebra_stripes = True
+        self._shown: tuple[list[str], list[list[str]]] | None = None
+
+    def update_runs(self, rows: list[RunRow], keys: list[str]) -> None:
+        """Replaces the rows (and the config columns), when what they show changed."""
+        cells = [_run_cells(row) for row in rows]
+        if (keys, cells) == self._shown:
+            return
+        self._shown = (keys, cells)
+        self.border_title = f"{len(rows)} runs overlaid" + (
+            f" · config that differs: {len(keys)} key{'s' * (len(keys) != 1)}" if keys else ""
+        )
+        self.clear(columns=True)
+        self.add_columns("run", "state", "step", "loss", "eval", *(inert(k, 24) for k in keys))
+        for row, texts in zip(rows, cells):
+            first = Text()
+            first.append("━━ ", style=rich_color(row.color))
+            first.append(texts[0], style="bold" if row.pinned else "")
+            self.add_row(first, *(Text(t) for t in texts[1:]))
+
+
+def _run_cells(row: RunRow) -> list[str]:
+    return [
+        inert(row.name, 32) + (" (on top)" if row.pinned else ""),
+        row.state,
+        numbers.step(row.step),
+        "-" if row.loss is None else numbers.number(row.loss),
+        "-" if row.eval_loss is None else numbers.number(row.eval_loss),
+        *row.config,
+    ]
+
+
 class Header(Static):
     """The run header; always shown as plain text (names from the wire stay inert)."""
 
