@@ -36,6 +36,14 @@ async def loaded(app: LmtopApp, pilot, points: int = 1, draw: bool = True) -> No
     await pilot.pause()
 
 
+async def shows(pilot, widget, text: str, seconds: float = 20, every: float = 0.05) -> str:  # type: ignore[no-untyped-def]
+    """Waits until ``widget`` renders ``text`` (or ``seconds`` pass); returns what it renders."""
+    deadline = time.monotonic() + seconds
+    while text not in str(widget.render()) and time.monotonic() < deadline:
+        await pilot.pause(every)
+    return str(widget.render())
+
+
 def visible_charts(app: LmtopApp) -> list[Chart]:
     return [c for c in app.query(Chart) if not c.has_class("hidden")]
 

@@ -32,6 +32,7 @@ from lmtop.tui.runbook import RunBook
 from lmtop.tui.store import Store
 from lmtop.tui.widgets import Header
 from runs import T0, line, write_run
+from test_app import shows
 
 NAN: float = schema.finite_or_token(math.nan)  # type: ignore[assignment]  # as on the wire
 
@@ -302,10 +303,7 @@ async def test_a_job_going_silent_then_dying_shows_with_no_key_press(
         app = LmtopApp(source, refresh_hz=4, alerts=Alerting(settings, source.runs))
         async with app.run_test(size=(160, 48)) as pilot:
             header = app.query_one(Header)
-            deadline = time.monotonic() + 20
-            while "step 199" not in str(header.render()) and time.monotonic() < deadline:
-                await pilot.pause(0.1)
-            first = str(header.render())
+            first = await shows(pilot, header, "step 199", every=0.1)
             await pilot.pause(1.5)  # no key pressed
             later = str(header.render())
             assert first != later, "the clock must move without data or keys"

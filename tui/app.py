@@ -32,7 +32,8 @@ from .keys import BINDINGS, Keys
 from .runbook import RunView
 from .source import Source
 from .store import Store
-from .widgets import AlertsPanel, Chart, Header, RanksTable, RunsTable
+from .system import SAMPLE_SECONDS, Sampler, SystemView
+from .widgets import AlertsPanel, Chart, Header, RanksTable, RunsTable, SystemPanel
 
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
@@ -44,6 +45,14 @@ HEALTH_SECONDS = 0.5  # stalls and stragglers are judged this often
 # Messages of a long history held for the alert engine until the history is read (~1.5 KB each:
 # 200,000 of them were 300 MB of the app's 650 MB over an 8-rank history).
 DEFER_ALERT_MESSAGES = 50_000
+
+
+class Sampled(Message):
+    """From the sampling worker: the machine as it stands."""
+
+    def __init__(self, view: SystemView) -> None:
+        super().__init__()
+        self.view = view
 
 
 class Polled(Message):
@@ -61,7 +70,13 @@ class LmtopApp(Keys):
     CSS_PATH = "app.tcss"
     BINDINGS = BINDINGS
 
-    def __init__(self, source: Source, refresh_hz: float = REFRESH_HZ, alerts: Any = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        refresh_hz: float = REFRESH_HZ,
+        alerts: Any = None,
+        system: Sampler | None = None,
+    ) -> None:
         super().__init__()
         self.source = source
         self.engine = alerts  # an Alerting (or None): owned by the worker
@@ -88,6 +103,9 @@ class LmtopApp(Keys):
         self.last_frame_ms = 0.0
         self._nothing: tuple[float, str] = (-1e9, "")  # when "nothing readable" was said, what
         self.color = "NO_COLOR" not in os.environ
+        self.sampler = system  # read by its own worker; None: no system panel
+        self.system_rows = 6
+        self._stop_sampling = threading.Event()
 
     def compose(self) -> ComposeResult:
         yield Header(id="header")
@@ -97,11 +115,14 @@ class LmtopApp(Keys):
         with Horizontal(id="bottom"):
             yield RanksTable(id="ranks")
             yield RunsTable(id="runs")
+            yield SystemPanel(id="system")
             yield AlertsPanel(id="alerts")
         yield Footer()
 
     def on_mount(self) -> None:
         self.follow()
+        if self.sampler is not None:
+            self.sample_system()
         # Checked often, drawn at most refresh_hz times a second: new data waits at most 50 ms
         # for a frame (not a whole period), and the frame rate stays capped.
         self.set_interval(min(0.05, 1 / self.refresh_hz), self._tick)
@@ -109,7 +130,26 @@ class LmtopApp(Keys):
         self.call_after_refresh(self.layout_charts)
 
     def on_unmount(self) -> None:
+        self._stop_sampling.set()
         self.workers.cancel_group(self, "follow")
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="system", description="system")
+    def sample_system(self) -> None:
+        """Samples the machine once a second until the app quits (the worker owns the sampler:
+        NVML is called from this thread only)."""
+        sampler = self.sampler
+        assert sampler is not None
+        try:
+            while True:
+                self.post_message(Sampled(sampler.sample()))
+                if self._stop_sampling.wait(SAMPLE_SECONDS):
+                    break
+        finally:
+            sampler.close()
+
+    @on(Sampled)
+    def _sampled(self, message: Sampled) -> None:
+        self.query_one(SystemPanel).update(frame.system_text(message.view, self.system_rows))
 
     # -- the worker: owns the source, the engine and the store's writes -------------------------
 
@@ -292,6 +332,7 @@ def run_app(
 
     settings = settings if settings is not None else AlertSettings()
     source = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
-    app = LmtopApp(source, refresh_hz=refresh_hz, alerts=Alerting(settings, source.runs))
+    alerting = Alerting(settings, source.runs)
+    app = LmtopApp(source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler())
     app.run()
     return app.return_code or 0

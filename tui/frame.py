@@ -14,6 +14,7 @@ from . import compare, metrics, numbers
 from .charts import ChartSpec, Picture, ViewOptions, picture
 from .runbook import RunView
 from .store import Store
+from .system import SystemView
 from .text import inert
 from .widgets import Chart, RankRow, RunRow
 
@@ -207,6 +208,80 @@ def run_label(run: RunView) -> str:
     """A run in the run picker: its name, state, ranks and directory."""
     where = f"  {inert(str(run.dir.parent), 40)}" if run.dir is not None else ""
     return f"{inert(run.name, 50)}  {run.state}  {len(run.ranks)} ranks{where}"
+
+
+GIB = float(1 << 30)
+HOT_C = 85.0  # GPU temperature from which it is shown in yellow (most throttle near 87-90 C)
+FULL = 0.95  # share of memory in use from which it is shown in yellow
+
+
+def system_text(view: SystemView, rows: int) -> Text:
+    """The system panel: host CPU and memory, then a line per GPU, or, when the GPUs do not
+    fit in ``rows`` lines, two lines over all of them (the worst figures)."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    cpu = "-" if view.cpu is None else f"{view.cpu:.0f}%"
+    text.append(f"cpu  {cpu} of {view.cores}")
+    if view.load is not None:
+        text.append(f"  load {view.load:.1f}", style="dim")
+    if view.mem_total:
+        used = view.mem_used
+        text.append("\nmem  ")
+        style = "yellow" if used is not None and used >= FULL * view.mem_total else ""
+        text.append(f"{_gib(used)}/{_gib(view.mem_total)}", style=style)
+    gpus = view.gpus
+    if gpus and len(gpus) <= rows - 2:
+        for gpu in gpus:
+            text.append(f"\ngpu{gpu.index} ")
+            _gpu_figures(text, [gpu.util], [gpu.mem_used], [gpu.mem_total], [gpu.power], [gpu.temp])
+    elif gpus:
+        utils = [g.util for g in gpus if g.util is not None]
+        text.append(f"\n{len(gpus)} GPUs ")
+        text.append(f"util min {min(utils):.0f}% " if utils else "")
+        _gpu_figures(
+            text,
+            [sum(utils) / len(utils)] if utils else [None],
+            [g.mem_used for g in gpus],
+            [g.mem_total for g in gpus],
+            [g.power for g in gpus],
+            [g.temp for g in gpus],
+            every=True,
+        )
+    return text
+
+
+def _gpu_figures(
+    text: Text,
+    util: list[float | None],
+    used: list[float | None],
+    total: list[float | None],
+    power: list[float | None],
+    temp: list[float | None],
+    every: bool = False,
+) -> None:
+    """A GPU's figures (or, with ``every``, the mean utilisation, the fullest memory, the power
+    of all and the hottest of several): utilisation, memory, power, temperature."""
+    if util[0] is not None:
+        text.append(f"{'avg ' if every else ''}{util[0]:3.0f}% ")
+    fullest = max(
+        ((u, t) for u, t in zip(used, total) if u is not None and t),
+        key=lambda ut: ut[0] / ut[1],
+        default=None,
+    )
+    if fullest is not None:
+        u, t = fullest
+        text.append(
+            f"{'max ' if every else ''}{_gib(u)}/{_gib(t)} ", style="yellow" * (u >= FULL * t)
+        )
+    watts = [w for w in power if w is not None]
+    if watts:
+        text.append(f"{numbers.number(sum(watts), 3)}W ")
+    hottest = max((c for c in temp if c is not None), default=None)
+    if hottest is not None:
+        text.append(f"{hottest:.0f}°C", style="yellow" * (hottest >= HOT_C))
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.1f}G"
 
 
 def now() -> float:

@@ -17,12 +17,13 @@ from . import export, frame, layout, metrics
 from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart
 from .screens import HelpScreen, PickScreen, TextScreen, help_text
 from .text import inert
-from .widgets import Chart
+from .widgets import Chart, SystemPanel
 
 if TYPE_CHECKING:
     from .alerts import Alert
     from .runbook import RunView
     from .store import Store
+    from .system import Sampler
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOWS: tuple[int | None, ...] = (None, 100, 1000, 10_000)
@@ -70,6 +71,8 @@ class Keys(App[int]):
     exported: tuple[Path, Path]
     alerts: list[Alert]
     table_rows: int
+    system_rows: int
+    sampler: Sampler | None
     rank_mode_chosen: bool
 
     if TYPE_CHECKING:  # the app's own
@@ -111,7 +114,9 @@ class Keys(App[int]):
         bottom = self.query_one("#bottom")
         bottom.styles.height = plan.bottom
         bottom.display = plan.bottom > 0
+        self.query_one(SystemPanel).display = plan.system and self.sampler is not None
         self.table_rows = plan.table_rows
+        self.system_rows = max(0, plan.bottom - 1)  # under its top border
         if focused is None or focused.has_class("hidden"):
             charts[shown[0]].focus()
         self.dirty = True

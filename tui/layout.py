@@ -12,6 +12,7 @@ from dataclasses import dataclass
 CHART_MIN_ROWS = 11  # border 2 + plotext's frame and x labels 3 + 6 rows of data
 SINGLE_BELOW = (70, 20)  # columns, rows: one chart at a time below either
 WIDE_FROM = 200  # columns: three charts a row
+SYSTEM_FROM = 100  # columns: the system panel beside the ranks table (below: the alerts' room)
 HEADER_AND_FOOTER = 2
 
 
@@ -22,6 +23,7 @@ class Plan:
     columns: int
     shown: int
     bottom: int  # rows of the ranks table and alerts (a title row, their header, their rows)
+    system: bool = False  # the system panel shown
 
     @property
     def table_rows(self) -> int:
@@ -36,10 +38,11 @@ def plan(width: int, height: int, charts: int, zoomed: bool = False) -> Plan:
     bottom = 5 if height < 22 else 7 if height < 34 else 10
     if width < SINGLE_BELOW[0] or height < SINGLE_BELOW[1]:
         return Plan(columns=1, shown=1, bottom=bottom)
+    system = width >= SYSTEM_FROM
     columns = 3 if width >= WIDE_FROM else 2
     rows = max(1, (height - HEADER_AND_FOOTER - bottom) // CHART_MIN_ROWS)
     shown = max(1, min(charts, columns * rows))
-    return Plan(columns=min(columns, shown), shown=shown, bottom=bottom)
+    return Plan(columns=min(columns, shown), shown=shown, bottom=bottom, system=system)
 
 
 def page(charts: int, shown: int, focused: int) -> range:

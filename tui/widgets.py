@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +240,16 @@ def _run_cells(row: RunRow) -> list[str]:
         "-" if row.eval_loss is None else numbers.number(row.eval_loss),
         *row.config,
     ]
+
+
+class SystemPanel(Static):
+    """The machine: host CPU and memory, each GPU's utilisation, memory, power, temperature."""
+
+    DEFAULT_CSS = "SystemPanel { width: 38; padding: 0 1; }"
+
+    def on_mount(self) -> None:
+        # The viewer's machine: over SSH, which box this is.
+        self.border_title = inert(socket.gethostname(), 30)
 
 
 class Header(Static):
