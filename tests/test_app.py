@@ -658,3 +658,40 @@ async def test_overlaid_runs_are_listed_in_their_colours_with_the_config_that_di
         await pilot.press("o")
         await pilot.pause()
         assert not table.display and app.query_one(RanksTable).display
+
+
+async def test_space_in_the_run_picker_marks_the_runs_to_overlay(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    for number, name in enumerate(("lr-a", "lr-b", "lr-c")):
+        write_run(folder, name=name, ranks=1, steps=60 + 10 * number)
+    app = app_for(folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, (60 + 70 + 80) * 7)
+        deadline = time.monotonic() + 5
+        while len(app.runs) < 3 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.press("n")
+        assert isinstance(app.screen, PickScreen)
+        # Newest first: lr-c, lr-b, lr-a. Marking one run compares nothing yet.
+        await pilot.press("space")
+        await pilot.pause()
+        assert not app.options.compare
+        await pilot.press("down", "down", "space")
+        await pilot.pause()
+        options = app.screen.query_one(OptionList)
+        prompts = [str(options.get_option_at_index(i).prompt) for i in range(3)]
+        assert [p[0] for p in prompts] == ["●", " ", "●"], prompts
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.options.compare, "a second run marked: the overlay is on"
+        loss = chart(app, "loss").picture
+        assert loss is not None
+        drawn = {line.label.split(" ")[0] for line in loss.lines if not line.faint}
+        assert drawn == {"lr-a", "lr-c"} and "2 runs" in loss.note
+        await pilot.press("n", "space", "escape")  # lr-c unmarked: still lr-a over the shown
+        await pilot.pause()
+        loss = chart(app, "loss").picture
+        assert app.options.compare and loss is not None and "2 runs" in loss.note
+        await pilot.press("n", "down", "down", "space", "escape")  # the last mark goes
+        await pilot.pause()
+        assert not app.options.compare and not app.options.overlaid

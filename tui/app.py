@@ -296,7 +296,7 @@ class LmtopApp(Keys):
                 self._nothing = (time.monotonic(), said)
             counters["nothing"] = said
         now = frame.now()
-        compared = frame.compared_runs(self.runs, self.options) if run is not None else []
+        compared = frame.compared_runs(self.runs, self.options, run) if run is not None else []
         with self.store_lock:
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
             rows = frame.rank_rows(self.store, run, now) if run is not None else []

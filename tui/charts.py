@@ -94,7 +94,8 @@ class ViewOptions:
     by_time: bool = False
     rank_mode: str = "overlay"  # "overlay", "band" or "one"
     rank: int = 0
-    compare: bool = False  # every run found overlaid, one colour per run
+    compare: bool = False  # runs overlaid, one colour per run
+    overlaid: set[str] = field(default_factory=set)  # the runs to overlay (keys); none: all
 
 
 @dataclass(slots=True)

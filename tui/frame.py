@@ -129,7 +129,7 @@ def pictures(
     widget before the store's lock is taken), with the alert marks of its metrics; with
     ``options.compare``, every one of ``runs`` overlaid, ``run`` on top."""
     out = []
-    compared = compared_runs(runs, options)
+    compared = compared_runs(runs, options, run)
     for chart, spec, columns in charts:
         if compared:
             each = [
@@ -153,8 +153,11 @@ def pictures(
     return out
 
 
-def compared_runs(runs: tuple[RunView, ...], options: ViewOptions) -> list[RunView]:
-    """The runs overlaid (``o``), oldest first: the order of their colours."""
+def compared_runs(runs: tuple[RunView, ...], options: ViewOptions, shown: RunView) -> list[RunView]:
+    """The runs overlaid (``o``), oldest first: the order of their colours. Those marked in the
+    run picker when any are, and the run shown; else every run."""
+    if options.overlaid:
+        runs = tuple(r for r in runs if r.key in options.overlaid or r.key == shown.key)
     return sorted(runs, key=recency) if options.compare and len(runs) > 1 else []
 
 

@@ -15,7 +15,7 @@ from textual.geometry import Size
 
 from . import export, frame, layout, metrics
 from .charts import DEFAULT_CHARTS, ViewOptions, metric_chart
-from .screens import HelpScreen, PickScreen, TextScreen, help_text
+from .screens import HelpScreen, PickScreen, RunPickScreen, TextScreen, help_text
 from .text import inert
 from .widgets import Chart, SystemPanel
 
@@ -43,8 +43,8 @@ BINDINGS: list[BindingType] = [
     Binding("r", "ranks", "ranks", tooltip="ranks: overlay, min-median-max band (first beyond 4 ranks), one rank (r again: next rank)"),
     Binding("p", "pause", "pause", tooltip="pause the picture (data keeps arriving)"),
     Binding("e", "export", "export", tooltip="export an SVG screenshot and a CSV of the run's series into the run directory"),
-    Binding("n", "pick_run", "runs", tooltip="switch runs (newest first)"),
-    Binding("o", "compare", "compare", tooltip="overlay every run found, one colour per run, the one shown on top"),
+    Binding("n", "pick_run", "runs", tooltip="switch runs (newest first); space marks runs to overlay"),
+    Binding("o", "compare", "compare", tooltip="overlay the runs marked in n (else every run found), one colour per run, the one shown on top"),
     Binding("a", "pick_alert", "alerts", tooltip="the alerts, newest first: enter shows one in full"),
     Binding("i", "run_info", "run", tooltip="the run: where it runs, its config, its events (newest first)"),
     Binding("b", "toggle_bell", "bell", show=False, tooltip="terminal bell on critical alerts: on / off"),
@@ -223,14 +223,25 @@ class Keys(App[int]):
     def action_pick_run(self) -> None:
         runs = sorted(self.runs, key=frame.recency, reverse=True)
         choices = [(r.key, frame.run_label(r)) for r in runs]
+        marked = self.options.overlaid
 
         def chosen(key: str | None) -> None:
             if key is not None:
                 self.run_key = key
                 self._changed(None)
 
+        def mark(key: str) -> None:
+            # Marking runs means comparing them with the run shown: the overlay is on while the
+            # marked runs and the one shown are two or more, off when the last mark goes.
+            marked.symmetric_difference_update({key})
+            shown = self.current_run()
+            together = marked | ({shown.key} if shown else set())
+            self.options.compare = bool(marked) and len(together) > 1
+            self._changed(None)
+
         current = self.current_run()
-        self.push_screen(PickScreen("runs", choices, current.key if current else None), chosen)
+        screen = RunPickScreen(choices, current.key if current else None, marked, mark)
+        self.push_screen(screen, chosen)
 
     def action_pick_alert(self) -> None:
         run = self.current_run()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -81,6 +81,43 @@ class PickScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class RunPickScreen(PickScreen):
+    """The run picker: enter shows a run; space marks runs to overlay (``o``), ● before each."""
+
+    BINDINGS = [Binding("space", "mark", "overlay", show=False)]
+
+    def __init__(
+        self,
+        choices: list[tuple[str, str]],
+        current: str | None,
+        marked: set[str],
+        on_mark: Callable[[str], None],
+    ) -> None:
+        super().__init__(
+            "runs · enter: show · space: overlay (o)",
+            [(key, _marked(label, key in marked)) for key, label in choices],
+            current,
+        )
+        self.labels = dict(choices)
+        self.marked = marked
+        self.on_mark = on_mark
+
+    def action_mark(self) -> None:
+        options = self.query_one(OptionList)
+        index = options.highlighted
+        if index is None:
+            return
+        key = self.choices[index][0]
+        self.on_mark(key)  # the app changes the set it shares with this screen
+        options.replace_option_prompt_at_index(
+            index, Text(_marked(self.labels[key], key in self.marked))
+        )
+
+
+def _marked(label: str, marked: bool) -> str:
+    return f"{'●' if marked else ' '} {label}"
 
 
 class TextScreen(ModalScreen[None]):
