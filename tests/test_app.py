@@ -354,6 +354,17 @@ async def test_an_alert_shows_in_the_panel_the_header_and_as_a_mark_on_its_chart
         assert isinstance(app.screen, TextScreen)
         shown = str(app.screen.query_one(Static).render())
         assert app.alerts[-1].message in shown and "baseline" in shown and "rank" in shown  # newest
+        # The context: the metric ±50 steps around the alert, the spike's bar under the ^.
+        spike = next(a for a in app.alerts if a.type == "spike")
+        app.show_alert(spike)
+        await pilot.pause()
+        lines = "\n".join(str(s.render()) for s in app.screen.query(Static)).splitlines()
+        at = lines.index("loss on rank 1, steps 100-200")
+        bars, caret = lines[at + 1], lines[at + 2]
+        assert caret.strip() == "^ step 150" and bars[caret.index("^")] == "█"
+        assert len(bars) == 101 and bars.count("█") == 1 and set(bars) - {"█"} == {"▁"}
+        assert lines[at + 3].startswith("min 0.") and "max 30 at step 150" in lines[at + 3]
+        await pilot.press("escape")
         await pilot.press("escape")
         assert not isinstance(app.screen, TextScreen)
 

@@ -298,6 +298,46 @@ def alert_line(alert: Any) -> str:
     return f"{alert.severity[:4].upper():<5}step {step:<7}rank {alert.rank:<4}{inert(alert.message, 70)}"
 
 
+CONTEXT_STEPS = 50  # an alert's page shows its metric this many steps either side
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def alert_context(store: Store, alert: Any) -> Text:
+    """The alert's metric on its rank, ±CONTEXT_STEPS steps around it: a bar per step (a
+    column's max where several points share one, so no spike is hidden), the alert's step
+    under a ``^``, the window's min and max. Empty for an alert without a metric or step (a
+    stall, a crash)."""
+    text = Text(no_wrap=True, overflow="crop")
+    if alert.metric is None or alert.step is None:
+        return text
+    series = store.get(alert.key, alert.rank, alert.metric)
+    if series is None or not len(series):
+        return text
+    lo, hi = alert.step - CONTEXT_STEPS, alert.step + CONTEXT_STEPS
+    width = hi - lo + 1
+    cols = series.columns(lo, hi, width)  # a column per step: where the charts' columns fall
+    if not cols.x and not cols.nonfinite:
+        return text
+    low, high = min(cols.low, default=0.0), max(cols.high, default=1.0)
+    span = (high - low) or 1.0
+    bars = [" "] * width
+    for x, top in zip(cols.x, cols.high):  # x is a step: its bar is at its place
+        bars[min(width - 1, max(0, round(x - lo)))] = BARS[
+            min(len(BARS) - 1, int((top - low) / span * len(BARS)))
+        ]
+    for x, _ in cols.nonfinite:
+        bars[min(width - 1, max(0, round(x - lo)))] = "x"
+    text.append(f"\n{inert(alert.metric, 40)} on rank {alert.rank}, steps {max(0, lo)}-{hi}\n")
+    text.append("".join(bars) + "\n")
+    text.append(" " * (alert.step - lo) + f"^ step {alert.step}\n", style="yellow")
+    text.append(f"min {numbers.number(low)}  max {numbers.number(high)}", style="dim")
+    if cols.x:
+        text.append(f" at step {int(cols.x[cols.high.index(high)])}", style="dim")
+    if cols.nonfinite:
+        text.append(f"  NaN/Inf at {len(cols.nonfinite)} points", style="red")
+    return text
+
+
 RUN_EVENTS_SHOWN = 200  # the newest events the run's page lists
 
 

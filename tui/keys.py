@@ -266,7 +266,9 @@ class Keys(App[int]):
 
     def show_alert(self, alert: Alert) -> None:
         """The whole of one alert, which the panel cuts to its width."""
-        self.push_screen(TextScreen(f"{alert.severity} alert", frame.alert_text(alert)))
+        with self.store_lock:
+            context = frame.alert_context(self.store, alert)
+        self.push_screen(TextScreen(f"{alert.severity} alert", frame.alert_text(alert), context))
 
     def action_export(self) -> None:
         run = self.current_run()

@@ -127,18 +127,21 @@ class TextScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,enter", "close", "close")]
     DEFAULT_CSS = """
     TextScreen { align: center middle; }
-    TextScreen VerticalScroll { width: auto; max-width: 104; height: auto; max-height: 90%; border: round $accent; background: $surface; }
-    TextScreen Static { width: auto; padding: 1 2; }
+    TextScreen VerticalScroll { width: auto; max-width: 110; height: auto; max-height: 90%; border: round $accent; background: $surface; }
+    TextScreen Static { width: auto; padding: 0 2; }
+    TextScreen Static:first-child { padding-top: 1; }
+    TextScreen Static:last-child { padding-bottom: 1; }
     """
 
-    def __init__(self, title: str, text: Text) -> None:
+    def __init__(self, title: str, *texts: Text) -> None:
         super().__init__()
-        self.title_text, self.text = title, text
+        self.title_text, self.texts = title, texts
 
     def compose(self) -> ComposeResult:
         with VerticalScroll() as body:
             body.border_title = self.title_text
-            yield Static(self.text)
+            for text in self.texts:
+                yield Static(text)
 
     def action_close(self) -> None:
         self.dismiss(None)
