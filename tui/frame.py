@@ -36,6 +36,16 @@ def last_value(store: Store, key: str, rank: int, names: tuple[str, ...]) -> flo
     return None
 
 
+def any_rank_value(store: Store, run: RunView, names: tuple[str, ...]) -> float | None:
+    """The latest value of the first rank that publishes one of ``names`` (the eval loss, which
+    only the main process may publish; the epoch)."""
+    for rank in run.ranks:
+        value = last_value(store, run.key, rank.rank, names)
+        if value is not None:
+            return value
+    return None
+
+
 def step_time(store: Store, key: str, rank: int, measured: float | None) -> float | None:
     """Seconds per step of a rank: its ``step_time`` metric, else its measured pace."""
     return last_value(store, key, rank, metrics.STEP_TIME_NAMES) or measured
@@ -101,10 +111,7 @@ def header_text(
         seconds = step_time(store, run.key, rank0.rank, rank0.step_seconds) if rank0 else None
         if total and seconds and state == "live" and step < total:
             text.append(f" ETA {numbers.duration((total - step) * seconds)}")
-    epoch = next(
-        (e for r in run.ranks if (e := last_value(store, run.key, r.rank, metrics.EPOCH_NAMES))),
-        None,
-    )
+    epoch = any_rank_value(store, run, metrics.EPOCH_NAMES)
     if epoch is not None and math.isfinite(epoch):
         text.append(f"  epoch {epoch:.2f}")
     text.append(f"  world {run.world}")
@@ -180,15 +187,7 @@ def run_rows(store: Store, runs: list[RunView], shown: RunView) -> tuple[list[Ru
                 state=run.state,
                 step=run.last_step,
                 loss=last_value(store, run.key, first, metrics.LOSS_NAMES),
-                eval_loss=next(
-                    (
-                        v
-                        for r in run.ranks
-                        if (v := last_value(store, run.key, r.rank, metrics.EVAL_LOSS_NAMES))
-                        is not None
-                    ),
-                    None,
-                ),
+                eval_loss=any_rank_value(store, run, metrics.EVAL_LOSS_NAMES),
                 config=[config_value(flat[k]) if k in flat else "-" for k in keys],
             )
         )
@@ -220,7 +219,7 @@ FULL = 0.95  # share of memory in use from which it is shown in yellow
 
 def system_text(view: SystemView, rows: int) -> Text:
     """The system panel: host CPU and memory, then a line per GPU, or, when the GPUs do not
-    fit in ``rows`` lines, two lines over all of them (the worst figures)."""
+    fit in ``rows`` lines, one line over all of them (the worst figures)."""
     text = Text(no_wrap=True, overflow="ellipsis")
     cpu = "-" if view.cpu is None else f"{view.cpu:.0f}%"
     text.append(f"cpu  {cpu} of {view.cores}")
