@@ -127,9 +127,9 @@ async def test_the_panel_shows_beside_the_ranks_where_there_is_room(tmp_path: Pa
         panel = app.query_one(SystemPanel)
         shown = await shows(pilot, panel, "gpu1", seconds=5)
         assert panel.display and "mem  8.0G/16.0G" in shown and "gpu0  90% 60.0G/80.0G" in shown
-        await pilot.resize_terminal(80, 24)
+        await pilot.resize_terminal(120, 40)
         await pilot.pause(0.2)
-        assert not panel.display, "at 80 columns the alerts keep the room"
+        assert not panel.display, "at 120 columns the alerts keep the room"
         await pilot.resize_terminal(160, 48)
         await pilot.pause(0.2)
         assert panel.display

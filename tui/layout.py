@@ -12,7 +12,8 @@ from dataclasses import dataclass
 CHART_MIN_ROWS = 11  # border 2 + plotext's frame and x labels 3 + 6 rows of data
 SINGLE_BELOW = (70, 20)  # columns, rows: one chart at a time below either
 WIDE_FROM = 200  # columns: three charts a row
-SYSTEM_FROM = 100  # columns: the system panel beside the ranks table (below: the alerts' room)
+SYSTEM_FROM = 140  # columns: the system panel beside the ranks table (narrower: the alerts
+# keep the room; at 120 columns they were cut to a dozen characters)
 HEADER_AND_FOOTER = 2
 
 

@@ -245,7 +245,7 @@ def _run_cells(row: RunRow) -> list[str]:
 class SystemPanel(Static):
     """The machine: host CPU and memory, each GPU's utilisation, memory, power, temperature."""
 
-    DEFAULT_CSS = "SystemPanel { width: 38; padding: 0 1; }"
+    DEFAULT_CSS = "SystemPanel { width: 35; padding: 0 1; }"
 
     def on_mount(self) -> None:
         # The viewer's machine: over SSH, which box this is.
