@@ -99,9 +99,32 @@ def real_trace(name: str) -> dict[str, list[float]]:
 def test_real_fine_tune_raises_no_warning(name: str) -> None:
     trace = real_trace(name)
     for metric in ("loss", "grad_norm"):
-        found = feed(TailSpikeDetector(SpikeSettings()), trace[metric])
+        found = feed(TailSpikeDetector(SpikeSettings(), loss=metric == "loss"), trace[metric])
         assert [(i, f) for i, f in found if f.severity != INFO] == [], metric
         assert len(found) <= 20 * len(trace[metric]) / 10_000 + 1, metric
+
+
+def with_mad_spikes(clean: list[float], size: float) -> tuple[list[float], list[int]]:
+    """``clean`` with a spike every 200 steps from step 150: median + ``size`` × MAD of the 100
+    clean values before it (the rolling definition the issue's targets use)."""
+    values, steps = list(clean), list(range(150, len(clean) - 20, 200))
+    for step in steps:
+        before = sorted(clean[step - 100 : step])
+        median = 0.5 * (before[49] + before[50])
+        deviations = sorted(abs(v - median) for v in before)
+        values[step] = median + size * 0.5 * (deviations[49] + deviations[50])
+    return values, steps
+
+
+def test_loss_spike_of_eight_rolling_mads_is_reported_at_its_step() -> None:
+    # A batch-1 fine-tune whose loss is calm: a spike of 8 rolling MADs is far beyond anything
+    # its clean loss shows (0 of 3000 steps), yet only 4-5 of the log-scale noise scales.
+    clean = real_trace("llama-full-adamw-b1-clip-lr0.001-s0")["loss"]
+    values, steps = with_mad_spikes(clean, 8.0)
+    found = dict(feed(TailSpikeDetector(SpikeSettings(), loss=True), values))
+    missed = [s for s in steps if not any(s + d in found for d in range(6))]
+    assert missed == [], f"spikes of 8 MADs missed at steps {missed}"
+    assert all(found[s].severity == INFO for s in steps if s in found)  # 1.5× its median
 
 
 def test_info_spike_that_grows_becomes_a_warning() -> None:

@@ -92,7 +92,7 @@ def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
     )
     if direction not in (UP, DOWN, BOTH):
         return None
-    detector = TailSpikeDetector(s.spike, direction)
+    detector = TailSpikeDetector(s.spike, direction, loss=role == metrics.LOSS)
 
     def update(value: float, step: int) -> Finding | None:
         found = detector.update(value)

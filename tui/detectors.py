@@ -54,31 +54,36 @@ class RollingWindow:
         return values[middle] if count % 2 else 0.5 * (values[middle - 1] + values[middle])
 
     def mad(self, centre: float) -> float:
-        """The median absolute deviation of the values held from ``centre`` (NaN when empty).
-
-        The distances come in increasing order by walking outwards from ``centre`` through the
-        sorted values, so only half of them are looked at, none is sorted.
-        """
-        values, count = self._sorted, len(self._sorted)
-        if not count:
-            return math.nan
-        right = bisect_left(values, centre)
-        left = right - 1
-        previous = current = 0.0
-        for _ in range(count // 2 + 1):
-            if left >= 0 and (right >= count or centre - values[left] <= values[right] - centre):
-                distance = centre - values[left]
-                left -= 1
-            else:
-                distance = values[right] - centre
-                right += 1
-            previous, current = current, distance
-        return current if count % 2 else 0.5 * (previous + current)
+        """The median absolute deviation of the values held from ``centre`` (NaN when empty)."""
+        return sorted_mad(self._sorted, centre)
 
     def clear(self) -> None:
         """Forgets every value."""
         self._order.clear()
         self._sorted.clear()
+
+
+def sorted_mad(values: list[float], centre: float) -> float:
+    """The median absolute deviation from ``centre`` of ``values``, sorted (NaN when empty).
+
+    The distances come in increasing order by walking outwards from ``centre`` through the
+    sorted values, so only half of them are looked at, none is sorted.
+    """
+    count = len(values)
+    if not count:
+        return math.nan
+    right = bisect_left(values, centre)
+    left = right - 1
+    previous = current = 0.0
+    for _ in range(count // 2 + 1):
+        if left >= 0 and (right >= count or centre - values[left] <= values[right] - centre):
+            distance = centre - values[left]
+            left -= 1
+        else:
+            distance = values[right] - centre
+            right += 1
+        previous, current = current, distance
+    return current if count % 2 else 0.5 * (previous + current)
 
 
 WARNING, INFO, CRITICAL = "warning", "info", "critical"
@@ -201,7 +206,12 @@ class TailSpikeDetector:
       severity: ``warning`` when the value is at least ``warning_ratio`` × its median (× below
       it, for a drop), ``tail_ratio_margin`` × the run's usual ratio, and a full window is
       behind the median; else ``info``. So 10× is a warning on a run that usually swings 2-5×,
-      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping).
+      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping);
+    - for the training loss (``loss=True``) a point is also an ``info`` outlier by the classic
+      rule, ``mad_threshold`` rolling MADs above the median on the loss's own scale, when its
+      excess over the median is past ``mad_usual_margin`` × this run's usual max excess: the
+      noise scale above is learned on the log scale, where a near-zero loss's routine 3-6×
+      swings hide a spike of 8 MADs.
 
     One spike is one Finding however many points it spans, except that an ``info`` episode
     that grows to ``warning`` size gives a second Finding. Outliers that persist for
@@ -216,6 +226,7 @@ class TailSpikeDetector:
         "_down_step",
         "_in_spike",
         "_log",
+        "_mads",
         "_outliers",
         "_quantile",
         "_scale",
@@ -230,9 +241,10 @@ class TailSpikeDetector:
         "s",
     )
 
-    def __init__(self, settings: SpikeSettings, direction: str = UP) -> None:
+    def __init__(self, settings: SpikeSettings, direction: str = UP, *, loss: bool = False) -> None:
         self.s = settings
         self.direction = direction
+        self._mads = loss and direction == UP and settings.mad_threshold > 0
         self._log = True
         self._window = RollingWindow(settings.tail_window)
         self._scale = 0.0
@@ -320,6 +332,15 @@ class TailSpikeDetector:
         usual = self._usual
         big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
         outlier = self._seen > s.warmup and size > threshold
+        if (
+            self._mads
+            and not outlier
+            and ratio - 1.0 > s.mad_usual_margin * (usual - 1.0)
+            and self._seen > s.warmup
+            and residual > 0
+        ):
+            outlier = self._beyond_mads(x, s.mad_threshold)
+            big = False  # found by the classic rule alone: info, however high its ratio
         # What is usual: the largest ratio of the recent points that were no outliers, from a
         # full window on, forgotten over tail_memory steps.
         if not outlier and self._seen > s.tail_window:
@@ -347,6 +368,19 @@ class TailSpikeDetector:
             )
         _settle(self, window, x)
         return None
+
+    def _beyond_mads(self, x: float, threshold: float) -> bool:
+        """Whether ``x`` lies more than ``threshold`` rolling MADs above the rolling median, both
+        taken on the metric's own scale (not the log): the classic rule, asked only of a point
+        already beyond what this run usually shows, so the O(window) cost is rarely paid."""
+        held = self._window._sorted
+        values = [math.exp(v) for v in held] if self._log else held
+        count = len(values)
+        middle = count // 2
+        median = values[middle] if count % 2 else 0.5 * (values[middle - 1] + values[middle])
+        mad = sorted_mad(values, median)
+        value = math.exp(x) if self._log else x
+        return mad > 0 and value - median > threshold * mad
 
 
 class DivergenceDetector:
