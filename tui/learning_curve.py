@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .alert_settings import OverfittingSettings
-from .detectors import Finding, RollingWindow
+from .detectors import Finding, median
 
 MAX_EVALS = 64  # recent evaluations kept; the best one is kept apart
 TRAIN_WINDOW = 25
@@ -57,7 +57,7 @@ class LearningCurve:
 
     def __init__(self, settings: OverfittingSettings) -> None:
         self.s = settings
-        self._train = RollingWindow(TRAIN_WINDOW)
+        self._train: deque[float] = deque(maxlen=TRAIN_WINDOW)  # sorted only when asked
         self.evals: deque[Evaluation] = deque(maxlen=MAX_EVALS)
         self.best: Evaluation | None = None
         self.first: Evaluation | None = None
@@ -66,11 +66,14 @@ class LearningCurve:
     @property
     def train_level(self) -> float:
         """The training loss's rolling median (NaN before any)."""
-        return self._train.median()
+        return median(self._train)
 
-    def train(self, loss: float) -> None:
-        """Takes a finite training loss."""
-        self._train.add(loss)
+    def train(self, loss: float, step: int = 0) -> None:
+        """Takes a finite training loss (``step`` unused: the engine's detector signature).
+
+        Every step's loss comes here and the median is wanted only at an evaluation, so the
+        window is a plain deque, sorted then."""
+        self._train.append(loss)
 
     def noise(self) -> float:
         """How much the eval loss jitters between evaluations around its smooth course: half
