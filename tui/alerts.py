@@ -100,7 +100,7 @@ class _Rank:
     # rank sends the same names step after step, and a finite message with those names goes
     # straight to its watched metrics (see AlertEngine._feed).
     names: frozenset[str] = frozenset()
-    watched: list[tuple[str, list[tuple[Rule, Detector]]]] = field(default_factory=list)
+    watched: list[tuple[str, Rule, Detector]] = field(default_factory=list)  # in rule order
     totals: list[str] = field(default_factory=list)  # the device-memory totals among them
 
 
@@ -189,12 +189,10 @@ class AlertEngine:
                 out = _NONE
                 for name in rank.totals:
                     rank.context.memory_total = values[name]
-                for name, watched in rank.watched:
-                    value = values[name]
-                    for rule, detector in watched:
-                        found = detector(value, step)
-                        if found is not None:
-                            out = self._found(key, message, rank, rule, name, step, found, out)
+                for name, rule, detector in rank.watched:
+                    found = detector(values[name], step)
+                    if found is not None:
+                        out = self._found(key, message, rank, rule, name, step, found, out)
                 return out
         out = _NONE
         plans = rank.plans
@@ -225,7 +223,7 @@ class AlertEngine:
         if len(values) <= MAX_FAST_NAMES and all(name in plans for name in values):
             rank.names = frozenset(values)
             fast = [(name, plan) for name in values if (plan := plans[name]) is not None]
-            rank.watched = [(name, watched) for name, (_, watched) in fast if watched]
+            rank.watched = [(name, *pair) for name, (_, watched) in fast for pair in watched]
             rank.totals = [name for name, (role, _) in fast if role == metrics.MEM_TOTAL]
         return out
 

@@ -371,7 +371,8 @@ class TailSpikeDetector:
                 usual *= self._decay
                 self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
             # _settle and window.add, inlined (the common path: most points are no outlier)
-            self._outliers = 0
+            if self._outliers:
+                self._outliers = 0
             order = window._order
             if count == window.size:
                 del held[bisect_left(held, order.popleft())]
