@@ -125,6 +125,9 @@ class OverfittingSettings:
     # (the median absolute change between evaluations): a healthy run's eval loss wanders 1-2 %
     # between evaluations and rises three times in a row by chance (examples/plain_loop.py did
     # at step 1925 of 2500); a model that overfits keeps rising past its noise
+    sustained: float = 3.5  # ... or K consecutive evaluations this many noise units above the
+    # best, rising or not: a noisy eval loss (the MLP families', ±40 % between evaluations)
+    # climbing 10 % per evaluation seldom rises K times in a row (benchmarks/README.md)
     hold: int = 4  # evaluations a new learning-curve verdict must hold before it is told (3 let
     # examples/plain_loop.py flip 9 times in 2500 steps; 4: underfitting, overfitting, fitting well)
 

@@ -100,12 +100,17 @@ class LearningCurve:
             return None
         recent = list(self.evals)[-(k + 1) :]
         rising = all(b.eval_loss > a.eval_loss for a, b in itertools.pairwise(recent))
-        floor = self.best.eval_loss + max(
-            self.s.min_rise * abs(self.best.eval_loss), self.s.noise * self.noise()
-        )
+        best, noise = self.best.eval_loss, self.noise()
+        least = self.s.min_rise * abs(best)
+        floor = best + max(least, self.s.noise * noise)
+        # A rise that eval noise keeps from being monotonic: K evaluations in a row far above
+        # the best (a noisy near-zero eval loss climbing 10 % per evaluation rarely rises three
+        # times in a row, yet soon lies above anything its noise explains).
+        high = best + max(least, self.s.sustained * noise)
+        sustained = all(e.eval_loss >= high for e in recent[1:])
         train_then, train_now = recent[0].train_loss, recent[-1].train_loss
         train_not_rising = not (train_now > train_then)  # NaN (no training loss) counts as falling
-        if rising and eval_loss >= floor and train_not_rising:
+        if (sustained or (rising and eval_loss >= floor)) and train_not_rising:
             self._alerted = True
             return Finding(eval_loss, self.best.eval_loss)
         return None
