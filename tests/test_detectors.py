@@ -127,6 +127,32 @@ def test_loss_spike_of_eight_rolling_mads_is_reported_at_its_step() -> None:
     assert all(found[s].severity == INFO for s in steps if s in found)  # 1.5× its median
 
 
+def smooth_falling(seed: int, steps: int, noise: float) -> list[float]:
+    """A healthy loss or grad norm: falling from 3 to 1, multiplicative Gaussian noise."""
+    rng = random.Random(seed)
+    return [(1 + 2 * math.exp(-i / 800)) * math.exp(rng.gauss(0, noise)) for i in range(steps)]
+
+
+def test_small_bumps_on_a_smooth_falling_loss_are_no_record() -> None:
+    # The examples' healthy losses: bumps of 1.1-1.3× their median are 3-7 rolling MADs, within
+    # what the run's own noise does; each used to be an info record.
+    values = smooth_falling(seed=5, steps=2500, noise=0.05)
+    for step in range(300, 2500, 300):
+        values[step] *= 1.15
+    assert feed(TailSpikeDetector(SpikeSettings(), loss=True), values) == []
+
+
+def test_a_grad_norm_1_2x_its_median_on_a_smooth_run_is_no_record() -> None:
+    values = smooth_falling(seed=6, steps=1500, noise=0.01)  # the demo's calm grad norm
+    for step in range(200, 1500, 250):
+        values[step] *= 1.2
+    assert feed(TailSpikeDetector(SpikeSettings()), values) == []
+    values[1400] *= 2.0  # twice its median stands out, and is told
+    assert [(i, f.severity) for i, f in feed(TailSpikeDetector(SpikeSettings()), values)] == [
+        (1400, INFO)
+    ]
+
+
 def test_info_spike_that_grows_becomes_a_warning() -> None:
     detector = TailSpikeDetector(SpikeSettings())
     values = heavy_tailed(seed=3, steps=400, sigma=0.05, dof=30, excursions=0.0)

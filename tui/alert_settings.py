@@ -82,6 +82,9 @@ class SpikeSettings:
     tail_ratio_margin: float = 2.0  # ... and this × the run's usual max ratio: 10× is a warning
     # on a run whose grad norm swings 2-5× (batch 1), not on one whose own clean tail reaches
     # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×
+    info_ratio: float = 1.5  # other series (grad norm): an outlier below this × its median
+    # (above, for a drop) is no record at all: a smooth run's grad norm (the demo's) stands out
+    # of its noise at 1.2×, which no one needs to hear about (the loss is judged in MADs below)
     mad_threshold: float = 7.5  # the training loss is also judged by the classic rule: a point
     # this many rolling MADs (window tail_window, on the loss's own scale, not the log) above its
     # median is an info outlier. 7.5, not 8: the window holds no past spikes, so "8 MADs of the
@@ -90,7 +93,8 @@ class SpikeSettings:
     mad_usual_margin: float = 1.5  # ... when its excess over the median (ratio - 1) is also past
     # this × the run's usual max excess. A near-zero loss (the MLP families) lies ≥ 8 MADs above
     # its median 23-38 times per 10k clean steps, so catching 0.99 of 8-MAD spikes there costs
-    # 44-56 info per 10k (margin 1.0); 1.5 catches 0.66-0.68 at 13-14 (benchmarks/README.md)
+    # ~45-55 info per 10k (margin 1.0); 1.5 catches 0.66 at 11-14 in all; 1.4 catches 0.72-0.74
+    # at 13-18, but up to 27 on one run (benchmarks/README.md)
     # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
     metrics: dict[str, str] = field(default_factory=dict)
 

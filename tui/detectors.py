@@ -355,15 +355,17 @@ class TailSpikeDetector:
         usual = self._usual
         big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
         outlier = seen > s.warmup and size > threshold
-        if (
-            self._mads
-            and not outlier
-            and ratio - 1.0 > s.mad_usual_margin * (usual - 1.0)
-            and seen > s.warmup
-            and residual > 0
-        ):
-            outlier = self._beyond_mads(x, s.mad_threshold)
-            big = False  # found by the classic rule alone: info, however high its ratio
+        if outlier and log and not self._mads and ratio < s.info_ratio:
+            outlier = False  # a grad norm 1.2× its median on a smooth run is no record
+        elif self._mads and residual > 0 and seen > s.warmup:
+            if outlier:
+                # The loss: an info spike must also be one by the classic rule, or a smooth
+                # falling loss gives a record for every 1.1-1.3× bump (3-7 MADs)
+                if not (big and seen > s.tail_window):
+                    outlier = self._beyond_mads(x, s.mad_threshold)
+            elif ratio - 1.0 > s.mad_usual_margin * (usual - 1.0):
+                outlier = self._beyond_mads(x, s.mad_threshold)
+                big = False  # found by the classic rule alone: info, however high its ratio
         # What is usual: the largest ratio of the recent points that were no outliers, from a
         # full window on, forgotten over tail_memory steps.
         if not outlier:
