@@ -107,7 +107,7 @@ class LearningCurve:
         # the best (a noisy near-zero eval loss climbing 10 % per evaluation rarely rises three
         # times in a row, yet soon lies above anything its noise explains).
         high = best + max(least, self.s.sustained * noise)
-        sustained = all(e.eval_loss >= high for e in recent[1:])
+        sustained = noise > 0 and all(e.eval_loss >= high for e in recent[1:])  # noise known
         train_then, train_now = recent[0].train_loss, recent[-1].train_loss
         train_not_rising = not (train_now > train_then)  # NaN (no training loss) counts as falling
         if (sustained or (rising and eval_loss >= floor)) and train_not_rising:
