@@ -153,6 +153,18 @@ def test_a_grad_norm_1_2x_its_median_on_a_smooth_run_is_no_record() -> None:
     ]
 
 
+def test_ten_times_spike_on_a_lora_grad_norm_is_a_warning_at_its_step() -> None:
+    # Step 250 of a LoRA fine-tune: its grad norm still settles after B's start from zero, so
+    # its log-scale noise quantile is high and 10× is only a few of its scales; its usual swing
+    # is under 5×, so 10× is news. It used to pass unseen.
+    clean = real_trace("llama-lora-adamw-b16-clip-lr0.003-s1")["grad_norm"]
+    detector = TailSpikeDetector(SpikeSettings())
+    feed(detector, clean[:250])
+    found = detector.update(10 * detector.baseline * (1 + 1e-9))
+    assert found is not None and found.severity == WARNING and found.ratio >= 10.0
+    assert found.usual_ratio < 5.0
+
+
 def test_info_spike_that_grows_becomes_a_warning() -> None:
     detector = TailSpikeDetector(SpikeSettings())
     values = heavy_tailed(seed=3, steps=400, sigma=0.05, dof=30, excursions=0.0)

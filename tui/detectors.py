@@ -23,6 +23,7 @@ from .alert_settings import (
 
 UP, DOWN, BOTH = "up", "down", "both"
 SCALE_FLOOR = 0.01  # the noise scale is never taken below 1% of the level (constant series)
+HARDX = 2
 _ln, _exp = math.log, math.exp  # looked up once: the spike detector's hot path calls them
 
 
@@ -355,6 +356,19 @@ class TailSpikeDetector:
         usual = self._usual
         big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
         outlier = seen > s.warmup and size > threshold
+        if (
+            big
+            and not outlier
+            and not self._mads
+            and seen > s.tail_window + s.warmup
+            and usual * s.tail_ratio_margin < s.warning_ratio
+        ):
+            # A grad norm ≥ 10× its median on a run whose usual swing is under 5× is a spike
+            # even where the run's noise quantile is high (a LoRA grad norm's log-scale noise
+            # makes 10× only 3-5 of its scales); once the usual swing itself reaches 5×, 10× is
+            # this run's own tail. Not in the first steps after the window fills: the usual
+            # swing is learned from there on.
+            outlier = True
         if outlier and log and not self._mads and ratio < s.info_ratio:
             outlier = False  # a grad norm 1.2× its median on a smooth run is no record
         elif self._mads and residual > 0 and seen > s.warmup:
