@@ -8,7 +8,7 @@ current directory); or, instead of those two, the file given with ``--config``; 
 or under ``[alerts]``::
 
     [alerts.spike]
-    threshold = 8.0                 # MADs beyond the median of the last 50 values
+    warning_ratio = 20.0            # a spike is a warning from 20× its running median
     metrics = { tokens_per_second = "down" }   # added to loss and grad norm
 
 Reading TOML needs Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10.
