@@ -104,15 +104,20 @@ def test_real_fine_tune_raises_no_warning(name: str) -> None:
         assert len(found) <= 20 * len(trace[metric]) / 10_000 + 1, metric
 
 
+def mad_spike(clean: list[float], step: int, size: float) -> float:
+    """Median + ``size`` × MAD of the 100 clean values before ``step``: a spike of ``size``
+    rolling MADs, the definition the issue's targets use."""
+    before = sorted(clean[step - 100 : step])
+    median = 0.5 * (before[49] + before[50])
+    deviations = sorted(abs(v - median) for v in before)
+    return median + size * 0.5 * (deviations[49] + deviations[50])
+
+
 def with_mad_spikes(clean: list[float], size: float) -> tuple[list[float], list[int]]:
-    """``clean`` with a spike every 200 steps from step 150: median + ``size`` × MAD of the 100
-    clean values before it (the rolling definition the issue's targets use)."""
+    """``clean`` with a spike of ``size`` rolling MADs every 200 steps from step 150."""
     values, steps = list(clean), list(range(150, len(clean) - 20, 200))
     for step in steps:
-        before = sorted(clean[step - 100 : step])
-        median = 0.5 * (before[49] + before[50])
-        deviations = sorted(abs(v - median) for v in before)
-        values[step] = median + size * 0.5 * (deviations[49] + deviations[50])
+        values[step] = mad_spike(clean, step, size)
     return values, steps
 
 
@@ -131,6 +136,24 @@ def smooth_falling(seed: int, steps: int, noise: float) -> list[float]:
     """A healthy loss or grad norm: falling from 3 to 1, multiplicative Gaussian noise."""
     rng = random.Random(seed)
     return [(1 + 2 * math.exp(-i / 800)) * math.exp(rng.gauss(0, noise)) for i in range(steps)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    noise=st.floats(0.005, 0.05),
+    where=st.integers(300, 1400),
+    size=st.floats(8.0, 100.0),
+)
+def test_a_loss_spike_of_8_rolling_mads_or_more_is_caught_at_its_step(
+    seed: int, noise: float, where: int, size: float
+) -> None:
+    # A calm falling loss (0.5-5 % noise), untouched until ``where``, then one spike.
+    clean = smooth_falling(seed, where, noise)
+    found = feed(
+        TailSpikeDetector(SpikeSettings(), loss=True), [*clean, mad_spike(clean, where, size)]
+    )
+    assert [i for i, _ in found] == [where]
 
 
 def test_small_bumps_on_a_smooth_falling_loss_are_no_record() -> None:
