@@ -81,7 +81,9 @@ class SpikeSettings:
     # (once a full window is behind the median: a fine-tune's first steps move 10× by design)
     tail_ratio_margin: float = 2.0  # ... and this × the run's usual max ratio: 10× is a warning
     # on a run whose grad norm swings 2-5× (batch 1), not on one whose own clean tail reaches
-    # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×
+    # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×. Such a
+    # jump counts even under the run's noise quantile while warning_ratio / tail_ratio_margin
+    # (5×) is above the usual swing, from tail_window + warmup steps on
     info_ratio: float = 1.5  # other series (grad norm): an outlier below this × its median
     # (above, for a drop) is no record at all: a smooth run's grad norm (the demo's) stands out
     # of its noise at 1.2×, which no one needs to hear about (the loss is judged in MADs below)
@@ -93,8 +95,8 @@ class SpikeSettings:
     mad_usual_margin: float = 1.5  # ... when its excess over the median (ratio - 1) is also past
     # this × the run's usual max excess. A near-zero loss (the MLP families) lies ≥ 8 MADs above
     # its median 23-38 times per 10k clean steps, so catching 0.99 of 8-MAD spikes there costs
-    # ~45-55 info per 10k (margin 1.0); 1.5 catches 0.66 at 11-14 in all; 1.4 catches 0.72-0.74
-    # at 13-18, but up to 27 on one run (benchmarks/README.md)
+    # 44-56 info per 10k (margin 1.0); 1.5 catches 0.66 at 11 in all (loss and grad norm);
+    # 1.4 catches 0.71-0.78 at 11-15 from the loss alone, but 27 on one run (benchmarks/README.md)
     # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
     metrics: dict[str, str] = field(default_factory=dict)
 

@@ -23,7 +23,6 @@ from .alert_settings import (
 
 UP, DOWN, BOTH = "up", "down", "both"
 SCALE_FLOOR = 0.01  # the noise scale is never taken below 1% of the level (constant series)
-HARDX = 2
 _ln, _exp = math.log, math.exp  # looked up once: the spike detector's hot path calls them
 
 
