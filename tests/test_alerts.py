@@ -197,6 +197,29 @@ def test_eval_loss_rising_over_three_evaluations_while_training_loss_falls_is_ov
     assert str(engine.diagnose(RUN)).startswith("overfitting")
 
 
+def test_a_noisy_eval_loss_climbing_without_three_rises_in_a_row_is_overfitting() -> None:
+    # An eval loss that jitters ±2 % between evaluations, then climbs in a zigzag (never three
+    # rises in a row) to 20-30 % above its best while the training loss keeps falling.
+    evals = [1.0 + (0.02 if k % 2 else -0.02) for k in range(20)]
+    evals += [1.2, 1.17, 1.24, 1.21, 1.28, 1.25, 1.32]
+    engine = AlertEngine()
+    alerts = engine.feed(RUN, start({}))
+    for k, value in enumerate(evals):
+        for step in range(100 * k, 100 * k + 100):
+            alerts += engine.feed(RUN, message(step, {"loss": 3.0 - step / 2000}))
+        alerts += engine.feed(RUN, message(100 * k + 99, {"eval_loss": value}))
+    found = of(alerts, "overfitting")
+    assert [(a.step, a.severity) for a in found] == [(2299, "warning")]  # the 3rd one above
+    assert "above its best 0.98" in found[0].message
+    # In the first evaluations the eval noise is not known yet: 2-4 % above the best is nothing.
+    engine = AlertEngine()
+    early = engine.feed(RUN, start({}))
+    for k, value in enumerate([1.0, 0.95, 0.99, 0.97, 0.98]):
+        early += engine.feed(RUN, message(100 * k, {"loss": 3.0 - k / 20}))
+        early += engine.feed(RUN, message(100 * k + 99, {"eval_loss": value}))
+    assert of(early, "overfitting") == []
+
+
 def test_periodic_evaluation_gaps_raise_nothing_and_the_diagnosis_follows_the_curves() -> None:
     engine = AlertEngine()
     assert str(engine.diagnose(RUN)).startswith("not enough data")

@@ -70,6 +70,9 @@ class Rule:
     enabled: Callable[[AlertSettings], bool]
     build: Callable[[AlertSettings, RankContext, str], Detector | None]
     word: Callable[[AlertSettings, str, int, Finding], str]
+    # What a finding means in the rank's context (name, step): asked of findings alone, so the
+    # detector itself is called bare for every point
+    refine: Callable[[RankContext, str, int, Finding], Finding] | None = None
 
 
 def _percent(value: float, baseline: float) -> str:
@@ -79,8 +82,9 @@ def _percent(value: float, baseline: float) -> str:
 
 
 def _values(detector: Any) -> Detector:
-    """A detector that judges values alone (``update(value)``), as one that takes the step."""
-    return lambda value, step: detector.update(value)
+    """A detector's ``update(value, step=0)``, which judges values alone, as the rule's detector
+    (its bound method: no wrapper to call per point)."""
+    return detector.update
 
 
 def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
@@ -92,25 +96,24 @@ def _spike(s: AlertSettings, ctx: RankContext, name: str) -> Detector | None:
     )
     if direction not in (UP, DOWN, BOTH):
         return None
-    detector = TailSpikeDetector(s.spike, direction)
+    return TailSpikeDetector(s.spike, direction, loss=role == metrics.LOSS).update
 
-    def update(value: float, step: int) -> Finding | None:
-        found = detector.update(value)
-        if found is None:
-            return None
-        if role == metrics.GRAD_NORM:
-            ctx.grad_spike = step
-        elif (  # the loss following a grad-norm spike within a few steps: worth a look
-            role == metrics.LOSS
-            and ctx.grad_spike is not None
-            and 0 <= step - ctx.grad_spike <= FOLLOW_STEPS
-            and found.severity == INFO
-        ):
-            note = f"it follows a grad norm spike at step {ctx.grad_spike}"
-            found = replace(found, severity=WARNING, note=note)
-        return found
 
-    return update
+def _refine_spike(ctx: RankContext, name: str, step: int, found: Finding) -> Finding:
+    """A grad-norm spike is remembered; a loss spike that follows one within a few steps is
+    worth a look (a warning)."""
+    role = metrics.classify(name)
+    if role == metrics.GRAD_NORM:
+        ctx.grad_spike = step
+    elif (
+        role == metrics.LOSS
+        and ctx.grad_spike is not None
+        and 0 <= step - ctx.grad_spike <= FOLLOW_STEPS
+        and found.severity == INFO
+    ):
+        note = f"it follows a grad norm spike at step {ctx.grad_spike}"
+        found = replace(found, severity=WARNING, note=note)
+    return found
 
 
 def _word_spike(s: AlertSettings, name: str, step: int, f: Finding) -> str:
@@ -143,7 +146,7 @@ def _word_divergence(s: AlertSettings, name: str, step: int, f: Finding) -> str:
 def _overfitting(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
     curve = ctx.curve
     if metrics.classify(name) == metrics.LOSS:
-        return lambda value, step: curve.train(value)  # the training side: never alerts
+        return curve.train  # the training side: never alerts
 
     def evaluate(value: float, step: int) -> Finding | None:
         found = curve.evaluate(value, step)  # fed even with the alert off: the diagnosis reads it
@@ -191,13 +194,7 @@ def _word_clipping(s: AlertSettings, name: str, step: int, f: Finding) -> str:
 
 
 def _learning_rate(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
-    detector = LearningRateDetector(s.learning_rate, metrics.warmup_steps(ctx.config))
-
-    def update(value: float, step: int) -> Finding | None:
-        found = detector.update(value, step)
-        return None if found is None else Finding(value, found.baseline)
-
-    return update
+    return LearningRateDetector(s.learning_rate, metrics.warmup_steps(ctx.config)).update
 
 
 def _word_learning_rate(s: AlertSettings, name: str, step: int, f: Finding) -> str:
@@ -237,6 +234,7 @@ RULES = (
         lambda s: s.spike.enabled,
         _spike,
         _word_spike,
+        _refine_spike,
     ),
     Rule(
         DIVERGENCE,

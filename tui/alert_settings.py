@@ -8,7 +8,7 @@ current directory); or, instead of those two, the file given with ``--config``; 
 or under ``[alerts]``::
 
     [alerts.spike]
-    threshold = 8.0                 # MADs beyond the median of the last 50 values
+    warning_ratio = 20.0            # a spike is a warning from 20× its running median
     metrics = { tokens_per_second = "down" }   # added to loss and grad norm
 
 Reading TOML needs Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10.
@@ -81,7 +81,22 @@ class SpikeSettings:
     # (once a full window is behind the median: a fine-tune's first steps move 10× by design)
     tail_ratio_margin: float = 2.0  # ... and this × the run's usual max ratio: 10× is a warning
     # on a run whose grad norm swings 2-5× (batch 1), not on one whose own clean tail reaches
-    # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×
+    # 10-190× (LoRA, batch 1, no clipping), nor on a near-zero loss that swings 13×. Such a
+    # jump counts even under the run's noise quantile while warning_ratio / tail_ratio_margin
+    # (5×) is above the usual swing, from tail_window + warmup steps on
+    info_ratio: float = 1.5  # other series (grad norm): an outlier below this × its median
+    # (above, for a drop) is no record at all: a smooth run's grad norm (the demo's) stands out
+    # of its noise at 1.2×, which no one needs to hear about (the loss is judged in MADs below)
+    mad_threshold: float = 7.5  # the training loss is also judged by the classic rule: a point
+    # this many rolling MADs (window tail_window, on the loss's own scale, not the log) above its
+    # median is an info outlier. 7.5, not 8: the window holds no past spikes, so "8 MADs of the
+    # clean window" lands at 7.6-8.1 of its MADs; clean Llama and transformer losses never reach
+    # it (0 per 10k), and it lifts their recall of 8-MAD spikes from 0.97-0.99 to 1.00
+    mad_usual_margin: float = 1.5  # ... when its excess over the median (ratio - 1) is also past
+    # this × the run's usual max excess. A near-zero loss (the MLP families) lies ≥ 8 MADs above
+    # its median 23-38 times per 10k clean steps, so catching 0.99 of 8-MAD spikes there costs
+    # 44-56 info per 10k (margin 1.0); 1.5 catches 0.66 at 11 in all (loss and grad norm);
+    # 1.4 catches 0.71-0.78 at 11-15 from the loss alone, but 27 on one run (benchmarks/README.md)
     # Metric name -> "up" | "down" | "both", on top of train loss and grad norm (always "up").
     metrics: dict[str, str] = field(default_factory=dict)
 
@@ -116,6 +131,9 @@ class OverfittingSettings:
     # (the median absolute change between evaluations): a healthy run's eval loss wanders 1-2 %
     # between evaluations and rises three times in a row by chance (examples/plain_loop.py did
     # at step 1925 of 2500); a model that overfits keeps rising past its noise
+    sustained: float = 3.5  # ... or K consecutive evaluations this many noise units above the
+    # best, rising or not: a noisy eval loss (the MLP families', ±40 % between evaluations)
+    # climbing 10 % per evaluation seldom rises K times in a row (benchmarks/README.md)
     hold: int = 4  # evaluations a new learning-curve verdict must hold before it is told (3 let
     # examples/plain_loop.py flip 9 times in 2500 steps; 4: underfitting, overfitting, fitting well)
 

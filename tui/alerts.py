@@ -37,10 +37,17 @@ from .alert_rules import (
     Rule,
 )
 from .alert_settings import AlertSettings
+from .detectors import Finding
 from .learning_curve import NOT_ENOUGH_DATA, Diagnosis, LearningCurve
 
 MAX_NAMES = 4096  # metric names remembered per rank (detectors, NaN episodes, roles)
 MAX_RECENT = 1000
+MAX_FAST_NAMES = 256  # a message with more names always takes the full path (see _Rank.names)
+
+_Plan = tuple[int, list[tuple[Rule, Detector]]] | None  # a metric's role and watchers, or None
+_START, _METRICS = schema.START, schema.METRICS
+_UNSEEN: Any = object()  # a metric name without a plan yet
+_NONE: list[Any] = []  # "no alert", shared: never appended to (a fresh list is made instead)
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -86,9 +93,15 @@ class _Rank:
 
     context: RankContext
     # name -> (its role, the rules that watch it with their detectors), built on first sight
-    plans: dict[str, tuple[int, list[tuple[Rule, Detector]]]] = field(default_factory=dict)
+    plans: dict[str, _Plan] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)  # name -> finite points since alert
     points: int = 0  # metrics messages seen (the step when a message has none)
+    # The names of the rank's last message and the plans among them that watch something: a
+    # rank sends the same names step after step, and a finite message with those names goes
+    # straight to its watched metrics (see AlertEngine._feed).
+    names: frozenset[str] = frozenset()
+    watched: list[tuple[str, Rule, Detector]] = field(default_factory=list)  # in rule order
+    totals: list[str] = field(default_factory=list)  # the device-memory totals among them
 
 
 class AlertEngine:
@@ -116,7 +129,14 @@ class AlertEngine:
 
     def feed(self, key: str, message: schema.Message) -> list[Alert]:
         """Takes one message of run ``key`` (in per-rank order); returns the alerts it raised."""
-        return [alert for _, alert in self.feed_batch([(key, message)])]
+        if not self.settings.enabled:
+            return []
+        alerts = self._feed(key, message)
+        if not alerts:  # most messages: nothing more to pay for
+            return []
+        for alert in alerts:
+            self._once.add(0, alert)
+        return [alert for _, alert in self._tell()]
 
     def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
         """The alerts a batch of (run key, message) raised, each with the index of the last
@@ -124,16 +144,26 @@ class AlertEngine:
         norm's spike) is one alert naming the ranks, and is not told again in a later batch."""
         if not self.settings.enabled:
             return []
+        once, feed = self._once, self._feed
+        raised = False
         for index, (key, message) in enumerate(batch):
-            for alert in self._feed(key, message):
-                self._once.add(index, alert)
+            alerts = feed(key, message)
+            if alerts:  # rare: most messages raise nothing, and pay for nothing more
+                raised = True
+                for alert in alerts:
+                    once.add(index, alert)
+        return self._tell() if raised else []
+
+    def _tell(self) -> list[tuple[int, Alert]]:
+        """The alerts gathered in ``_once`` since the last call, recorded."""
         told = self._once.take()
         self._record([alert for _, alert in told])
         return told
 
     def _feed(self, key: str, message: schema.Message) -> list[Alert]:
         self._names[key] = message.run
-        if message.kind == schema.START:
+        kind = message.kind
+        if kind == _START:
             info = message.data.get("info")
             config = info.get("config") if isinstance(info, dict) else None
             if isinstance(config, dict):
@@ -142,44 +172,93 @@ class AlertEngine:
                     if run == key:
                         rank.context.config = config
             return []
-        if message.kind != schema.METRICS or not message.m:
-            return []
-        rank = self._rank(key, message.rank)
+        values = message.m
+        if kind != _METRICS or not values:
+            return _NONE
+        rank = self._ranks.get((key, message.rank)) or self._rank(key, message.rank)
         rank.points += 1
         step = message.step if message.step is not None else rank.points - 1
-        out: list[Alert] = []
-        for name, value in message.m.items():
-            plan = rank.plans.get(name)
-            if plan is None:
+        nonfinite = rank.nonfinite
+        if not nonfinite and values.keys() == rank.names:
+            try:
+                total = sum(values.values())  # NaN or ±Inf anywhere makes the sum not finite
+            except TypeError:
+                total = math.nan
+            if total - total == 0.0:
+                # Only the watched metrics (the rest of _feed looks at every one).
+                out = _NONE
+                for name in rank.totals:
+                    rank.context.memory_total = values[name]
+                for name, rule, detector in rank.watched:
+                    found = detector(values[name], step)
+                    if found is not None:
+                        out = self._found(key, message, rank, rule, name, step, found, out)
+                return out
+        out = _NONE
+        plans = rank.plans
+        # The hot loop: one dict lookup per metric, and nothing more for the many metrics that
+        # no rule watches (their plan is None) unless a value is not finite.
+        for name, value in values.items():
+            plan = plans.get(name, _UNSEEN)
+            if plan is _UNSEEN:
                 plan = self._plan(rank, name)
-            role, watched = plan
             if value - value != 0.0:  # NaN or ±Inf
+                if out is _NONE:
+                    out = []
                 self._nonfinite(key, message, rank, name, value, step, out)
                 continue
-            if rank.nonfinite and name in rank.nonfinite:
-                rank.nonfinite[name] += 1
-                if rank.nonfinite[name] >= self.settings.nonfinite.rearm_steps:
-                    del rank.nonfinite[name]
+            if nonfinite and name in nonfinite:
+                nonfinite[name] += 1
+                if nonfinite[name] >= self.settings.nonfinite.rearm_steps:
+                    del nonfinite[name]
+            if plan is None:
+                continue
+            role, watched = plan
             if role == metrics.MEM_TOTAL:
                 rank.context.memory_total = value
             for rule, detector in watched:
                 found = detector(value, step)
                 if found is not None:
-                    severity = rule.severity or found.severity
-                    text = rule.word(self.settings, name, step, found)
-                    out.append(self._alert(key, message, rule.type, severity, name, step, text,
-                                           value=found.value, baseline=found.baseline))  # fmt: skip
+                    out = self._found(key, message, rank, rule, name, step, found, out)
+        if len(values) <= MAX_FAST_NAMES and all(name in plans for name in values):
+            rank.names = frozenset(values)
+            fast = [(name, plan) for name in values if (plan := plans[name]) is not None]
+            rank.watched = [(name, *pair) for name, (_, watched) in fast for pair in watched]
+            rank.totals = [name for name, (role, _) in fast if role == metrics.MEM_TOTAL]
         return out
 
-    def _plan(self, rank: _Rank, name: str) -> tuple[int, list[tuple[Rule, Detector]]]:
-        """What watches metric ``name`` of a rank: its role and each rule's detector."""
+    def _found(
+        self,
+        key: str,
+        message: schema.Message,
+        rank: _Rank,
+        rule: Rule,
+        name: str,
+        step: int,
+        found: Finding,
+        out: list[Alert],
+    ) -> list[Alert]:
+        """``out`` (a fresh list for the shared empty one) with the alert ``found`` raises."""
+        if rule.refine is not None:
+            found = rule.refine(rank.context, name, step, found)
+        severity = rule.severity or found.severity
+        text = rule.word(self.settings, name, step, found)
+        if out is _NONE:
+            out = []
+        out.append(self._alert(key, message, rule.type, severity, name, step, text,
+                               value=found.value, baseline=found.baseline))  # fmt: skip
+        return out
+
+    def _plan(self, rank: _Rank, name: str) -> _Plan:
+        """What watches metric ``name`` of a rank: its role and each rule's detector (None when
+        nothing does and the metric is no device-memory total)."""
         role = metrics.classify(name)
         watched = []
         for rule in self._rules.get(role, ()):
             detector = rule.build(self.settings, rank.context, name)
             if detector is not None:
                 watched.append((rule, detector))
-        plan = (role, watched)
+        plan = (role, watched) if watched or role == metrics.MEM_TOTAL else None
         if len(rank.plans) < MAX_NAMES:  # past that, names are judged afresh (and forgotten)
             rank.plans[name] = plan
         return plan

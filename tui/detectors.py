@@ -9,8 +9,9 @@ with the value and the baseline it was judged against. They know nothing of runs
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .alert_settings import (
@@ -22,6 +23,7 @@ from .alert_settings import (
 
 UP, DOWN, BOTH = "up", "down", "both"
 SCALE_FLOOR = 0.01  # the noise scale is never taken below 1% of the level (constant series)
+_ln, _exp = math.log, math.exp  # looked up once: the spike detector's hot path calls them
 
 
 class RollingWindow:
@@ -54,31 +56,46 @@ class RollingWindow:
         return values[middle] if count % 2 else 0.5 * (values[middle - 1] + values[middle])
 
     def mad(self, centre: float) -> float:
-        """The median absolute deviation of the values held from ``centre`` (NaN when empty).
-
-        The distances come in increasing order by walking outwards from ``centre`` through the
-        sorted values, so only half of them are looked at, none is sorted.
-        """
-        values, count = self._sorted, len(self._sorted)
-        if not count:
-            return math.nan
-        right = bisect_left(values, centre)
-        left = right - 1
-        previous = current = 0.0
-        for _ in range(count // 2 + 1):
-            if left >= 0 and (right >= count or centre - values[left] <= values[right] - centre):
-                distance = centre - values[left]
-                left -= 1
-            else:
-                distance = values[right] - centre
-                right += 1
-            previous, current = current, distance
-        return current if count % 2 else 0.5 * (previous + current)
+        """The median absolute deviation of the values held from ``centre`` (NaN when empty)."""
+        return sorted_mad(self._sorted, centre)
 
     def clear(self) -> None:
         """Forgets every value."""
         self._order.clear()
         self._sorted.clear()
+
+
+def median(values: Iterable[float]) -> float:
+    """The median of ``values`` (NaN when there are none), sorting a copy."""
+    ordered = sorted(values)
+    count = len(ordered)
+    if not count:
+        return math.nan
+    middle = count // 2
+    return ordered[middle] if count % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def sorted_mad(values: list[float], centre: float) -> float:
+    """The median absolute deviation from ``centre`` of ``values``, sorted (NaN when empty).
+
+    The distances come in increasing order by walking outwards from ``centre`` through the
+    sorted values, so only half of them are looked at, none is sorted.
+    """
+    count = len(values)
+    if not count:
+        return math.nan
+    right = bisect_left(values, centre)
+    left = right - 1
+    previous = current = 0.0
+    for _ in range(count // 2 + 1):
+        if left >= 0 and (right >= count or centre - values[left] <= values[right] - centre):
+            distance = centre - values[left]
+            left -= 1
+        else:
+            distance = values[right] - centre
+            right += 1
+        previous, current = current, distance
+    return current if count % 2 else 0.5 * (previous + current)
 
 
 WARNING, INFO, CRITICAL = "warning", "info", "critical"
@@ -201,7 +218,12 @@ class TailSpikeDetector:
       severity: ``warning`` when the value is at least ``warning_ratio`` × its median (× below
       it, for a drop), ``tail_ratio_margin`` × the run's usual ratio, and a full window is
       behind the median; else ``info``. So 10× is a warning on a run that usually swings 2-5×,
-      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping).
+      and not on one whose own grad norm swings 10-190× (LoRA, batch 1, no clipping);
+    - for the training loss (``loss=True``) a point is also an ``info`` outlier by the classic
+      rule, ``mad_threshold`` rolling MADs above the median on the loss's own scale, when its
+      excess over the median is past ``mad_usual_margin`` × this run's usual max excess: the
+      noise scale above is learned on the log scale, where a near-zero loss's routine 3-6×
+      swings hide a spike of 8 MADs.
 
     One spike is one Finding however many points it spans, except that an ``info`` episode
     that grows to ``warning`` size gives a second Finding. Outliers that persist for
@@ -216,6 +238,7 @@ class TailSpikeDetector:
         "_down_step",
         "_in_spike",
         "_log",
+        "_mads",
         "_outliers",
         "_quantile",
         "_scale",
@@ -230,9 +253,10 @@ class TailSpikeDetector:
         "s",
     )
 
-    def __init__(self, settings: SpikeSettings, direction: str = UP) -> None:
+    def __init__(self, settings: SpikeSettings, direction: str = UP, *, loss: bool = False) -> None:
         self.s = settings
         self.direction = direction
+        self._mads = loss and direction == UP and settings.mad_threshold > 0
         self._log = True
         self._window = RollingWindow(settings.tail_window)
         self._scale = 0.0
@@ -255,8 +279,9 @@ class TailSpikeDetector:
         level = self._window.median()
         return math.exp(level) if self._log and level == level else level
 
-    def update(self, value: float) -> Finding | None:
-        """Takes the next value; returns a Finding when a new spike starts (or grows) here."""
+    def update(self, value: float, step: int = 0) -> Finding | None:
+        """Takes the next value; returns a Finding when a new spike starts (or grows) here
+        (``step`` unused: the engine's detector signature)."""
         if value - value != 0.0:  # NaN or ±Inf, without a function call
             return Finding(value, self.baseline, severity=CRITICAL)
         if self._log and value <= 0:  # not a positive series after all: judge it as it is
@@ -265,12 +290,20 @@ class TailSpikeDetector:
             self._seen = 0
             self._scale = self._spread = 0.0
             self._scale_count = 0
-        x = _admit(self, value)
-        if x is None:
-            return None
+        # _admit and window.median(), inlined: this runs for every point of every loss and
+        # grad norm, and a call costs more than the arithmetic.
+        log = self._log
+        x = _ln(value) if log else value
+        seen = self._seen = self._seen + 1
         window = self._window
+        held = window._sorted
+        count = len(held)
+        if count < 3:
+            window.add(x)
+            return None
         s = self.s
-        level = window.median()
+        middle = count >> 1
+        level = held[middle] if count & 1 else 0.5 * (held[middle - 1] + held[middle])
         residual = x - level
         direction = self.direction
         if direction == UP:
@@ -279,39 +312,41 @@ class TailSpikeDetector:
             deviation = -residual
         else:
             deviation = abs(residual)
-        floor = SCALE_FLOOR if self._log else SCALE_FLOOR * abs(level)
-        scale = self._spread * s.tail_spread_floor
-        if self._scale > scale:
-            scale = self._scale
+        floor = SCALE_FLOOR if log else SCALE_FLOOR * abs(level)
+        spread, upper = self._spread, self._scale
+        scale = spread * s.tail_spread_floor
+        if upper > scale:
+            scale = upper
         if scale < floor:
             scale = floor
         size = deviation / scale
         # The run's own quantile of sizes: up by a step on an exceedance, down by a small one.
-        if size > self._quantile:
-            self._quantile += self._up_step
+        quantile = self._quantile
+        if size > quantile:
+            quantile = self._quantile = quantile + self._up_step
         else:
-            self._quantile -= self._down_step
+            quantile = self._quantile = quantile - self._down_step
         # The noise scale: EMAs of the deviations from the median, clipped first so a spike does
         # not inflate its own baseline. The one on the bad side alone (above the median, for a
         # loss) is what a spike is judged by: a log-loss's long lower tail says nothing of how
         # high it jumps. The two-sided one, scaled down, is its floor: a series falling steadily
         # below its lagging median has no bad side to learn from.
-        count = self._scale_count = self._scale_count + 1
+        scales = self._scale_count = self._scale_count + 1
         weight = 1.0 - s.tail_alpha
-        if count * weight < 1.0:
-            weight = 1.0 / count
-        limit = s.tail_winsor * self._spread if count > 1 else math.inf
-        spread = deviation if deviation > 0 else -deviation
-        self._spread += weight * ((spread if spread < limit else limit) - self._spread)
+        if scales * weight < 1.0:
+            weight = 1.0 / scales
+        limit = s.tail_winsor * spread if scales > 1 else math.inf
+        distance = deviation if deviation > 0 else -deviation
+        self._spread = spread + weight * ((distance if distance < limit else limit) - spread)
         if deviation > 0:
-            self._scale += weight * ((deviation if deviation < limit else limit) - self._scale)
-        if self._log:
-            ratio = math.exp(deviation) if deviation < 700 else math.inf
+            self._scale = upper + weight * ((deviation if deviation < limit else limit) - upper)
+        if log:
+            ratio = _exp(deviation) if deviation < 700 else math.inf
         elif level > 0:
             ratio = value / level if direction == UP else (level / value if value > 0 else math.inf)
         else:
             ratio = 0.0
-        threshold = s.tail_margin * self._quantile
+        threshold = s.tail_margin * quantile
         if threshold < s.tail_threshold:
             threshold = s.tail_threshold
         # A warning-sized jump: ≥ warning_ratio × the median and well past the largest ratio
@@ -319,65 +354,156 @@ class TailSpikeDetector:
         # steps move by orders of magnitude: LoRA's B starts at zero).
         usual = self._usual
         big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
-        outlier = self._seen > s.warmup and size > threshold
+        outlier = seen > s.warmup and size > threshold
+        if (
+            big
+            and not outlier
+            and not self._mads
+            and seen > s.tail_window + s.warmup
+            and usual * s.tail_ratio_margin < s.warning_ratio
+        ):
+            # A grad norm ≥ 10× its median on a run whose usual swing is under 5× is a spike
+            # even where the run's noise quantile is high (a LoRA grad norm's log-scale noise
+            # makes 10× only 3-5 of its scales); once the usual swing itself reaches 5×, 10× is
+            # this run's own tail. Not in the first steps after the window fills: the usual
+            # swing is learned from there on.
+            outlier = True
+        if outlier and log and not self._mads and ratio < s.info_ratio:
+            outlier = False  # a grad norm 1.2× its median on a smooth run is no record
+        elif self._mads and residual > 0 and seen > s.warmup:
+            if outlier:
+                # The loss: an info spike must also be one by the classic rule, or a smooth
+                # falling loss gives a record for every 1.1-1.3× bump (3-7 MADs)
+                if not (big and seen > s.tail_window):
+                    outlier = self._beyond_mads(x, s.mad_threshold)
+            elif ratio - 1.0 > s.mad_usual_margin * (usual - 1.0):
+                outlier = self._beyond_mads(x, s.mad_threshold)
+                big = False  # found by the classic rule alone: info, however high its ratio
         # What is usual: the largest ratio of the recent points that were no outliers, from a
         # full window on, forgotten over tail_memory steps.
-        if not outlier and self._seen > s.tail_window:
-            usual *= self._decay
-            self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
-        if outlier:
-            self._outliers += 1
-            self._calm = 0
-            if self._outliers >= s.shift_steps:  # not a spike: the level moved
-                window.add(x)
-            severity = WARNING if big and self._seen > s.tail_window else INFO
-            if self._in_spike and (severity == INFO or self._severity == WARNING):
-                return None
-            self._in_spike = True
-            self._severity = severity
-            baseline = math.exp(level) if self._log else level
-            return Finding(
-                value,
-                baseline,
-                scale,
-                size,
-                value / baseline if baseline else math.nan,
-                self._usual,
-                severity,
-            )
-        _settle(self, window, x)
-        return None
+        if not outlier:
+            if seen > s.tail_window:
+                usual *= self._decay
+                self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
+            # _settle and window.add, inlined (the common path: most points are no outlier)
+            if self._outliers:
+                self._outliers = 0
+            order = window._order
+            if count == window.size:
+                del held[bisect_left(held, order.popleft())]
+            order.append(x)
+            insort(held, x)
+            if self._in_spike:
+                self._calm += 1
+                if self._calm >= s.merge_steps:
+                    self._in_spike = False
+            return None
+        self._outliers += 1
+        self._calm = 0
+        if self._outliers >= s.shift_steps:  # not a spike: the level moved
+            window.add(x)
+        severity = WARNING if big and seen > s.tail_window else INFO
+        if self._in_spike and (severity == INFO or self._severity == WARNING):
+            return None
+        self._in_spike = True
+        self._severity = severity
+        baseline = math.exp(level) if self._log else level
+        return Finding(
+            value,
+            baseline,
+            scale,
+            size,
+            value / baseline if baseline else math.nan,
+            self._usual,
+            severity,
+        )
+
+    def _beyond_mads(self, x: float, threshold: float) -> bool:
+        """Whether ``x`` lies more than ``threshold`` rolling MADs above the rolling median, both
+        taken on the metric's own scale (not the log): the classic rule.
+
+        No MAD is computed: it is below the distance ``d = (value - median) / threshold`` when
+        more than half of the window lies within ``d`` of the median, which two bisections of
+        the sorted window count (on the log scale, where it is kept). Only when exactly half
+        does (an even window, the MAD then the mean of two distances) is it computed.
+        """
+        held = self._window._sorted
+        count = len(held)
+        log = self._log
+        middle = count // 2
+        if count % 2:
+            median = math.exp(held[middle]) if log else held[middle]
+        elif log:
+            median = 0.5 * (math.exp(held[middle - 1]) + math.exp(held[middle]))
+        else:
+            median = 0.5 * (held[middle - 1] + held[middle])
+        value = math.exp(x) if log else x
+        distance = (value - median) / threshold
+        if distance <= 0:
+            return False
+        high, low = median + distance, median - distance
+        if log:
+            high = math.log(high)
+            low = math.log(low) if low > 0 else -math.inf
+        within = bisect_left(held, high) - bisect_right(held, low)  # |v - median| < distance
+        if within * 2 != count:
+            return within * 2 > count
+        values = [math.exp(v) for v in held] if log else held
+        return sorted_mad(values, median) < distance
 
 
 class DivergenceDetector:
     """The training loss's rolling median far above the best it reached, after warm-up."""
 
-    __slots__ = ("_best", "_diverging", "_level", "_residuals", "_seen", "s")
+    __slots__ = ("_best", "_diverging", "_level", "_median", "_residuals", "_seen", "s")
 
     def __init__(self, settings: DivergenceSettings) -> None:
         self.s = settings
+        self._median = math.nan
         self._level = RollingWindow(settings.window)
-        self._residuals = RollingWindow(100)
+        self._residuals: deque[float] = deque(maxlen=100)  # sorted only when the level is high
         self._best = math.inf
         self._seen = 0
         self._diverging = False
 
-    def update(self, value: float) -> Finding | None:
+    def update(self, value: float, step: int = 0) -> Finding | None:
         """Takes the next finite loss; returns a Finding when divergence starts here."""
-        self._seen += 1
-        if self._level:
-            self._residuals.add(abs(value - self._level.median()))
-        self._level.add(value)
-        if self._seen < max(self.s.warmup, self.s.window):
+        seen = self._seen = self._seen + 1
+        level = self._median
+        if level == level:  # the median before this value: not NaN once a value was seen
+            self._residuals.append(value - level if value > level else level - value)
+        # self._level.add(value) and .median(), inlined: every training loss comes here
+        window = self._level
+        held, order = window._sorted, window._order
+        if len(order) == window.size:
+            del held[bisect_left(held, order.popleft())]
+        order.append(value)
+        insort(held, value)
+        count = len(held)
+        middle = count >> 1
+        level = held[middle] if count & 1 else 0.5 * (held[middle - 1] + held[middle])
+        self._median = level
+        s = self.s
+        if seen < s.warmup or seen < s.window:
             return None
-        level = self._level.median()
-        if level < self._best:
-            self._best = level
-        margin = max(self.s.ratio * abs(self._best), self.s.noise * self._residuals.median())
-        if not self._diverging and level > self._best + margin:
-            self._diverging = True
-            return Finding(level, self._best, margin)
-        if self._diverging and level < self._best + margin / 2:
+        best = self._best
+        if level < best:
+            self._best = best = level
+        # The margin's noise term (a median of 100 residuals) is looked up only when the level
+        # is past the cheaper term alone: the margin is at least that.
+        least = s.ratio * abs(best)
+        if not self._diverging:
+            if level <= best + least:
+                return None
+            margin = max(least, s.noise * median(self._residuals))
+            if level > best + margin:
+                self._diverging = True
+                return Finding(level, best, margin)
+        elif level >= best + least / 2:
+            margin = max(least, s.noise * median(self._residuals))
+            if level < best + margin / 2:
+                self._diverging = False
+        else:
             self._diverging = False
         return None
 
@@ -394,7 +520,7 @@ class ClippingDetector:
         self._above = 0
         self._saturated = False
 
-    def update(self, grad_norm: float) -> Finding | None:
+    def update(self, grad_norm: float, step: int = 0) -> Finding | None:
         """Takes the next finite grad norm; returns a Finding when saturation starts here."""
         if len(self._flags) == self._flags.maxlen and self._flags[0]:
             self._above -= 1

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .alert_settings import OverfittingSettings
-from .detectors import Finding, RollingWindow
+from .detectors import Finding, median
 
 MAX_EVALS = 64  # recent evaluations kept; the best one is kept apart
 TRAIN_WINDOW = 25
@@ -57,7 +57,7 @@ class LearningCurve:
 
     def __init__(self, settings: OverfittingSettings) -> None:
         self.s = settings
-        self._train = RollingWindow(TRAIN_WINDOW)
+        self._train: deque[float] = deque(maxlen=TRAIN_WINDOW)  # sorted only when asked
         self.evals: deque[Evaluation] = deque(maxlen=MAX_EVALS)
         self.best: Evaluation | None = None
         self.first: Evaluation | None = None
@@ -66,11 +66,14 @@ class LearningCurve:
     @property
     def train_level(self) -> float:
         """The training loss's rolling median (NaN before any)."""
-        return self._train.median()
+        return median(self._train)
 
-    def train(self, loss: float) -> None:
-        """Takes a finite training loss."""
-        self._train.add(loss)
+    def train(self, loss: float, step: int = 0) -> None:
+        """Takes a finite training loss (``step`` unused: the engine's detector signature).
+
+        Every step's loss comes here and the median is wanted only at an evaluation, so the
+        window is a plain deque, sorted then."""
+        self._train.append(loss)
 
     def noise(self) -> float:
         """How much the eval loss jitters between evaluations around its smooth course: half
@@ -97,12 +100,17 @@ class LearningCurve:
             return None
         recent = list(self.evals)[-(k + 1) :]
         rising = all(b.eval_loss > a.eval_loss for a, b in itertools.pairwise(recent))
-        floor = self.best.eval_loss + max(
-            self.s.min_rise * abs(self.best.eval_loss), self.s.noise * self.noise()
-        )
+        best, noise = self.best.eval_loss, self.noise()
+        least = self.s.min_rise * abs(best)
+        floor = best + max(least, self.s.noise * noise)
+        # A rise that eval noise keeps from being monotonic: K evaluations in a row far above
+        # the best (a noisy near-zero eval loss climbing 10 % per evaluation rarely rises three
+        # times in a row, yet soon lies above anything its noise explains).
+        high = best + max(least, self.s.sustained * noise)
+        sustained = noise > 0 and all(e.eval_loss >= high for e in recent[1:])  # noise known
         train_then, train_now = recent[0].train_loss, recent[-1].train_loss
         train_not_rising = not (train_now > train_then)  # NaN (no training loss) counts as falling
-        if rising and eval_loss >= floor and train_not_rising:
+        if (sustained or (rising and eval_loss >= floor)) and train_not_rising:
             self._alerted = True
             return Finding(eval_loss, self.best.eval_loss)
         return None

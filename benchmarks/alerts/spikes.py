@@ -136,8 +136,8 @@ def lmtop_old() -> Callable[[float], str | None]:
     return update
 
 
-def lmtop_new() -> Callable[[float], str | None]:
-    detector = TailSpikeDetector(SpikeSettings())
+def lmtop_new(metric: str = "loss") -> Callable[[float], str | None]:
+    detector = TailSpikeDetector(SpikeSettings(), loss=metric == "loss")  # as the engine builds it
 
     def update(value: float) -> str | None:
         found = detector.update(value)
@@ -296,8 +296,10 @@ def inject(clean: list[float], kind: str, size: float, rng: random.Random) -> tu
     return values, steps
 
 
-def findings(factory: Callable[[], Callable[[float], str | None]], values: list[float]) -> list:
-    update = factory()
+def findings(
+    factory: Callable[..., Callable[[float], str | None]], values: list[float], metric: str
+) -> list:
+    update = factory(metric) if factory is lmtop_new else factory()
     return [(i, severity) for i, v in enumerate(values) if (severity := update(v)) is not None]
 
 
@@ -403,7 +405,7 @@ def main() -> None:
     for trace in traces:
         for metric in METRICS:
             for name, factory in detectors.items():
-                for step, severity in findings(factory, getattr(trace, metric)):
+                for step, severity in findings(factory, getattr(trace, metric), metric):
                     alarms[name, trace.family][severity == INFO] += 1
                     if args.verbose and severity != INFO:
                         print(f"  {name}: {trace.name} {metric} step {step}", file=sys.stderr)
@@ -420,22 +422,25 @@ def main() -> None:
             values, events = inject(getattr(trace, metric), kind, size, rng)
             label = _label(metric, kind, size)
             for name, factory in detectors.items():
-                found = findings(factory, values)
+                found = findings(factory, values, metric)
                 for key in filter(None, (label, _big(label))):
                     scores[name, key].add(found, events)
                     by_family[name, trace.family, key].add(found, events)
     # CPU time per update of each detector alone (process time: the machine is shared).
     cost = {}
-    series = [getattr(t, m) for t in traces for m in METRICS]
+    series = [(getattr(t, m), m) for t in traces for m in METRICS]
     for name, factory in detectors.items():
-        if name.startswith("lmtop"):
-            cls = SpikeDetector if "old" in name else TailSpikeDetector
-            updates = [cls(SpikeSettings()).update for _ in series]
+        if name.startswith("lmtop old"):
+            updates = [SpikeDetector(SpikeSettings()).update for _ in series]
+        elif name.startswith("lmtop new"):
+            updates = [
+                TailSpikeDetector(SpikeSettings(), loss=m == "loss").update for _, m in series
+            ]
         else:
             updates = [factory() for _ in series]
         count = 0
         start = time.process_time()
-        for update, values in zip(updates, series):
+        for update, (values, _) in zip(updates, series):
             for value in values:
                 update(value)
             count += len(values)
