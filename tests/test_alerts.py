@@ -361,16 +361,19 @@ def test_settings_from_toml_then_flags(tmp_path: Path, monkeypatch: pytest.Monke
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "lmtop.toml").write_text(
-        '[alerts.spike]\nthreshold = 9\nmetrics = { step_time = "up" }\n'
+        '[alerts.spike]\ntail_threshold = 9\nmetrics = { step_time = "up" }\n'
     )
     settings = alert_settings.load([str(runs)], overrides=["stall.min_seconds=60"])
-    assert settings.spike.threshold == 9.0 and settings.spike.metrics == {"step_time": "up"}
+    assert settings.spike.tail_threshold == 9.0 and settings.spike.metrics == {"step_time": "up"}
     assert settings.stall.min_seconds == 60.0
-    assert alert_settings.load([str(runs)], overrides=["spike.threshold=7"]).spike.threshold == 7.0
+    overridden = alert_settings.load([str(runs)], overrides=["spike.tail_threshold=7"])
+    assert overridden.spike.tail_threshold == 7.0
     with pytest.raises(SettingsError, match=r"spike\.treshold"):
         alert_settings.load([], overrides=["spike.treshold=3"])
     with pytest.raises(SettingsError, match="expected a number"):
-        alert_settings.load([], overrides=["spike.threshold=lots"])
+        alert_settings.load([], overrides=["spike.tail_threshold=lots"])
+    with pytest.raises(SettingsError, match=r"spike\.threshold"):  # the old detector's, gone
+        alert_settings.load([], overrides=["spike.threshold=8"])
     (runs / "lmtop.toml").write_text("[alerts\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         alert_settings.load([str(runs)])

@@ -69,7 +69,7 @@ def test_a_planted_config_beside_the_data_sets_thresholds_but_runs_nothing(
     runs = tmp_path / "shared"
     run = _nan_run(runs)
     pwned = tmp_path / "pwned"
-    (runs / "lmtop.toml").write_text(f'on_alert = "touch {pwned}"\n[spike]\nthreshold = 9\n')
+    (runs / "lmtop.toml").write_text(f'on_alert = "touch {pwned}"\n[spike]\ntail_threshold = 9\n')
     watcher = viewer("--no-follow", str(run))
     _, stderr = watcher.communicate(timeout=60)
     assert watcher.returncode == 2  # the NaN alert fired ...
@@ -77,7 +77,7 @@ def test_a_planted_config_beside_the_data_sets_thresholds_but_runs_nothing(
     time.sleep(0.3)
     assert not pwned.exists()  # ... and the planted command did not run
     settings_ = alert_settings.load([str(run)])
-    assert settings_.on_alert is None and settings_.spike.threshold == 9.0
+    assert settings_.on_alert is None and settings_.spike.tail_threshold == 9.0
 
 
 def _own_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
@@ -113,9 +113,9 @@ def test_a_config_writable_by_others_is_refused(
     own.unlink()
     beside = tmp_path / "runs"
     beside.mkdir()
-    (beside / "lmtop.toml").write_text("[spike]\nthreshold = 9\n")
+    (beside / "lmtop.toml").write_text("[spike]\ntail_threshold = 9\n")
     (beside / "lmtop.toml").chmod(0o620)
-    assert alert_settings.load([str(beside)]).spike.threshold == 7.5  # skipped, with a note
+    assert alert_settings.load([str(beside)]).spike.tail_threshold == 4.5  # skipped, with a note
     assert "writable by group or others" in capfd.readouterr().err
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
@@ -135,9 +135,9 @@ def test_a_config_owned_by_another_user_is_refused(
         alert_settings.load([], config=str(theirs))
     beside = tmp_path / "runs"
     beside.mkdir()
-    (beside / "lmtop.toml").write_text("[spike]\nthreshold = 9\n")
+    (beside / "lmtop.toml").write_text("[spike]\ntail_threshold = 9\n")
     os.chown(beside / "lmtop.toml", NOBODY, NOBODY)
-    assert alert_settings.load([str(beside)]).spike.threshold == 7.5
+    assert alert_settings.load([str(beside)]).spike.tail_threshold == 4.5
     assert "owned by uid 65534" in capfd.readouterr().err
 
 

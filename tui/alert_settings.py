@@ -48,12 +48,9 @@ class SpikeSettings:
     """Spikes: a value far from a robust rolling baseline, in the metric's bad direction."""
 
     enabled: bool = True
-    threshold: float = 7.5  # MADs beyond the rolling median
-    window: int = 50  # recent values whose median and MAD are the baseline
     shift_steps: int = 10  # outliers in a row that are a new level, taken into the baseline
     warmup: int = 20  # points seen before the first alert
     merge_steps: int = 5  # points back at baseline before a new spike is a new alert
-    log: bool = False  # judge positive series on a log scale (benchmarks/README.md)
     # TailSpikeDetector, the detector that learns the run's own tail (benchmarks/README.md,
     # "Spike detectors on real fine-tunes"). Positive series are judged on a log scale: a grad
     # norm or a near-zero loss is noisy in proportion to its level.

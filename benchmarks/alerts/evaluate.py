@@ -5,7 +5,7 @@
 
 The clean runs are kept as ``clean_runs.tar.xz`` (3.8 MB; 24 run directories, 25 MB unpacked),
 unpacked into a temporary folder when ``--runs`` names no folder.
-    .venv/bin/python benchmarks/alerts/evaluate.py --set spike.threshold=5 --types spike
+    .venv/bin/python benchmarks/alerts/evaluate.py --set spike.tail_threshold=5 --types spike
 
 An event is detected when an alert of its type (same metric, same rank) arrives at its step or
 later: spikes within 5 steps, non-finite values at their own step, the rest any time after. An

@@ -61,7 +61,8 @@ from pathlib import Path
 
 import orjson
 from lmtop.tui.alert_settings import SpikeSettings
-from lmtop.tui.detectors import CRITICAL, INFO, WARNING, SpikeDetector, TailSpikeDetector
+from lmtop.tui.detectors import CRITICAL, INFO, WARNING, TailSpikeDetector
+from old_spike import OldSpikeSettings, SpikeDetector  # benchmarks/alerts is the script's path
 
 HERE = Path(__file__).parent
 METRICS = ("loss", "grad_norm")
@@ -126,7 +127,7 @@ def load_clean(archive: Path) -> list[Trace]:
 
 
 def lmtop_old() -> Callable[[float], str | None]:
-    detector = SpikeDetector(SpikeSettings())
+    detector = SpikeDetector(OldSpikeSettings())
 
     def update(value: float) -> str | None:
         if not math.isfinite(value):
@@ -431,7 +432,7 @@ def main() -> None:
     series = [(getattr(t, m), m) for t in traces for m in METRICS]
     for name, factory in detectors.items():
         if name.startswith("lmtop old"):
-            updates = [SpikeDetector(SpikeSettings()).update for _ in series]
+            updates = [SpikeDetector(OldSpikeSettings()).update for _ in series]
         elif name.startswith("lmtop new"):
             updates = [
                 TailSpikeDetector(SpikeSettings(), loss=m == "loss").update for _, m in series
