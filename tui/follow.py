@@ -221,6 +221,7 @@ class Follower:
             rank.start_ticks = rank.start_ticks or entry.get("start_ticks")
             rank.host = rank.host or entry.get("host")
             rank.endpoint = str(entry["endpoint"])
+            rank.unreachable = entry.get("unreachable") is True  # relayed, its node out of reach
             if self._live is not None and not rank.done and "ended" not in entry:
                 # Subscribe before reading the file: nothing can fall between the two.
                 self._live.connect(rank.endpoint, run.key, rank.rank)
@@ -279,7 +280,7 @@ class Follower:
             # "unknown" (never "crashed") once silent for REMOTE_SILENT_SECONDS by our clock, or
             # when its last line is that old by the clock it was written with.
             wrote = time.time() - rank.last_t if rank.last_t is not None else 0.0
-            if max(now - rank.last_seen, wrote) > REMOTE_SILENT_SECONDS:
+            if max(now - rank.last_seen, wrote) > REMOTE_SILENT_SECONDS and not rank.unreachable:
                 rank.status = "unknown"
             return
         if registry.pid_alive(rank.pid, rank.start_ticks):
