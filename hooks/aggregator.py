@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .publisher import Problems
 
 ASK_AGAIN = 1.0  # seconds before the same (rank, seq) is asked for again
+# Lines ahead of a gap kept per rank until the relay's files fill it; past this, later lines
+# are dropped too and come from the files as well.
+MAX_AHEAD = 4096
 RECEIVE_HWM = 10_000
 
 
@@ -51,6 +54,7 @@ class RemoteRank:
     endpoint: str = ""  # that socket's endpoint
     entry: Path | None = None  # its registry entry
     asked: tuple[int, float] = (-1, 0.0)  # (from seq, when) of the last want
+    ahead: dict[int, tuple[bytes, str]] = field(default_factory=dict)  # seq -> (line, kind)
 
 
 @dataclass(slots=True)
@@ -87,6 +91,7 @@ class Aggregator:
         keys: Keypair,
         problems: Problems,
         file_mode: int = 0o600,
+        world: int = schema.MAX_RANK,
     ) -> None:
         self.run_dir = run_dir
         self.run = run
@@ -102,6 +107,7 @@ class Aggregator:
         self._keys = keys
         self._problems = problems
         self._file_mode = file_mode
+        self._world = world  # ranks at or past the world size are nobody's
         self._deadline = 0.0
         self._stopping = threading.Event()
         self.ready = threading.Event()  # bound and listening (or given up)
@@ -270,12 +276,15 @@ class Aggregator:
                 self.refused += 1  # not a rank this node said it has, or not ours to write
                 continue
             if message.seq != remote.next or remote.ended:
-                if message.seq > remote.next:
+                if message.seq > remote.next and not remote.ended:
+                    if len(remote.ahead) < MAX_AHEAD:
+                        remote.ahead[message.seq] = (line, message.kind)
                     self._ask(zmq, server, node, remote)  # the file has the ones between
                 continue
-            batches.setdefault(remote.rank, []).append(line + b"\n")
-            remote.next += 1
-            remote.ended = message.kind == schema.END
+            batch = batches.setdefault(remote.rank, [])
+            self._take(remote, batch, line, message.kind)
+            while remote.next in remote.ahead and not remote.ended:
+                self._take(remote, batch, *remote.ahead.pop(remote.next))
         for rank, lines in batches.items():
             self._write(zmq, self.ranks[rank], b"".join(lines))
         # Whatever this frame left missing is asked for again once the fill has been taken.
@@ -283,6 +292,14 @@ class Aggregator:
             remote = self.ranks[rank]
             if node.have.get(rank, -1) >= remote.next:
                 self._ask(zmq, server, node, remote)
+
+    @staticmethod
+    def _take(remote: RemoteRank, batch: list[bytes], line: bytes, kind: str) -> None:
+        batch.append(line + b"\n")
+        remote.next += 1
+        remote.ended = kind == schema.END
+        if remote.ended:
+            remote.ahead.clear()
 
     def _write(self, zmq: Any, remote: RemoteRank, data: bytes) -> None:
         assert remote.fd is not None
@@ -329,7 +346,7 @@ class Aggregator:
         remote = self.ranks.get(rank)
         if remote is not None:
             return remote if remote.node == node.number else None
-        if not 0 <= rank < schema.MAX_RANK:
+        if not 0 <= rank < self._world:
             return None
         path = self.run_dir / schema.rank_file(rank)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC

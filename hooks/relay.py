@@ -147,7 +147,9 @@ def start(
             from .aggregator import Aggregator
 
             endpoint = tcp(bind_address(master), port())
-            aggregator = Aggregator(run_dir, run, who.launch, endpoint, keys, problems, file_mode)
+            aggregator = Aggregator(
+                run_dir, run, who.launch, endpoint, keys, problems, file_mode, who.world
+            )
             aggregator.expected = nodes() - 1
             return aggregator
         return Relay(run_dir, who.launch, node_rank(), tcp(master, port()), keys, problems)
@@ -376,6 +378,7 @@ class Relay:
             rank, start = data.get("rank"), data.get("from")
             tail = self._tails.get(rank) if type(rank) is int else None
             if tail is not None and type(start) is int:
+                tail.read()  # all that is on disk now, not as of the last look
                 lines = tail.lines_from(start)
                 if lines:
                     self._send(zmq, link, LINES, lines)
