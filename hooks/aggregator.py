@@ -29,7 +29,7 @@ import orjson
 
 from . import registry, schema
 from .keys import Keypair
-from .relay import ACK, CLOSE_GRACE, HELLO, LINES, LINK_TIMEOUT, WANT, control, curve
+from .relay import ACK, HELLO, LINES, LINK_TIMEOUT, WANT, control, curve, grace
 
 if TYPE_CHECKING:
     from .publisher import Problems
@@ -114,11 +114,13 @@ class Aggregator:
         self._thread = threading.Thread(target=self._main, name="lmtop-aggregator", daemon=True)
         self._thread.start()
 
-    def close(self, grace: float = CLOSE_GRACE) -> None:
-        """Takes what reachable nodes still send, for at most ``grace`` seconds, then stops."""
-        self._deadline = time.monotonic() + grace
+    def close(self, seconds: float | None = None) -> None:
+        """Takes what reachable nodes still send, for at most ``seconds`` (default
+        :func:`~.relay.grace`), then stops."""
+        seconds = grace() if seconds is None else seconds
+        self._deadline = time.monotonic() + seconds
         self._stopping.set()
-        self._thread.join(grace + 0.5)
+        self._thread.join(seconds + 0.5)
 
     # -- the thread -----------------------------------------------------------------------------
 

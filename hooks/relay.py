@@ -45,6 +45,7 @@ HELLO, LINES, ACK, WANT = b"hello", b"lines", b"ack", b"want"
 # The relay's port, unless LMTOP_PORT says otherwise: MASTER_PORT + 1 (29501 with the launchers'
 # default 29500), so two launches on one master node, which need two master ports, get two.
 DEFAULT_PORT = 29501
+COALESCE_SECONDS = 0.005  # a node's frames of this long go to node 0 as one
 HELLO_SECONDS = 0.5  # how often a relay says how far its files go
 LINK_TIMEOUT = 3.0  # a node not heard from this long is unreachable
 MAX_FRAME_BYTES = 4 << 20  # the aggregator drops a peer that sends a bigger frame
@@ -74,6 +75,15 @@ def node_rank() -> int:
         except (KeyError, ValueError):
             continue
     return -1
+
+
+def grace() -> float:
+    """How long, at ``finish``, a relay or the aggregator may wait for the last lines of the
+    other ranks: ``$LMTOP_RELAY_GRACE`` seconds, else 1; only while some are missing."""
+    try:
+        return max(0.0, min(60.0, float(os.environ["LMTOP_RELAY_GRACE"])))
+    except (KeyError, ValueError):
+        return CLOSE_GRACE
 
 
 def nodes() -> int:
@@ -253,11 +263,13 @@ class Relay:
         self._thread = threading.Thread(target=self._main, name="lmtop-relay", daemon=True)
         self._thread.start()
 
-    def close(self, grace: float = CLOSE_GRACE) -> None:
-        """Sends what node 0 still lacks, for at most ``grace`` seconds while the link is up."""
-        self._deadline = time.monotonic() + grace
+    def close(self, seconds: float | None = None) -> None:
+        """Sends what node 0 still lacks, for at most ``seconds`` (default :func:`grace`) while
+        the link is up."""
+        seconds = grace() if seconds is None else seconds
+        self._deadline = time.monotonic() + seconds
         self._stopping.set()
-        self._thread.join(grace + 0.2)
+        self._thread.join(seconds + 0.2)
 
     def _write_nonce(self) -> None:
         # Node 0 reads it back when the two nodes share the run directory.
@@ -304,6 +316,7 @@ class Relay:
             if stopping and (self._complete() or now > self._deadline or down):
                 return
             wait = max(0.0, min(next_hello - now, 0.1))
+            batch: list[bytes] = []  # every rank's frames of this turn go as one
             for sock, _ in poller.poll(int(wait * 1000) + 1):
                 for _ in range(1000):
                     try:
@@ -313,7 +326,21 @@ class Relay:
                     if sock is link:
                         self._answer(zmq, link, frames)
                     else:
-                        self._send(zmq, link, LINES, frames[0])
+                        batch.append(frames[0])
+                        if len(batch) >= 256:
+                            self._send(zmq, link, LINES, b"".join(batch))
+                            batch = []
+            if batch:
+                # The node's other ranks publish the same step a few ms apart: one frame for
+                # them all costs node 0 one wake-up instead of one per rank.
+                time.sleep(COALESCE_SECONDS)
+                for sub in subs.values():
+                    for _ in range(256):
+                        try:
+                            batch.append(sub.recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                self._send(zmq, link, LINES, b"".join(batch))
 
     def _discover(self, zmq: Any, context: Any, poller: Any, subs: dict[str, Any]) -> None:
         """Subscribes to this node's live ranks of the run; reads how far their files go."""
