@@ -29,7 +29,7 @@ import orjson
 
 from . import registry, schema
 from .keys import Keypair
-from .relay import ACK, HELLO, LINES, LINK_TIMEOUT, WANT, control, curve, grace
+from .relay import ACK, HELLO, LINES, LINK_TIMEOUT, UNSEEN_GRACE, WANT, control, curve, grace
 
 if TYPE_CHECKING:
     from .publisher import Problems
@@ -67,6 +67,7 @@ class Node:
     shared: bool = False  # it writes into this very run directory: nothing to relay
     reachable: bool = True
     have: dict[int, int] = field(default_factory=dict)  # rank -> last seq in its files
+    done: set[int] = field(default_factory=set)  # its ranks that ended or whose process is gone
 
 
 class _OnlyOurKey:
@@ -108,7 +109,7 @@ class Aggregator:
         self._problems = problems
         self._file_mode = file_mode
         self._world = world  # ranks at or past the world size are nobody's
-        self._deadline = 0.0
+        self._deadline = self._stopped_at = 0.0
         self._stopping = threading.Event()
         self.ready = threading.Event()  # bound and listening (or given up)
         self._thread = threading.Thread(target=self._main, name="lmtop-aggregator", daemon=True)
@@ -118,7 +119,8 @@ class Aggregator:
         """Takes what reachable nodes still send, for at most ``seconds`` (default
         :func:`~.relay.grace`), then stops."""
         seconds = grace() if seconds is None else seconds
-        self._deadline = time.monotonic() + seconds
+        self._stopped_at = time.monotonic()
+        self._deadline = self._stopped_at + seconds
         self._stopping.set()
         self._thread.join(seconds + 0.5)
 
@@ -186,7 +188,7 @@ class Aggregator:
 
     def _complete(self) -> bool:
         """Whether nothing more is expected from a reachable node."""
-        if len(self.nodes) < self.expected:
+        if len(self.nodes) < self.expected and time.monotonic() - self._stopped_at < UNSEEN_GRACE:
             return False
         for node in self.nodes.values():
             if not node.reachable or node.shared:
@@ -195,7 +197,7 @@ class Aggregator:
                 remote = self.ranks.get(rank)
                 if remote is None or remote.fd is None:
                     continue  # not ours to write
-                if not remote.ended or remote.next <= last:
+                if remote.next <= last or not (remote.ended or rank in node.done):
                     return False
         return True
 
@@ -243,6 +245,9 @@ class Aggregator:
             node.peer = peer
             self._peers[peer] = node
         node.heard = time.monotonic()
+        done = data.get("done")
+        if type(done) is list:
+            node.done = {r for r in done[: len(have)] if type(r) is int}
         if not node.reachable:
             node.reachable = True
             self._mark(node)

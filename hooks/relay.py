@@ -52,7 +52,11 @@ MAX_FRAME_BYTES = 4 << 20  # the aggregator drops a peer that sends a bigger fra
 MAX_CONTROL_BYTES = 1 << 20
 FILL_BYTES = 1 << 20  # lines sent per answer to a ``want``
 SEND_HWM = 1000  # frames queued towards node 0 before the relay drops (and counts)
-CLOSE_GRACE = 1.0  # at finish, how long a relay or aggregator may wait for the last lines
+# At finish, how long a relay or the aggregator may wait for the last lines of ranks that are
+# still running (ranks of a node end within milliseconds of each other after a barrier, but a
+# starved or slow one can end seconds later); nothing is waited for once all have ended.
+CLOSE_GRACE = 3.0
+UNSEEN_GRACE = 1.0  # how long the aggregator waits at finish for a node never heard from
 READ_BUDGET = 8 << 20  # bytes of one rank file a relay reads per look
 INDEX_EVERY = 256  # lines between two entries of a rank file's (seq, offset) index
 
@@ -79,7 +83,7 @@ def node_rank() -> int:
 
 def grace() -> float:
     """How long, at ``finish``, a relay or the aggregator may wait for the last lines of the
-    other ranks: ``$LMTOP_RELAY_GRACE`` seconds, else 1; only while some are missing."""
+    other ranks: ``$LMTOP_RELAY_GRACE`` seconds, else 3; only while some still run."""
     try:
         return max(0.0, min(60.0, float(os.environ["LMTOP_RELAY_GRACE"])))
     except (KeyError, ValueError):
@@ -256,9 +260,10 @@ class Relay:
         self._nonce = secrets.token_hex(16)
         self._write_nonce()
         self._tails: dict[int, RankTail] = {}
+        self._pids: dict[int, tuple[int, int | None]] = {}  # local rank -> (pid, start ticks)
         self._acked: dict[int, int] = {}  # rank -> the next seq node 0 wants
         self._heard = 0.0  # when node 0 last answered (monotonic), 0 before it ever did
-        self._deadline = 0.0
+        self._deadline = self._stopped_at = 0.0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="lmtop-relay", daemon=True)
         self._thread.start()
@@ -267,7 +272,8 @@ class Relay:
         """Sends what node 0 still lacks, for at most ``seconds`` (default :func:`grace`) while
         the link is up."""
         seconds = grace() if seconds is None else seconds
-        self._deadline = time.monotonic() + seconds
+        self._stopped_at = time.monotonic()
+        self._deadline = self._stopped_at + seconds
         self._stopping.set()
         self._thread.join(seconds + 0.2)
 
@@ -310,9 +316,12 @@ class Relay:
                 self._discover(zmq, context, poller, subs)
                 self._send(zmq, link, HELLO, self._hello())
                 next_hello = now + (0.05 if stopping else HELLO_SECONDS)
-            # At the end: until node 0 has everything, for a second at most, not at all when the
-            # link is known to be down.
-            down = self._heard > 0 and now - self._heard > LINK_TIMEOUT
+            # At the end: until node 0 has everything, for grace() at most; not at all once the
+            # link is known to be down, and a second at most when it never came up.
+            if self._heard:
+                down = now - self._heard > LINK_TIMEOUT
+            else:
+                down = now > self._stopped_at + UNSEEN_GRACE
             if stopping and (self._complete() or now > self._deadline or down):
                 return
             wait = max(0.0, min(next_hello - now, 0.1))
@@ -347,7 +356,10 @@ class Relay:
         mine = str(self.run_dir)
         for entry in registry.live_entries():
             endpoint = str(entry["endpoint"])
-            if entry["dir"] != mine or endpoint in subs or "ended" in entry:
+            if entry["dir"] != mine:
+                continue
+            self._pids[entry["rank"]] = (entry["pid"], entry.get("start_ticks"))
+            if endpoint in subs or "ended" in entry:
                 continue
             sub = context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
@@ -371,13 +383,21 @@ class Relay:
                 "node": self.node,
                 "nonce": self._nonce,
                 "have": {str(r): t.last_seq for r, t in self._tails.items()},
+                "done": [r for r, t in self._tails.items() if self._done(r, t)],
             }
         )
 
+    def _done(self, rank: int, tail: RankTail) -> bool:
+        """Whether a local rank will write nothing more: it ended, or its process is gone."""
+        if tail.ended:
+            return True
+        pid = self._pids.get(rank)
+        return pid is not None and not registry.pid_alive(*pid)
+
     def _complete(self) -> bool:
-        """Whether every local rank has ended and node 0 has all of it."""
+        """Whether every local rank is done and node 0 has all of it."""
         return bool(self._tails) and all(
-            t.ended and self._acked.get(r, 0) > t.last_seq for r, t in self._tails.items()
+            self._acked.get(r, 0) > t.last_seq and self._done(r, t) for r, t in self._tails.items()
         )
 
     def _send(self, zmq: Any, link: Any, kind: bytes, payload: bytes) -> None:
