@@ -304,9 +304,12 @@ class Relay:
         link.setsockopt(zmq.SNDHWM, SEND_HWM)
         link.setsockopt(zmq.RECONNECT_IVL, 100)
         link.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # The moment the link is up (again), say hello: node 0 asks for what it missed meanwhile.
+        up = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         link.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(link, zmq.POLLIN)
+        poller.register(up, zmq.POLLIN)
         subs: dict[str, Any] = {}
         next_hello = 0.0
         while not self.shared:
@@ -334,6 +337,8 @@ class Relay:
                         break
                     if sock is link:
                         self._answer(zmq, link, frames)
+                    elif sock is up:
+                        next_hello = 0.0
                     else:
                         batch.append(frames[0])
                         if len(batch) >= 256:
