@@ -167,17 +167,30 @@ def test_every_rank_of_both_nodes_reaches_node_0_once_over_curve(
     made.steps, made.args = 300, ("--pace-every", "20", "--pace", "0.1")
     made.start()
     seen: dict[int, list[int]] = {}
+    seen_during: dict[int, list[int]] = {}
+    during: Follower | None = None  # a second viewer, started mid-run
     listening: set[tuple[str, int]] = set()
     deadline = time.monotonic() + 120
     while not follower.done and time.monotonic() < deadline:
         for _, message in follower.poll(0.05):
             seen.setdefault(message.rank, []).append(message.seq)
+        if during is None and made.lines(0, 3) > 50:
+            during = Follower()
+        if during is not None and not during.done:
+            for _, message in during.poll(0):
+                seen_during.setdefault(message.rank, []).append(message.seq)
         for pid in {r.pid for run in follower.runs.values() for r in run.ranks.values()}:
             try:
                 listening |= {(ip, port) for ip, port in _listeners(pid) if port == made.port}
             except (OSError, TypeError):
                 pass
     made.wait()
+    assert during is not None
+    while not during.done and time.monotonic() < deadline:
+        for _, message in during.poll(0.05):
+            seen_during.setdefault(message.rank, []).append(message.seq)
+    during.close()
+    assert seen_during == seen
     _assert_complete(made, seen)
     # One port, on the interface that reaches MASTER_ADDR (here the loopback), nowhere else.
     assert listening == {("127.0.0.1", made.port)}
