@@ -29,7 +29,18 @@ import orjson
 
 from . import registry, schema
 from .keys import Keypair
-from .relay import ACK, HELLO, LINES, LINK_TIMEOUT, UNSEEN_GRACE, WANT, control, curve, grace
+from .relay import (
+    ACK,
+    HELLO,
+    LINES,
+    LINK_TIMEOUT,
+    UNSEEN_GRACE,
+    WANT,
+    control,
+    curve,
+    drain,
+    grace,
+)
 
 if TYPE_CHECKING:
     from .publisher import Problems
@@ -176,11 +187,7 @@ class Aggregator:
             if self._stopping.is_set() and (now > self._deadline or self._complete()):
                 return
             for sock, _ in poller.poll(100):
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frames in drain(zmq, sock):
                     if sock is monitor:
                         self._rejected()
                     else:

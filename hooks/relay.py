@@ -28,6 +28,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,18 @@ def start(
     except Exception as exc:
         problems("the relay to node 0 is off; each node keeps its own run files", repr(exc)[:200])
         return None
+
+
+def drain(zmq: Any, sock: Any, limit: int = 1000) -> Iterator[list[bytes]]:
+    """The messages waiting on ``sock``, at most ``limit``; asks ZMQ_EVENTS rather than letting
+    the last receive raise ``Again`` (an exception costs more than a frame)."""
+    for _ in range(limit):
+        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def _seq(line: bytes) -> tuple[int, str] | None:
@@ -328,32 +341,29 @@ class Relay:
             if stopping and (self._complete() or now > self._deadline or down):
                 return
             wait = max(0.0, min(next_hello - now, 0.1))
+            ready = poller.poll(int(wait * 1000) + 1)
             batch: list[bytes] = []  # every rank's frames of this turn go as one
-            for sock, _ in poller.poll(int(wait * 1000) + 1):
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if sock is link:
-                        self._answer(zmq, link, frames)
-                    elif sock is up:
-                        next_hello = 0.0
-                    else:
-                        batch.append(frames[0])
-                        if len(batch) >= 256:
-                            self._send(zmq, link, LINES, b"".join(batch))
-                            batch = []
-            if batch:
+            size = 0
+            for turn in (0, 1):
+                for sock, _ in ready:
+                    for frames in drain(zmq, sock):
+                        if sock is link:
+                            self._answer(zmq, link, frames)
+                        elif sock is up:
+                            next_hello = 0.0
+                        else:
+                            batch.append(frames[0])
+                            size += len(frames[0])
+                            if size > FILL_BYTES:
+                                self._send(zmq, link, LINES, b"".join(batch))
+                                batch, size = [], 0
+                if turn or not batch:
+                    break
                 # The node's other ranks publish the same step a few ms apart: one frame for
                 # them all costs node 0 one wake-up instead of one per rank.
                 time.sleep(COALESCE_SECONDS)
-                for sub in subs.values():
-                    for _ in range(256):
-                        try:
-                            batch.append(sub.recv(zmq.NOBLOCK))
-                        except zmq.Again:
-                            break
+                ready = poller.poll(0)
+            if batch:
                 self._send(zmq, link, LINES, b"".join(batch))
 
     def _discover(self, zmq: Any, context: Any, poller: Any, subs: dict[str, Any]) -> None:
