@@ -12,6 +12,9 @@ CUDA tensors take a detour that keeps the host from waiting on the device (``ten
 message is queued, in order, until its values have landed in pinned host memory, and is written
 (and numbered) at a later call once the copy is done, or at ``finish``.
 
+In a launch that spans nodes, local rank 0's publisher also runs its node's relay, and global
+rank 0's the aggregator that takes every other node's ranks (``relay.py``, ``aggregator.py``).
+
 Nothing here raises into the training loop: every problem is counted and reported once on stderr.
 """
 

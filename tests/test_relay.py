@@ -288,6 +288,7 @@ def test_a_link_cut_mid_run_leaves_node_1_training_and_node_0_complete_once_it_r
 def _client(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, **curve: bytes) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # one try each: the count is exact
     for option, value in curve.items():
         sock.setsockopt(getattr(zmq, option.upper()), value)
     sock.connect(endpoint)
