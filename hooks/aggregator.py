@@ -280,6 +280,9 @@ class Aggregator:
         for line in payload.split(b"\n"):
             if not line:
                 continue
+            if len(line) > schema.MAX_MESSAGE_BYTES:  # no hook writes one
+                self.refused += 1
+                continue
             try:
                 message = schema.decode(line)
             except schema.BadMessage:
@@ -318,7 +321,9 @@ class Aggregator:
     def _write(self, zmq: Any, remote: RemoteRank, data: bytes) -> None:
         assert remote.fd is not None
         try:
-            os.write(remote.fd, data)
+            written = os.write(remote.fd, data)
+            if written < len(data):
+                os.write(remote.fd, data[written:])
         except OSError as exc:
             self._problems("cannot write another node's rank on node 0", exc)
         self.written += data.count(b"\n")
