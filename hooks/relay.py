@@ -420,9 +420,10 @@ class Relay:
             link.send_multipart([kind, payload], zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
-            self._problems(
-                "live lines for node 0 dropped (link down or slow; sent from the files later)"
-            )
+            if self._heard:  # before the link first comes up, dropping is the plan, not news
+                self._problems(
+                    "live lines for node 0 dropped (link down or slow; sent from the files later)"
+                )
 
     def _answer(self, zmq: Any, link: Any, frames: list[bytes]) -> None:
         data = control(frames[1]) if len(frames) == 2 else None

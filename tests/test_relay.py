@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import zmq
 from lmtop import hooks
@@ -280,6 +281,9 @@ def test_a_link_cut_mid_run_leaves_node_1_training_and_node_0_complete_once_it_r
     _follow(follower, seen)
     made.wait()
     assert during > at_cut, "node 1 kept training while its link was down"
+    # What the relay could not send it dropped and counted, in its rank's end message.
+    end = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[-1])
+    assert any("dropped" in kind for kind in end["problems"])
     (run,) = follower.book.snapshot()
     assert {r.health for r in run.ranks} == {"ok"}
     _assert_complete(made, seen)
