@@ -57,6 +57,7 @@ SEND_HWM = 1000  # frames queued towards node 0 before the relay drops (and coun
 # still running (ranks of a node end within milliseconds of each other after a barrier, but a
 # starved or slow one can end seconds later); nothing is waited for once all have ended.
 CLOSE_GRACE = 3.0
+NEVER_UP_SECONDS = 30.0  # a relay never answered this long says so (a firewall, LMTOP_PORT)
 UNSEEN_GRACE = 1.0  # how long the aggregator waits at finish for a node never heard from
 READ_BUDGET = 8 << 20  # bytes of one rank file a relay reads per look
 INDEX_EVERY = 256  # lines between two entries of a rank file's (seq, offset) index
@@ -325,10 +326,14 @@ class Relay:
         poller.register(up, zmq.POLLIN)
         subs: dict[str, Any] = {}
         next_hello = 0.0
+        started = time.monotonic()
         while not self.shared:
             now = time.monotonic()
             stopping = self._stopping.is_set()
             if now >= next_hello:
+                if not self._heard and started and now - started > NEVER_UP_SECONDS:
+                    started = 0.0  # said once
+                    self._problems("node 0 never answered; its copy lacks this node", self.endpoint)
                 self._discover(zmq, context, poller, subs)
                 self._send(zmq, link, HELLO, self._hello())
                 next_hello = now + (0.05 if stopping else HELLO_SECONDS)
