@@ -12,6 +12,9 @@ CUDA tensors take a detour that keeps the host from waiting on the device (``ten
 message is queued, in order, until its values have landed in pinned host memory, and is written
 (and numbered) at a later call once the copy is done, or at ``finish``.
 
+In a launch that spans nodes, local rank 0's publisher also runs its node's relay, and global
+rank 0's the aggregator that takes every other node's ranks (``relay.py``, ``aggregator.py``).
+
 Nothing here raises into the training loop: every problem is counted and reported once on stderr.
 """
 
@@ -28,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import registry, schema, tensors
+from . import registry, relay, schema, tensors
 from ._version import __version__
 from .identity import Identity
 from .redaction import REDACTED, redact_argv, secret_name
@@ -176,6 +179,7 @@ class Publisher:
         self._torn = False  # a short write left a partial line: start the next on a new line
         self._live: LiveSender | None = None
         self._entry: Path | None = None
+        self._relay: relay.Relay | relay.Aggregator | None = None
         # Messages waiting for the GPU values of an earlier one: (kind, step, t, fields, transfer).
         self._queue: deque[tuple[str, int, float, dict[str, Any], tensors.Transfer | None]] = (
             deque()
@@ -184,6 +188,8 @@ class Publisher:
         if live:
             self._start_live()
         self._emit(schema.START, None, {"info": self._info(config)})
+        if live and self.path is not None and who.launched:
+            self._relay = relay.start(self.dir, self.run, who, self.problems, share_modes()[1])
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -554,6 +560,11 @@ class Publisher:
             if self._closed:  # another thread's finish() is closing
                 return
             self._closed = True
+        if self._relay is not None:
+            try:
+                self._relay.close()  # the last lines to (or from) the other nodes, bounded
+            except Exception:
+                pass
         if self._entry is not None:
             registry.mark_ended(self._entry)
         if self._live is not None:

@@ -11,7 +11,10 @@ skipped unread, by the viewer as by the hook: another user could have pre-create
 
 An entry holds ``pid``, ``start_ticks``, ``host``, ``run``, ``rank``, ``world``, ``endpoint``,
 ``started`` and ``dir``: the run directory the rank writes to, or would write to when it cannot
-(``live_only`` is then true and only the live socket carries its messages).
+(``live_only`` is then true and only the live socket carries its messages). Global rank 0 of a
+launch that spans nodes also registers each rank it relays from another ``node``, as
+``<pid>.<rank>.json`` with its socket ``<pid>.<rank>.sock``, ``unreachable`` while that node's
+link is down.
 """
 
 from __future__ import annotations
@@ -149,13 +152,17 @@ class Entry(TypedDict, total=False):
     endpoint: str  # ipc://<runtime>/<pid>.sock
     started: float  # wall time it registered
     ended: float  # wall time it finished (the entry is kept ENDED_KEEP_SECONDS for viewers)
+    node: int  # a rank of another node, relayed by this process (see hooks/aggregator.py)
+    unreachable: bool  # that node's link is down: its rank is not silent, just out of reach
 
 
-def register(entry: Entry) -> Path:
-    """Writes this process's registry entry atomically; returns its path."""
+def register(entry: Entry, name: str | None = None) -> Path:
+    """Writes a registry entry atomically; returns its path. ``name`` (default the pid) names
+    the file: the aggregator of several nodes registers each rank it relays as ``<pid>.<rank>``."""
     directory = runtime_dir()
-    path = directory / f"{entry['pid']}.json"
-    tmp = directory / f".{entry['pid']}.json.tmp"
+    name = name or str(entry["pid"])
+    path = directory / f"{name}.json"
+    tmp = directory / f".{name}.json.tmp"
     tmp.write_bytes(orjson.dumps(entry))
     os.replace(tmp, path)
     return path
@@ -191,7 +198,7 @@ def live_entries() -> list[Entry]:
     Entries of dead processes are ignored and removed, with their sockets. A candidate that is
     not this user's private directory is not read at all.
     """
-    entries: dict[int, Entry] = {}
+    entries: dict[tuple[int, int], Entry] = {}  # by (pid, rank): an aggregator relays several
     for directory in dict.fromkeys(_candidates()):
         if not _private(directory):
             continue
@@ -203,20 +210,21 @@ def live_entries() -> list[Entry]:
             try:
                 entry = orjson.loads(path.read_bytes())
                 pid, ticks = int(entry["pid"]), entry.get("start_ticks")
+                key = (pid, int(entry.get("rank", 0)))
                 entry["run"], entry["dir"], entry["endpoint"]
             except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
                 continue
-            if pid in entries:
+            if key in entries:
                 continue
             ended = entry.get("ended")
             if isinstance(ended, (int, float)):  # finished: kept a while for late viewers
                 if time.time() - ended < ENDED_KEEP_SECONDS:
-                    entries[pid] = entry
+                    entries[key] = entry
                 else:
                     unregister(path)
             elif pid_alive(pid, ticks):
-                entries[pid] = entry
+                entries[key] = entry
             else:
                 unregister(path)
-                unregister(directory / f"{pid}.sock")
+                unregister(directory / f"{path.name.removesuffix('.json')}.sock")
     return sorted(entries.values(), key=lambda e: (e.get("started", 0.0), e.get("rank", 0)))

@@ -2,7 +2,8 @@
 
 Two "nodes" are two torchrun launches on this machine (--nnodes 2, node ranks 0 and 1, a
 static rendezvous on 127.0.0.1), each with its own runtime directory, writing to one LMTOP_DIR
-as nodes with a shared filesystem do. The relay over TCP (issue 15) is not covered here.
+as nodes with a shared filesystem do; the relay over TCP sees that and stands down. The relay
+without a shared filesystem is tested in test_relay.py.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ def _free_port() -> int:
 def test_two_nodes_on_a_shared_directory_make_one_run_named_alike_without_lmtop_run(
     tmp_path: Path, lmtop_env: dict[str, str]
 ) -> None:
-    port, steps = _free_port(), 200
+    port, relay_port, steps = _free_port(), _free_port(), 200
     shared = tmp_path / "shared-runs"
     nodes, runtimes = [], []
     for node in (0, 1):  # each node's own private runtime directory, with a short path
         runtime = Path(tempfile.mkdtemp(prefix=f"ltn{node}", dir="/tmp"))
         runtimes.append(runtime)
-        env = dict(os.environ, LMTOP_DIR=str(shared), LMTOP_RUNTIME_DIR=str(runtime))
+        env = dict(
+            os.environ,
+            LMTOP_DIR=str(shared),
+            LMTOP_RUNTIME_DIR=str(runtime),
+            LMTOP_PORT=str(relay_port),
+            XDG_CONFIG_HOME=str(tmp_path / "config"),  # one home: the relay's key
+        )
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LMTOP_RUN"):
             env.pop(name, None)
         nodes.append(
@@ -67,10 +74,12 @@ def test_two_nodes_on_a_shared_directory_make_one_run_named_alike_without_lmtop_
                 stderr=subprocess.PIPE,
             )
         )
+    errors = []
     try:
         for launcher in nodes:
             _, err = launcher.communicate(timeout=180)
             assert launcher.returncode == 0, err.decode()[-2000:]
+            errors.append(err.decode())
     finally:
         for runtime in runtimes:
             shutil.rmtree(runtime, ignore_errors=True)
@@ -88,6 +97,11 @@ def test_two_nodes_on_a_shared_directory_make_one_run_named_alike_without_lmtop_
         assert [m.seq for m in got if m.rank == rank] == list(range(steps + 2))
     launches = {m.data["info"].get("launch") for m in got if m.kind == "start"}
     assert len(launches) == 1, "every rank of both nodes is one launch"
+    # The relay saw the shared directory and stood down: nothing written twice, nothing refused.
+    for rank in range(4):
+        lines = (run_dir / f"rank-{rank}.jsonl").read_bytes().count(b"\n")
+        assert lines == steps + 2
+    assert "lmtop:" not in errors[0], errors[0][-2000:]
 
 
 def test_a_rank_on_another_host_is_followed_as_its_file_grows(tmp_path: Path) -> None:

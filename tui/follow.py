@@ -221,6 +221,8 @@ class Follower:
             rank.start_ticks = rank.start_ticks or entry.get("start_ticks")
             rank.host = rank.host or entry.get("host")
             rank.endpoint = str(entry["endpoint"])
+            rank.relayed = "node" in entry  # another node's rank, written here by the relay
+            rank.unreachable = entry.get("unreachable") is True  # its node out of reach
             if self._live is not None and not rank.done and "ended" not in entry:
                 # Subscribe before reading the file: nothing can fall between the two.
                 self._live.connect(rank.endpoint, run.key, rank.rank)
@@ -273,13 +275,13 @@ class Follower:
         return more
 
     def _check_alive(self, run: Run, rank: RankState, out: list[Keyed], now: float) -> None:
-        if rank.pid is None or (rank.host is not None and rank.host != HOST):
+        if rank.pid is None or rank.relayed or (rank.host is not None and rank.host != HOST):
             # Another machine's process (a shared filesystem), or one we know no pid of: its
             # file is all we can know, so it is followed until its end, and given up as
             # "unknown" (never "crashed") once silent for REMOTE_SILENT_SECONDS by our clock, or
             # when its last line is that old by the clock it was written with.
             wrote = time.time() - rank.last_t if rank.last_t is not None else 0.0
-            if max(now - rank.last_seen, wrote) > REMOTE_SILENT_SECONDS:
+            if max(now - rank.last_seen, wrote) > REMOTE_SILENT_SECONDS and not rank.unreachable:
                 rank.status = "unknown"
             return
         if registry.pid_alive(rank.pid, rank.start_ticks):

@@ -21,6 +21,8 @@ from .alert_settings import StallSettings, StragglerSettings
 from .detectors import Latch, RollingWindow
 
 LIVE, SILENT, STRAGGLER = "live", "silent", "straggler"
+# A rank of another node whose link to node 0 is down: out of reach, neither silent nor crashed.
+UNREACHABLE = "unreachable"
 
 
 class RankLike(Protocol):
@@ -30,6 +32,7 @@ class RankLike(Protocol):
     last_seen: float
     last_step: int | None
     pace: Pace
+    unreachable: bool
 
     @property
     def done(self) -> bool: ...
@@ -84,7 +87,9 @@ def silence_limit(pace: Pace, s: StallSettings) -> float:
 
 
 def health(rank: RankLike, now: float, s: StallSettings) -> str:
-    """``live``, ``silent`` or ``straggler`` for a rank that has not ended."""
+    """``live``, ``silent``, ``straggler`` or ``unreachable`` for a rank that has not ended."""
+    if rank.unreachable:
+        return UNREACHABLE
     if now - rank.last_seen > silence_limit(rank.pace, s):
         return SILENT
     return STRAGGLER if rank.pace.straggling else LIVE
@@ -130,7 +135,7 @@ def judge(
 
 def stalls(run: str, now: float, ranks: Iterable[RankLike], s: StallSettings) -> list[Stall]:
     """The ranks of one live run newly found silent while another progresses."""
-    live = [r for r in ranks if not r.done]
+    live = [r for r in ranks if not r.done and not r.unreachable]
     found = []
     for rank in live:
         pace = rank.pace

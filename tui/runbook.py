@@ -61,6 +61,8 @@ class RankState:
     bad_seq: int = 0  # messages whose seq jumped ahead of the rank's own sequence
     jump: tuple[int, int] | None = None  # (from, to) of the last forward jump, until confirmed
     file_seq: int = -1  # seq of the last line read from its file (the reader keeps it)
+    unreachable: bool = False  # another node's rank whose link to node 0 is down (registry)
+    relayed: bool = False  # another node's rank, relayed to this one: its process is not here
     pace: rank_health.Pace = field(default_factory=rank_health.Pace)
 
     @property
