@@ -23,7 +23,17 @@ def lmtop_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[
     monkeypatch.setenv("LMTOP_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("LMTOP_RUNTIME_DIR", runtime)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LMTOP_RUN", "LMTOP_DISABLE"):
+    # The user's own config (alert settings, the relay's key) stays out of reach of the tests,
+    # and no test writes a key into the real home.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LMTOP_RUN",
+        "LMTOP_DISABLE",
+        "LMTOP_CURVE_SECRET",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield {"LMTOP_DIR": str(tmp_path / "runs"), "LMTOP_RUNTIME_DIR": runtime}
     shutil.rmtree(runtime, ignore_errors=True)

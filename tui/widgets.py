@@ -175,7 +175,13 @@ class RanksTable(DataTable[Any]):
             self.add_row(*texts)
 
 
-ROW_STYLES = {"silent": "bold red", "crashed": "bold red", "error": "red", "straggler": "yellow"}
+ROW_STYLES = {
+    "silent": "bold red",
+    "crashed": "bold red",
+    "error": "red",
+    "straggler": "yellow",
+    "unreachable": "magenta",  # another node's rank whose link is down: neither dead nor well
+}
 
 
 def _cells(row: RankRow) -> list[str]:
