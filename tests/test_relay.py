@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -131,6 +131,19 @@ def nodes(
     yield made, follower
     follower.close()
     made.close()
+
+
+def _poll_until(
+    follower: Follower,
+    condition: Callable[[], bool],
+    limit: float,
+    each: Callable[[list[tuple[str, schema.Message]]], None] = lambda batch: None,
+) -> None:
+    """Polls the viewer until ``condition`` holds or ``limit`` seconds pass, handing each
+    batch to ``each``."""
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        each(follower.poll(0.05))
 
 
 def _follow(follower: Follower, seen: dict[int, list[int]], until: float = 120) -> None:
@@ -258,11 +271,12 @@ def test_a_link_cut_mid_run_leaves_node_1_training_and_node_0_complete_once_it_r
     made.start(node1_port=proxy.port)
     seen: dict[int, list[int]] = {}
 
-    def poll_until(condition: object, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
-            for _, message in follower.poll(0.05):
-                seen.setdefault(message.rank, []).append(message.seq)
+    def keep(batch: list[tuple[str, schema.Message]]) -> None:
+        for _, message in batch:
+            seen.setdefault(message.rank, []).append(message.seq)
+
+    def poll_until(condition: Callable[[], bool], limit: float) -> None:
+        _poll_until(follower, condition, limit, keep)
 
     poll_until(lambda: made.lines(0, 2) > 20, 60)  # node 1 relayed to node 0
     proxy.cut()
@@ -384,34 +398,30 @@ def test_the_key_is_made_once_private_and_refused_when_others_may_read_it(home: 
 def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_nothing(
     nodes: tuple[Nodes, Follower],
 ) -> None:
-    # Node 1's local rank 0 carries the relay: killed with -9, node 0 trains on to its end, its copy of node 1's
-    # ranks is what was relayed (a prefix of node 1's own files: nothing corrupt, nothing
+    # Node 1's local rank 0 carries the relay: killed with -9, node 0 trains on to its end, its
+    # copy of node 1's ranks is what was relayed (a prefix of node 1's own files: nothing corrupt, nothing
     # invented) and node 1's ranks are shown out of reach, never crashed.
     made, follower = nodes
     made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")  # ~9 s
     made.start()
     healths: set[str] = set()
-    deadline = time.monotonic() + 60
-    while made.lines(0, 2) <= 20 and time.monotonic() < deadline:
-        follower.poll(0.05)
-    start = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[0])
-    os.kill(start["info"]["pid"], 9)
+
+    def note(batch: object) -> None:
+        for run in follower.book.snapshot():
+            healths.update(r.health for r in run.ranks if r.rank >= 2)
 
     def node_0_ended() -> bool:  # its ranks' end lines are written: they trained to the end
         return all(made.lines(0, rank) == made.steps + 2 for rank in (0, 1))
 
-    deadline = time.monotonic() + 60
-    while not node_0_ended() and time.monotonic() < deadline:
-        follower.poll(0.05)
-        for run in follower.book.snapshot():
-            healths |= {r.health for r in run.ranks if r.rank >= 2}
+    _poll_until(follower, lambda: made.lines(0, 2) > 20, 60)
+    start = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[0])
+    os.kill(start["info"]["pid"], 9)
+    _poll_until(follower, node_0_ended, 60, note)
     assert node_0_ended(), "node 0 trained on to its end"
     # (torchrun's agent on node 0 then waits at its exit barrier for node 1's, up to 5 min: the
-    # launcher, not lmtop; the fixture ends it.)
-    for _ in range(100):  # node 0's registry still says node 1 is out of reach
-        follower.poll(0.05)
-        for run in follower.book.snapshot():
-            healths |= {r.health for r in run.ranks if r.rank >= 2}
+    # launcher, not lmtop; the fixture ends it.) Node 0's registry still says node 1 is out of
+    # reach a while later.
+    _poll_until(follower, lambda: False, 5, note)
     assert "unreachable" in healths and "crashed" not in healths, healths
     for rank in (2, 3):
         name = schema.rank_file(rank)
