@@ -399,8 +399,8 @@ def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_noth
     nodes: tuple[Nodes, Follower],
 ) -> None:
     # Node 1's local rank 0 carries the relay: killed with -9, node 0 trains on to its end, its
-    # copy of node 1's ranks is what was relayed (a prefix of node 1's own files: nothing corrupt, nothing
-    # invented) and node 1's ranks are shown out of reach, never crashed.
+    # copy of node 1's ranks is what was relayed (a prefix of node 1's own files: nothing
+    # corrupt, nothing invented) and node 1's ranks are shown out of reach, never crashed.
     made, follower = nodes
     made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")  # ~9 s
     made.start()
