@@ -430,3 +430,26 @@ def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_noth
     for rank in (0, 1):
         lines = (made.run_dir(0) / schema.rank_file(rank)).read_bytes().splitlines()
         assert orjson.loads(lines[-1])["kind"] == "end"
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_aggregator_rank_blocks_nothing_on_node_1(
+    nodes: tuple[Nodes, Follower],
+) -> None:
+    # Global rank 0 carries the aggregator: killed with -9 mid-run, node 1's ranks train on to
+    # their end (their relay drops and counts what it cannot send) and their own files are
+    # complete. (A restarted rank 0 is a new launch, so a new run: nothing to fill in there.)
+    made, follower = nodes
+    made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")  # ~9 s
+    made.start()
+    _poll_until(follower, lambda: made.lines(0, 2) > 20, 60)
+    start = orjson.loads((made.run_dir(0) / schema.rank_file(0)).read_bytes().splitlines()[0])
+    os.kill(start["info"]["pid"], 9)
+
+    def node_1_ended() -> bool:
+        return all(made.lines(1, rank) == made.steps + 2 for rank in (2, 3))
+
+    _poll_until(follower, node_1_ended, 60)
+    assert node_1_ended(), "node 1 trained on to its end, its files complete"
+    end = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[-1])
+    assert end["kind"] == "end" and any("dropped" in kind for kind in end["problems"])
