@@ -394,6 +394,16 @@ def test_the_key_is_made_once_private_and_refused_when_others_may_read_it(home: 
         keys.load()
 
 
+def _kill_midway(made: Nodes, follower: Follower, node: int, rank: int) -> None:
+    """Starts a ~9 s job and kills ``rank`` (on ``node``) with -9 once node 0 holds some of
+    node 1's lines."""
+    made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")
+    made.start()
+    _poll_until(follower, lambda: made.lines(0, 2) > 20, 60)
+    first = (made.run_dir(node) / schema.rank_file(rank)).read_bytes().splitlines()[0]
+    os.kill(orjson.loads(first)["info"]["pid"], 9)
+
+
 @pytest.mark.slow
 def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_nothing(
     nodes: tuple[Nodes, Follower],
@@ -402,8 +412,6 @@ def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_noth
     # copy of node 1's ranks is what was relayed (a prefix of node 1's own files: nothing
     # corrupt, nothing invented) and node 1's ranks are shown out of reach, never crashed.
     made, follower = nodes
-    made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")  # ~9 s
-    made.start()
     healths: set[str] = set()
 
     def note(batch: object) -> None:
@@ -413,9 +421,7 @@ def test_kill_9_of_node_1s_relay_rank_blocks_nothing_on_node_0_and_corrupts_noth
     def node_0_ended() -> bool:  # its ranks' end lines are written: they trained to the end
         return all(made.lines(0, rank) == made.steps + 2 for rank in (0, 1))
 
-    _poll_until(follower, lambda: made.lines(0, 2) > 20, 60)
-    start = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[0])
-    os.kill(start["info"]["pid"], 9)
+    _kill_midway(made, follower, node=1, rank=2)
     _poll_until(follower, node_0_ended, 60, note)
     assert node_0_ended(), "node 0 trained on to its end"
     # (torchrun's agent on node 0 then waits at its exit barrier for node 1's, up to 5 min: the
@@ -440,11 +446,7 @@ def test_kill_9_of_the_aggregator_rank_blocks_nothing_on_node_1(
     # their end (their relay drops and counts what it cannot send) and their own files are
     # complete. (A restarted rank 0 is a new launch, so a new run: nothing to fill in there.)
     made, follower = nodes
-    made.steps, made.args = 600, ("--pace-every", "10", "--pace", "0.15")  # ~9 s
-    made.start()
-    _poll_until(follower, lambda: made.lines(0, 2) > 20, 60)
-    start = orjson.loads((made.run_dir(0) / schema.rank_file(0)).read_bytes().splitlines()[0])
-    os.kill(start["info"]["pid"], 9)
+    _kill_midway(made, follower, node=0, rank=0)
 
     def node_1_ended() -> bool:
         return all(made.lines(1, rank) == made.steps + 2 for rank in (2, 3))
