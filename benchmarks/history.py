@@ -129,7 +129,7 @@ def first_frame(run: Path) -> None:
             # Alerts over the history come after the first frame: wait for the worker to drain.
             while time.monotonic() < deadline:
                 await pilot.pause(0.5)
-                if not source.catching_up and not app.catching_up:
+                if not source.catching_up and not app.catching_up and not app.alerts_owed:
                     await pilot.pause(1.0)
                     break
             done = time.perf_counter() - started

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
@@ -30,6 +30,9 @@ from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 from .tensorboard_events import TensorBoardRun
 from .trainer_state import TrainerRun
+
+if TYPE_CHECKING:
+    from .replay import Replay
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 # A rank that said nothing is read (and its process checked) less and less often, up to this:
@@ -125,6 +128,32 @@ class Follower:
         if not self.follow:
             return True
         return self.book.done(time.monotonic())
+
+    # -- reading the history again (alerts over it come after its first frame) ----------------
+
+    def replayable(self, key: str) -> bool:
+        """Whether the messages of run ``key`` can be read again from files."""
+        run = self.runs.get(key)
+        return run is not None and (run.dir is not None or key in self._trainers)
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The seq of the last message applied, per (run key, rank) of every replayable run."""
+        return {
+            (run.key, rank.rank): rank.applied
+            for run in self.runs.values()
+            if self.replayable(run.key)
+            for rank in run.ranks.values()
+        }
+
+    def replay(self, floor: dict[tuple[str, int], int], cut: dict[tuple[str, int], int]) -> Replay:
+        """The messages applied with ``floor < seq <= cut``, per rank, read again from the start
+        of the files by a reader of their own (files only, no sockets, this thread)."""
+        from .replay import Replay
+
+        dirs = [str(run.dir) for run in self.runs.values() if run.dir is not None]
+        reader = Follower(dirs, follow=False, live=False, stall=self.book.stall)
+        reader._trainers = {key: type(t)(t.dir) for key, t in self._trainers.items()}
+        return Replay(reader, floor, cut)
 
     def close(self) -> None:
         """Closes the live sockets; returns at once (LINGER 0)."""

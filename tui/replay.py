@@ -1,0 +1,129 @@
+"""Alerts over a long history, computed after its first frame by reading the run files again.
+
+The alert engine costs several microseconds a message: over an 8-rank history of 100,000 steps
+that is most of the time before the charts could show. So while a history is being read, its
+messages go to the store and the screen only; once it is read to its end and painted, the run
+files (the truth) are read a second time, from the start, by a separate reader that stops at
+where the follower stood, and that replay feeds the engine one bounded batch at a time. Nothing
+of the history is held meanwhile.
+
+Exactly once, per rank: the engine has seen every message up to ``floor`` (fed as they came,
+before the history began), the replay feeds those after ``floor`` up to ``cut`` (where the
+follower stood once the history was read), and the messages the follower applies after
+``cut`` (live ones, arriving during the replay) are held and fed once the replay is done, so
+each rank's messages reach the engine once each, in order. A run whose messages cannot be read
+again (no directory: an old hook's live-only run) is fed as it comes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .follow import Keyed
+
+if TYPE_CHECKING:
+    from .follow import Follower
+
+Position = dict[tuple[str, int], int]  # (run key, rank) -> seq of the last message applied
+Feed = Callable[[list[Keyed]], list[Any]]  # the engine's feed_batch, told alerts as (index, alert)
+
+
+class Replay:
+    """The messages a follower applied with ``floor < seq <= cut``, read again from the files."""
+
+    def __init__(self, reader: Follower, floor: Position, cut: Position) -> None:
+        self._reader = reader
+        self._floor = floor
+        self._cut = cut
+
+    def poll(self) -> list[Keyed]:
+        """The next batch (at most one poll's read budget of run files)."""
+        floor, cut = self._floor, self._cut
+        return [
+            (key, message)
+            for key, message in self._reader.poll(0)
+            if floor.get((key, message.rank), -1) < message.seq <= cut.get((key, message.rank), -1)
+        ]
+
+    @property
+    def done(self) -> bool:
+        """Whether every rank was read up to its cut (or its file holds nothing more)."""
+        if self._reader.done:
+            return True
+        runs = self._reader.runs
+        for (key, rank), seq in self._cut.items():
+            state = runs[key].ranks.get(rank) if key in runs else None
+            if state is None or state.applied < seq:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Releases the reader."""
+        self._reader.close()
+
+
+class HistoryAlerts:
+    """Feeds the engine each message once: as it comes, or, for a history, from a replay.
+
+    The caller polls the follower and hands each batch to :meth:`take`; when :attr:`owed` says
+    a history was read to its end, it paints the history, calls :meth:`start`, and then
+    :meth:`step` on each turn of its loop until :attr:`replaying` is False.
+    """
+
+    def __init__(self, feed: Feed, follower: Follower) -> None:
+        self._feed = feed
+        self._follower = follower
+        self._floor: Position | None = None  # set while a history is read: its alerts are owed
+        self._replay: Replay | None = None
+        self._held: list[Keyed] = []  # applied after the cut, while the replay runs
+
+    @property
+    def owed(self) -> bool:
+        """A history was read to its end and its alerts are owed: paint, then :meth:`start`."""
+        return self._floor is not None and not self._follower.catching_up
+
+    @property
+    def replaying(self) -> bool:
+        """Whether alerts over a history are still owed (being read again, or about to be)."""
+        return self._floor is not None or self._replay is not None
+
+    def take(self, batch: list[Keyed]) -> list[Any]:
+        """The alerts of the messages of ``batch`` that are not left to a replay."""
+        if not batch:
+            return []
+        if self._replay is not None:  # after the cut: fed once the replay is done
+            self._held += batch
+            return []
+        if self._floor is None:
+            told = self._feed(batch)
+            if self._follower.catching_up:  # a long history begins: fed by a replay, later
+                self._floor = self._follower.positions()
+            return told
+        # A history is being read: what cannot be read again is fed now, the rest later.
+        return self._feed([pair for pair in batch if not self._follower.replayable(pair[0])])
+
+    def start(self) -> None:
+        """Starts reading the history again, up to where the follower stands now."""
+        assert self._floor is not None
+        self._replay = self._follower.replay(self._floor, self._follower.positions())
+        self._floor = None
+
+    def step(self) -> list[Any]:
+        """Alerts of the next batch of the replay; once it is done, of the messages held."""
+        replay = self._replay
+        if replay is None:
+            return []
+        told = self._feed(replay.poll())
+        if replay.done:
+            replay.close()
+            self._replay = None
+            held, self._held = self._held, []
+            told += self._feed(held)
+        return told
+
+    def close(self) -> None:
+        """Releases a replay under way."""
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
