@@ -28,6 +28,7 @@ from . import discovery, frame
 from .alert_settings import AlertSettings
 from .alerts import Alert
 from .charts import DEFAULT_CHARTS, ViewOptions
+from .follow import Follower
 from .keys import BINDINGS, Keys
 from .replay import HistoryAlerts
 from .runbook import RunView
@@ -122,7 +123,7 @@ class LmtopApp(Keys):
         source, engine, book = self.source, self.engine, self.source.book
         posted = judged = 0.0
         history = None
-        if engine is not None and hasattr(source, "replay"):
+        if engine is not None and isinstance(source, Follower):  # files to read again
             history = HistoryAlerts(lambda b: [a for _, a in engine.feed_batch(b)], source)
         try:
             while not worker.is_cancelled:
@@ -279,7 +280,6 @@ def run_app(
     ``settings`` configures the alerts (default: the documented defaults).
     """
     from .alert_actions import Alerting
-    from .follow import Follower
 
     settings = settings if settings is not None else AlertSettings()
     source = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
