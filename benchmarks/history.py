@@ -116,7 +116,7 @@ def first_frame(run: Path) -> None:
 
     async def measure() -> None:
         started = time.perf_counter()
-        source = Follower([str(run)], follow=True, live=False)
+        source = Follower([str(run)], follow=True, live=False, cache=True)
         engine = Alerting(AlertSettings(), source.runs)
         app = LmtopApp(source, alerts=engine)  # as run_app does
         async with app.run_test(size=(160, 48)) as pilot:

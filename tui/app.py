@@ -122,14 +122,18 @@ class LmtopApp(Keys):
         worker = get_current_worker()
         source, engine, book = self.source, self.engine, self.source.book
         posted = judged = 0.0
+        follower = source if isinstance(source, Follower) else None  # files, a cache
         history = None
-        if engine is not None and isinstance(source, Follower):  # files to read again
-            history = HistoryAlerts(lambda b: [a for _, a in engine.feed_batch(b)], source)
+        if engine is not None and follower is not None:
+            history = HistoryAlerts(lambda b: [a for _, a in engine.feed_batch(b)], follower)
+        reading = False  # a history is being read
         try:
             while not worker.is_cancelled:
                 batch = source.poll(0.1)
-                if batch:
+                restored = follower.take_restored() if follower is not None else []
+                if batch or restored:
                     with self.store_lock:
+                        self.store.adopt(restored)
                         self.store.add(batch)
                 alerts: list[Alert] = []
                 now = time.monotonic()
@@ -137,9 +141,10 @@ class LmtopApp(Keys):
                     judged = now
                     alerts += engine.tick(book.health(now))
                 # Read after the batch is in the store: the last batch of a history is drawn.
-                self.catching_up = source.catching_up
+                self.catching_up = catching_up = source.catching_up
                 if history is not None:
-                    alerts += history.take(batch)
+                    alerts += history.take(batch, bool(restored))
+                    self.alerts_owed = history.replaying
                     if history.owed:  # a history read to its end: paint it, then alert
                         self._painted.clear()
                         self._paint_pending = True
@@ -150,6 +155,9 @@ class LmtopApp(Keys):
                     self.alerts_owed = history.replaying
                 elif engine is not None and batch:
                     alerts += [a for _, a in engine.feed_batch(batch)]
+                if follower is not None and (reading or restored) and not catching_up:
+                    follower.save_caches(self.store)  # the history read: quick to open next time
+                reading = catching_up
                 if batch or alerts or now - posted >= SNAPSHOT_SECONDS:
                     posted = now
                     self.post_message(Polled(book.snapshot(now), alerts, bool(batch)))

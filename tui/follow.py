@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
-from . import discovery, tensorboard_events, trainer_state
+from . import cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
@@ -33,6 +34,7 @@ from .trainer_state import TrainerRun
 
 if TYPE_CHECKING:
     from .replay import Replay
+    from .store import Store
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 # A rank that said nothing is read (and its process checked) less and less often, up to this:
@@ -53,6 +55,10 @@ LIVE_DRAIN_SECONDS = 0.05
 HOST = socket.gethostname()
 
 Keyed = tuple[str, schema.Message]  # (the run's key, one of its messages)
+# A rank taken from its cache: (run key, rank, description, arrays) for Store.adopt.
+Restored = tuple[str, int, dict[str, Any], dict[str, array]]
+# A rank's cache is written again once its file grew by this much (a history read, mostly).
+CACHE_BYTES = 1 << 20
 
 
 class Follower:
@@ -72,6 +78,7 @@ class Follower:
         live: bool = True,
         stall: StallSettings | None = None,
         straggler: StragglerSettings | None = None,
+        cache: bool = False,
     ) -> None:
         self.follow = follow
         self.paths = list(paths)  # as the person wrote them, for messages
@@ -93,6 +100,11 @@ class Follower:
         self._scanned_once = False
         self._live = _LiveSockets() if follow and live else None
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
+        # The columnar cache (cache.py): ranks taken from it, for the store, and the offset
+        # each rank's cache covers (0: looked for, none).
+        self._cache = cache
+        self._restored: list[Restored] = []
+        self._cached_at: dict[tuple[str, int], int] = {}
 
     @property
     def runs(self) -> dict[str, Run]:
@@ -128,6 +140,49 @@ class Follower:
         if not self.follow:
             return True
         return self.book.done(time.monotonic())
+
+    # -- the columnar cache ---------------------------------------------------------------------
+
+    def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> None:
+        """Starts a rank from its cache, if it has a valid one (looked for once)."""
+        key = (run.key, rank.rank)
+        if key in self._cached_at:
+            return
+        self._cached_at[key] = 0
+        found = cache.load(run_dir, rank.rank)
+        if found is not None:
+            offset, head, arrays = found
+            cache.restore_rank(run, rank, file, head["state"])
+            self._restored.append((run.key, rank.rank, head, arrays))
+            self._cached_at[key] = offset
+
+    def take_restored(self) -> list[Restored]:
+        """The ranks started from their cache since the last call, for the store to adopt
+        before the messages that follow them."""
+        restored, self._restored = self._restored, []
+        return restored
+
+    def save_caches(self, store: Store) -> int:
+        """Writes the cache of every rank whose file grew by more than CACHE_BYTES since its cache was
+        written (or found); returns how many were written."""
+        written = 0
+        for run in self.runs.values():
+            for rank in run.ranks.values():
+                key = (run.key, rank.rank)
+                file = self._files.get(key)
+                if run.dir is None or file is None:
+                    continue
+                if file.offset - self._cached_at.get(key, 0) <= CACHE_BYTES:
+                    continue
+                state = cache.rank_state(run, rank, file)
+                columns = store.rank_arrays(run.key, rank.rank) if state is not None else None
+                if columns is None:
+                    continue
+                meta, arrays = columns
+                if cache.save(run.dir, rank.rank, file.offset, {"state": state, **meta}, arrays):
+                    written += 1
+                self._cached_at[key] = file.offset  # not tried again until it grows as much
+        return written
 
     # -- reading the history again (alerts over it come after its first frame) ----------------
 
@@ -282,6 +337,8 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return False
+        if self._cache and file.offset == 0 and rank.applied == -1 and run.dir is not None:
+            self._restore(run, rank, file, run.dir)
         messages, more = file.read(self._limit)
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated

@@ -77,6 +77,8 @@ class HistoryAlerts:
         self._floor: Position | None = None  # set while a history is read: its alerts are owed
         self._replay: Replay | None = None
         self._held: list[Keyed] = []  # applied after the cut, while the replay runs
+        self._fed: Position = {}  # the last seq fed, per rank
+        self._again = False  # ranks were taken from a cache during the replay
 
     @property
     def owed(self) -> bool:
@@ -88,20 +90,30 @@ class HistoryAlerts:
         """Whether alerts over a history are still owed (being read again, or about to be)."""
         return self._floor is not None or self._replay is not None
 
-    def take(self, batch: list[Keyed]) -> list[Any]:
-        """The alerts of the messages of ``batch`` that are not left to a replay."""
-        if not batch:
-            return []
+    def take(self, batch: list[Keyed], restored: bool = False) -> list[Any]:
+        """The alerts of the messages of ``batch`` that are not left to a replay; ``restored``:
+        ranks were taken from their cache before it (a history the engine has not seen)."""
         if self._replay is not None:  # after the cut: fed once the replay is done
-            self._held += batch
-            return []
+            self._again = self._again or restored  # another history: a replay of it after
+            self._held += [pair for pair in batch if self._follower.replayable(pair[0])]
+            return self._fed_now([pair for pair in batch if not self._follower.replayable(pair[0])])
+        if self._floor is None and restored:
+            self._floor = dict(self._fed)
         if self._floor is None:
-            told = self._feed(batch)
+            told = self._fed_now(batch)
             if self._follower.catching_up:  # a long history begins: fed by a replay, later
-                self._floor = self._follower.positions()
+                self._floor = dict(self._fed)
             return told
         # A history is being read: what cannot be read again is fed now, the rest later.
-        return self._feed([pair for pair in batch if not self._follower.replayable(pair[0])])
+        return self._fed_now([pair for pair in batch if not self._follower.replayable(pair[0])])
+
+    def _fed_now(self, batch: list[Keyed]) -> list[Any]:
+        if not batch:
+            return []
+        fed = self._fed
+        for key, message in batch:
+            fed[(key, message.rank)] = message.seq
+        return self._feed(batch)
 
     def start(self) -> None:
         """Starts reading the history again, up to where the follower stands now."""
@@ -114,12 +126,15 @@ class HistoryAlerts:
         replay = self._replay
         if replay is None:
             return []
-        told = self._feed(replay.poll())
+        told = self._fed_now(replay.poll())
         if replay.done:
             replay.close()
             self._replay = None
             held, self._held = self._held, []
-            told += self._feed(held)
+            if self._again:  # the held messages are read again with the new history
+                self._again, self._floor = False, dict(self._fed)
+            else:
+                told += self._fed_now(held)
         return told
 
     def close(self) -> None:
