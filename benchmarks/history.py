@@ -1,7 +1,7 @@
 """A multi-rank job's whole history: first frame, app memory, headless time and peak memory.
 
     python benchmarks/history.py make DIR RANKS STEPS      # write a run with the real hook
-    python benchmarks/history.py first-frame DIR           # the real app, 160x48
+    python benchmarks/history.py first-frame DIR [--cold] [--readers=N]   # the app, 160x48
     python benchmarks/history.py headless DIR [--no-alerts]
     python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
     python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
@@ -84,8 +84,15 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def first_frame(run: Path) -> None:
-    """Seconds until every visible chart shows the whole history; resident memory."""
+def first_frame(run: Path, readers: int, cold: bool) -> None:
+    """Seconds until every visible chart shows the whole history; resident memory.
+
+    ``readers`` worker processes read long rank files (0: none, all in this process);
+    ``cold`` deletes the columnar cache first (the app writes it again once the history is
+    read), else whatever cache is there is used."""
+    if cold:
+        for path in run.glob("rank-*.cols"):
+            path.unlink()
     from lmtop.tui.alert_actions import Alerting
     from lmtop.tui.alert_settings import AlertSettings
     from lmtop.tui.app import LmtopApp
@@ -116,7 +123,7 @@ def first_frame(run: Path) -> None:
 
     async def measure() -> None:
         started = time.perf_counter()
-        source = Follower([str(run)], follow=True, live=False, cache=True)
+        source = Follower([str(run)], follow=True, live=False, cache=True, readers=readers)
         engine = Alerting(AlertSettings(), source.runs)
         app = LmtopApp(source, alerts=engine)  # as run_app does
         async with app.run_test(size=(160, 48)) as pilot:
@@ -134,7 +141,7 @@ def first_frame(run: Path) -> None:
                     break
             done = time.perf_counter() - started
             print(
-                f"first frame {seconds:.2f} s; RSS {at_frame:.0f} MB then, "
+                f"first frame ({readers} readers, {'cold' if cold else 'cache'}) {seconds:.2f} s; RSS {at_frame:.0f} MB then, "
                 f"{rss_mb():.0f} MB at {done:.1f} s (alerts computed); "
                 f"{app.store.points:,} points stored",
                 flush=True,
@@ -213,7 +220,8 @@ def main() -> None:
     elif args[0] == "make":
         make(Path(args[1]), int(args[2]), int(args[3]))
     elif args[0] == "first-frame":
-        first_frame(Path(args[1]))
+        readers = next((int(a.split("=")[1]) for a in args if a.startswith("--readers=")), 2)
+        first_frame(Path(args[1]), readers, cold="--cold" in args)
     elif args[0] == "headless":
         headless(Path(args[1]), "--no-alerts" not in args)
     elif args[0] == "live":
@@ -226,7 +234,9 @@ def main() -> None:
         try:
             run = make(folder, ranks, steps)
             for _ in range(repeats):
-                subprocess.run([sys.executable, __file__, "first-frame", str(run)], check=True)
+                for how in ("--cold", "--cached"):
+                    command = [sys.executable, __file__, "first-frame", str(run), how]
+                    subprocess.run(command, check=True)
                 headless(run, alerts=False)
                 headless(run, alerts=True)
         finally:

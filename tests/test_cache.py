@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -23,10 +24,10 @@ from runs import T0, curve, line, write_run
 STEPS = 150
 
 
-def _open(run_dir: Path, cache: bool = True) -> tuple[Follower, Store, int]:
+def _open(run_dir: Path, cache: bool = True, readers: int = 0) -> tuple[Follower, Store, int]:
     """Reads a run to its end as the app does; returns the follower, the store, and how many
-    ranks were taken from their cache."""
-    follower = Follower([str(run_dir)], follow=False, live=False, cache=cache)
+    ranks were taken from their cache (or from worker processes)."""
+    follower = Follower([str(run_dir)], follow=False, live=False, cache=cache, readers=readers)
     store = Store()
     restored = 0
     while not follower.done:
@@ -222,3 +223,18 @@ def test_no_cache_is_written_into_a_directory_of_another_user(
     follower, store, _ = _open(run_dir)
     assert follower.save_caches(store) == 0
     assert not list(run_dir.glob("*.cols")) and not list(run_dir.glob(".*"))
+
+
+def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank files read by worker processes (spawned, each handing back one rank's columns)
+    give the picture one process reading every line gives, spikes included."""
+    monkeypatch.setattr(follow, "WORKER_BYTES", 0)  # every rank file goes to a worker
+    spikes = {40: {"loss": 30.0}, 90: {"grad_norm": math.nan}}
+    run_dir = write_run(tmp_path, "workers", ranks=3, steps=STEPS, extra=spikes)
+    follower, store, taken = _open(run_dir, readers=2)
+    assert taken == 3 and not list(run_dir.glob("*.cols"))  # read, not cached: not asked to
+    plain = _open(run_dir, cache=False)
+    assert _picture(follower, store) == _picture(plain[0], plain[1])
+    assert max(store.series[(str(run_dir), 2, "loss")].values) == 30.0

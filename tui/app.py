@@ -290,7 +290,14 @@ def run_app(
     from .alert_actions import Alerting
 
     settings = settings if settings is not None else AlertSettings()
-    source = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
+    source = Follower(
+        paths,
+        follow=follow,
+        stall=settings.stall,
+        straggler=settings.straggler,
+        cache=True,  # rank-N.cols beside the run files: a history reopened in a second
+        readers=os.cpu_count() or 1,  # worker processes reading long rank files
+    )
     app = LmtopApp(source, refresh_hz=refresh_hz, alerts=Alerting(settings, source.runs))
     app.run()
     return app.return_code or 0

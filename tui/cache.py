@@ -21,7 +21,7 @@ import stat
 import zlib
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -68,18 +68,10 @@ def save(
 ) -> bool:
     """Writes the cache of ``rank`` covering ``offset`` bytes of its run file; False if not
     written (a directory of another user, a file that changed, no space)."""
-    import numpy as np
-
     crc = prefix_crc(run_dir / f"rank-{rank}.jsonl", offset)
     if crc is None:
         return False
     head = {"format": FORMAT, "offset": offset, "crc": crc, **meta}
-    columns = {
-        name: np.frombuffer(data, dtype=data.typecode) for name, data in arrays.items() if len(data)
-    }
-    empty = [name for name, data in arrays.items() if not len(data)]
-    head["empty"] = {name: arrays[name].typecode for name in empty}
-    columns["head"] = np.frombuffer(orjson.dumps(head), dtype=np.uint8)
     temp = f".{cache_name(rank)}.{os.getpid()}.tmp"
     try:
         dir_fd = owned_dir_fd(run_dir)
@@ -93,7 +85,7 @@ def save(
             fd = create_new(dir_fd, temp)
         try:
             with open(fd, "wb") as file:
-                np.savez(file, **columns)  # type: ignore[arg-type]  # numbers: nothing pickled
+                write(file, head, arrays)
             os.replace(temp, cache_name(rank), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             os.unlink(temp, dir_fd=dir_fd)
@@ -108,8 +100,6 @@ def save(
 def load(run_dir: Path, rank: int) -> tuple[int, dict[str, Any], dict[str, array]] | None:
     """The cache of ``rank`` if it still describes its run file: (offset, description, arrays);
     None if absent, another user's, unreadable, or the file's covered prefix changed."""
-    import numpy as np
-
     try:
         fd = os.open(run_dir / cache_name(rank), _READ)
     except OSError:
@@ -118,15 +108,13 @@ def load(run_dir: Path, rank: int) -> tuple[int, dict[str, Any], dict[str, array
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             return None
-        with open(fd, "rb", closefd=False) as file, np.load(file, allow_pickle=False) as npz:
-            head = orjson.loads(npz["head"].tobytes())
-            if type(head) is not dict or head.get("format") != FORMAT:
-                return None
-            offset = head["offset"]
-            if prefix_crc(run_dir / f"rank-{rank}.jsonl", offset) != head["crc"]:
-                return None
-            arrays = {name: _array(npz[name]) for name in npz.files if name != "head"}
-        arrays.update((name, array(code)) for name, code in head.get("empty", {}).items())
+        with open(fd, "rb", closefd=False) as file:
+            head, arrays = read(file)
+        if head.get("format") != FORMAT:
+            return None
+        offset = head["offset"]
+        if prefix_crc(run_dir / f"rank-{rank}.jsonl", offset) != head["crc"]:
+            return None
         return offset, head, arrays
     except Exception:  # a corrupt or foreign cache is no cache: the run file is read instead
         return None
@@ -177,6 +165,26 @@ def restore_rank(run: Run, rank: RankState, file: RankFile, state: dict[str, Any
     if run.name == (run.dir.name if run.dir else None):
         run.name = state["run"]["name"]
     run.world = max(run.world, state["run"]["world"])
+
+
+def write(file: BinaryIO, head: dict[str, Any], arrays: dict[str, array]) -> None:
+    """Writes a description and arrays of int64 and float64 as an ``.npz`` (nothing pickled)."""
+    import numpy as np
+
+    columns = {name: np.frombuffer(data, dtype=data.typecode) for name, data in arrays.items()}
+    columns["head"] = np.frombuffer(orjson.dumps(head), dtype=np.uint8)
+    np.savez(file, **columns)  # type: ignore[arg-type]
+
+
+def read(file: BinaryIO) -> tuple[dict[str, Any], dict[str, array]]:
+    """What :func:`write` wrote; raises on anything else (``allow_pickle=False``)."""
+    import numpy as np
+
+    with np.load(file, allow_pickle=False) as npz:
+        head = orjson.loads(npz["head"].tobytes())
+        if type(head) is not dict:
+            raise ValueError("not a cache")
+        return head, {name: _array(npz[name]) for name in npz.files if name != "head"}
 
 
 def _array(column: Any) -> array:

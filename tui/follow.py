@@ -20,6 +20,8 @@ import socket
 import time
 from array import array
 from collections.abc import Sequence
+from concurrent import futures
+from concurrent.futures import FIRST_COMPLETED, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from lmtop.hooks import registry, schema
 
 from . import cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
+from .readers import WORKER_BYTES, Readers
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 from .tensorboard_events import TensorBoardRun
@@ -79,6 +82,7 @@ class Follower:
         stall: StallSettings | None = None,
         straggler: StragglerSettings | None = None,
         cache: bool = False,
+        readers: int = 0,
     ) -> None:
         self.follow = follow
         self.paths = list(paths)  # as the person wrote them, for messages
@@ -105,6 +109,10 @@ class Follower:
         self._cache = cache
         self._restored: list[Restored] = []
         self._cached_at: dict[tuple[str, int], int] = {}
+        # Worker processes reading long rank files (readers.py), started when first needed.
+        self._workers = readers
+        self._readers: Readers | None = None
+        self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
     @property
     def runs(self) -> dict[str, Run]:
@@ -120,6 +128,8 @@ class Follower:
         now = time.monotonic()
         if self._backlog or now - self._last_scan >= SCAN_SECONDS:
             self._scan(out, now)
+        if not out and self._reading:  # only workers' reads wait: for them, not in a spin
+            futures.wait(self._reading.values(), min(timeout, SCAN_SECONDS), FIRST_COMPLETED)
         if self._live is not None:
             wait = 0.0 if (out or self._backlog) else min(timeout, SCAN_SECONDS)
             self._drain_live(out, wait)
@@ -143,18 +153,37 @@ class Follower:
 
     # -- the columnar cache ---------------------------------------------------------------------
 
-    def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> None:
-        """Starts a rank from its cache, if it has a valid one (looked for once)."""
+    def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> bool:
+        """Starts a rank from its cache, if it has a valid one (looked for once), else hands a
+        long file to a worker process; True when a worker reads it."""
         key = (run.key, rank.rank)
         if key in self._cached_at:
-            return
+            return False
         self._cached_at[key] = 0
         found = cache.load(run_dir, rank.rank)
         if found is not None:
-            offset, head, arrays = found
-            cache.restore_rank(run, rank, file, head["state"])
-            self._restored.append((run.key, rank.rank, head, arrays))
-            self._cached_at[key] = offset
+            self._adopt(run, rank, file, found)
+            return False
+        if self._workers <= 0:
+            return False
+        try:
+            if os.stat(file.path).st_size < WORKER_BYTES:
+                return False
+        except OSError:
+            return False
+        if self._readers is None:
+            self._readers = Readers(self._workers)
+        self._reading[key] = self._readers.submit(run_dir, rank.rank)
+        return True
+
+    def _adopt(
+        self, run: Run, rank: RankState, file: RankFile, found: tuple[int, dict[str, Any], Any]
+    ) -> None:
+        """Takes a rank's state and series read elsewhere (a cache, a worker) up to an offset."""
+        offset, head, arrays = found
+        cache.restore_rank(run, rank, file, head["state"])
+        self._restored.append((run.key, rank.rank, head, arrays))
+        self._cached_at[(run.key, rank.rank)] = offset
 
     def take_restored(self) -> list[Restored]:
         """The ranks started from their cache since the last call, for the store to adopt
@@ -210,11 +239,28 @@ class Follower:
         reader._trainers = {key: type(t)(t.dir) for key, t in self._trainers.items()}
         return Replay(reader, floor, cut)
 
+    def read_whole(
+        self, run_dir: Path, number: int, store: Store
+    ) -> tuple[Run, RankState, RankFile | None]:
+        """Reads one rank's file to its end into ``store`` (what a worker process does)."""
+        run = self._add_run_dir(run_dir)
+        rank = self.book.rank(run, number)
+        out: list[Keyed] = []
+        more = True
+        while more:
+            more = self._read(run, rank, out)
+            store.add(out)
+            out.clear()
+        return run, rank, self._files.get((run.key, number))
+
     def close(self) -> None:
         """Closes the live sockets; returns at once (LINGER 0)."""
         if self._live is not None:
             self._live.close()
             self._live = None
+        if self._readers is not None:
+            self._readers.close()
+            self._readers = None
 
     # -- discovery and files --------------------------------------------------------------------
 
@@ -253,6 +299,10 @@ class Follower:
                 if rank.done:
                     continue
                 key = (run.key, rank.rank)
+                worker = self._reading.get(key)
+                if worker is not None and not worker.done():  # a worker reads it
+                    backlog = True
+                    continue
                 due, interval = self._idle.get(key, (0.0, SCAN_SECONDS))
                 if now < due:
                     continue
@@ -266,6 +316,9 @@ class Follower:
                     interval = min(2 * interval, IDLE_SECONDS)
                     self._idle[key] = (now + interval, interval)
         self.book.settle(now)
+        if self._readers is not None and not self._reading and not backlog:
+            self._readers.close()  # the history is read: the workers go
+            self._readers = None
         self._backlog = backlog
         self._scanned_once = True
 
@@ -337,8 +390,19 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return False
-        if self._cache and file.offset == 0 and rank.applied == -1 and run.dir is not None:
-            self._restore(run, rank, file, run.dir)
+        reading = self._reading.pop((run.key, rank.rank), None)
+        if reading is not None:  # what a worker read (waited for only off the scan's path)
+            found = Readers.result(reading)
+            if found is not None and file.offset == 0 and rank.applied == -1:
+                self._adopt(run, rank, file, found)
+        elif (
+            self._cache
+            and file.offset == 0
+            and rank.applied == -1
+            and run.dir is not None
+            and self._restore(run, rank, file, run.dir)
+        ):
+            return True  # a worker reads it
         messages, more = file.read(self._limit)
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
