@@ -1,7 +1,7 @@
 """A multi-rank job's whole history: first frame, app memory, headless time and peak memory.
 
     python benchmarks/history.py make DIR RANKS STEPS      # write a run with the real hook
-    python benchmarks/history.py first-frame DIR [--cold] [--readers=N]   # the app, 160x48
+    python benchmarks/history.py first-frame DIR [--cold] [--readers=N] [--frame-only]
     python benchmarks/history.py headless DIR [--no-alerts]
     python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
     python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
@@ -84,12 +84,13 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def first_frame(run: Path, readers: int, cold: bool) -> None:
+def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -> None:
     """Seconds until every visible chart shows the whole history; resident memory.
 
     ``readers`` worker processes read long rank files (0: none, all in this process);
     ``cold`` deletes the columnar cache first (the app writes it again once the history is
-    read), else whatever cache is there is used."""
+    read), else whatever cache is there is used. ``frame_only``: stop at the first frame
+    (do not wait for the alerts over the history)."""
     if cold:
         for path in run.glob("rank-*.cols"):
             path.unlink()
@@ -133,6 +134,13 @@ def first_frame(run: Path, readers: int, cold: bool) -> None:
                 await pilot.pause(0.01)
             seconds = max(rendered[key] for key in shown) - started
             at_frame = rss_mb()
+            if frame_only:
+                print(
+                    f"first frame ({readers} readers, {'cold' if cold else 'cache'}) "
+                    f"{seconds:.2f} s; RSS {at_frame:.0f} MB then",
+                    flush=True,
+                )
+                return
             # Alerts over the history come after the first frame: wait for the worker to drain.
             while time.monotonic() < deadline:
                 await pilot.pause(0.5)
@@ -221,7 +229,7 @@ def main() -> None:
         make(Path(args[1]), int(args[2]), int(args[3]))
     elif args[0] == "first-frame":
         readers = next((int(a.split("=")[1]) for a in args if a.startswith("--readers=")), 2)
-        first_frame(Path(args[1]), readers, cold="--cold" in args)
+        first_frame(Path(args[1]), readers, "--cold" in args, "--frame-only" in args)
     elif args[0] == "headless":
         headless(Path(args[1]), "--no-alerts" not in args)
     elif args[0] == "live":

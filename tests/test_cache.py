@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -238,3 +240,39 @@ def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
     plain = _open(run_dir, cache=False)
     assert _picture(follower, store) == _picture(plain[0], plain[1])
     assert max(store.series[(str(run_dir), 2, "loss")].values) == 30.0
+
+
+_APP_WITH_WORKERS = """
+import asyncio, sys
+from lmtop.tui import follow
+from lmtop.tui.app import LmtopApp
+
+follow.WORKER_BYTES = 0  # every rank file goes to a worker process
+
+async def main():
+    source = follow.Follower([sys.argv[1]], follow=False, live=False, cache=True, readers=1)
+    app = LmtopApp(source, refresh_hz=20)
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(300):
+            if app.store.points >= int(sys.argv[2]):
+                break
+            await pilot.pause(0.1)
+        print(app.store.points, len(source.take_restored()) + len(app.store.series))
+
+asyncio.run(main())
+"""
+
+
+def test_the_app_shows_a_history_read_by_worker_processes(tmp_path: Path) -> None:
+    """In a fresh process, under Textual (whose stderr has no file descriptor), the app's
+    follower starts its worker processes and the history they read is in the store."""
+    run_dir = write_run(tmp_path, "app", ranks=2, steps=STEPS)
+    plain = _open(run_dir, cache=False)[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _APP_WITH_WORKERS, str(run_dir), str(plain.points)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    points, series = map(int, done.stdout.split())
+    assert points == plain.points and series == len(plain.series), done.stderr[-2000:]

@@ -29,7 +29,7 @@ from lmtop.hooks import registry, schema
 
 from . import cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
-from .readers import WORKER_BYTES, Readers
+from .readers import WORKER_BYTES, Readers, readers_ready
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 from .tensorboard_events import TensorBoardRun
@@ -111,6 +111,8 @@ class Follower:
         self._cached_at: dict[tuple[str, int], int] = {}
         # Worker processes reading long rank files (readers.py), started when first needed.
         self._workers = readers
+        if readers > 0:
+            readers_ready()
         self._readers: Readers | None = None
         self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
@@ -464,17 +466,25 @@ class Follower:
                 self._live.disconnect(rank.endpoint)
 
     def _drain_live(self, out: list[Keyed], wait: float) -> None:
+        """Takes the live frames waiting, for at most LIVE_DRAIN_SECONDS. Idle (``wait`` > 0),
+        it waits for one, then for those arriving within LIVE_DRAIN_SECONDS of it: 16 ranks
+        send a frame every 1.5 ms, and one poll (one snapshot, one screen message) per frame
+        cost most of a core."""
         assert self._live is not None
+        gather = wait > 0
         deadline = time.monotonic() + LIVE_DRAIN_SECONDS
-        for _ in range(LIVE_DRAIN_FRAMES):
+        for count in range(LIVE_DRAIN_FRAMES):
             received = self._live.receive(wait)
             if received is None:
                 return
-            wait = 0.0
             (key, number), frame = received
             self._apply_frame(key, number, frame, out)
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if gather and count == 0:  # counted from the first frame
+                deadline = now + LIVE_DRAIN_SECONDS
+            if now > deadline:
                 return
+            wait = deadline - now if gather else 0.0
 
     def _apply_frame(self, key: str, number: int, frame: bytes, out: list[Keyed]) -> None:
         run = self.runs.get(key)

@@ -47,6 +47,15 @@ def read_rank(run_dir: str, number: int) -> bytes | None:
     return out.getvalue()
 
 
+def readers_ready() -> None:
+    """Starts multiprocessing's resource tracker now, while ``sys.stderr`` is the process's
+    own: under Textual it is a capture without a file descriptor, and spawning the tracker
+    from there fails ("bad value(s) in fds_to_keep")."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
 class Readers:
     """A pool of worker processes reading rank files; results are taken as they come."""
 

@@ -78,7 +78,7 @@ class HistoryAlerts:
         self._replay: Replay | None = None
         self._held: list[Keyed] = []  # applied after the cut, while the replay runs
         self._fed: Position = {}  # the last seq fed, per rank
-        self._again = False  # ranks were taken from a cache during the replay
+        self._again = False  # another history began during the replay
 
     @property
     def owed(self) -> bool:
@@ -93,10 +93,14 @@ class HistoryAlerts:
     def take(self, batch: list[Keyed], restored: bool = False) -> list[Any]:
         """The alerts of the messages of ``batch`` that are not left to a replay; ``restored``:
         ranks were taken from their cache before it (a history the engine has not seen)."""
+        replayable = self._follower.replayable
         if self._replay is not None:  # after the cut: fed once the replay is done
-            self._again = self._again or restored  # another history: a replay of it after
-            self._held += [pair for pair in batch if self._follower.replayable(pair[0])]
-            return self._fed_now([pair for pair in batch if not self._follower.replayable(pair[0])])
+            # Another history meanwhile: a replay of it after this one, which covers what
+            # would have been held (nothing of it is held).
+            self._again = self._again or restored or self._follower.catching_up
+            if not self._again:
+                self._held += [pair for pair in batch if replayable(pair[0])]
+            return self._fed_now([pair for pair in batch if not replayable(pair[0])])
         if self._floor is None and restored:
             self._floor = dict(self._fed)
         if self._floor is None:
@@ -105,7 +109,7 @@ class HistoryAlerts:
                 self._floor = dict(self._fed)
             return told
         # A history is being read: what cannot be read again is fed now, the rest later.
-        return self._fed_now([pair for pair in batch if not self._follower.replayable(pair[0])])
+        return self._fed_now([pair for pair in batch if not replayable(pair[0])])
 
     def _fed_now(self, batch: list[Keyed]) -> list[Any]:
         if not batch:
