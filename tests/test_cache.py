@@ -233,10 +233,12 @@ def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
     """Rank files read by worker processes (spawned, each handing back one rank's columns)
     give the picture one process reading every line gives, spikes included."""
     monkeypatch.setattr(follow, "WORKER_BYTES", 0)  # every rank file goes to a worker
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)
     spikes = {40: {"loss": 30.0}, 90: {"grad_norm": math.nan}}
     run_dir = write_run(tmp_path, "workers", ranks=3, steps=STEPS, extra=spikes)
     follower, store, taken = _open(run_dir, readers=2)
-    assert taken == 3 and not list(run_dir.glob("*.cols"))  # read, not cached: not asked to
+    assert taken == 3 and not list(run_dir.glob("*.cols"))
+    assert follower.save_caches(store) == 3, "what the workers read is cached for next time"
     plain = _open(run_dir, cache=False)
     assert _picture(follower, store) == _picture(plain[0], plain[1])
     assert max(store.series[(str(run_dir), 2, "loss")].values) == 30.0

@@ -165,6 +165,7 @@ class Follower:
         found = cache.load(run_dir, rank.rank)
         if found is not None:
             self._adopt(run, rank, file, found)
+            self._cached_at[key] = found[0]  # what the cache file covers
             return False
         if self._workers <= 0:
             return False
@@ -182,10 +183,9 @@ class Follower:
         self, run: Run, rank: RankState, file: RankFile, found: tuple[int, dict[str, Any], Any]
     ) -> None:
         """Takes a rank's state and series read elsewhere (a cache, a worker) up to an offset."""
-        offset, head, arrays = found
+        _, head, arrays = found
         cache.restore_rank(run, rank, file, head["state"])
         self._restored.append((run.key, rank.rank, head, arrays))
-        self._cached_at[(run.key, rank.rank)] = offset
 
     def take_restored(self) -> list[Restored]:
         """The ranks started from their cache since the last call, for the store to adopt
