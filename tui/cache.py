@@ -16,6 +16,7 @@ user is treated as absent.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import zlib
@@ -29,9 +30,8 @@ from .owned import create_new, owned_dir_fd
 from .runbook import RankState, Run
 from .runfile import RankFile
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".cols"
-_CHUNK = 8 << 20
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
@@ -50,14 +50,11 @@ def prefix_crc(path: Path, offset: int) -> int | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size < offset:
             return None
-        crc, at = 0, 0
-        while at < offset:
-            chunk = os.pread(fd, min(_CHUNK, offset - at), at)
-            if not chunk:
-                return None
-            crc, at = zlib.crc32(chunk, crc), at + len(chunk)
-        return crc
-    except OSError:
+        if offset == 0:
+            return 0
+        with mmap.mmap(fd, offset, prot=mmap.PROT_READ) as mapped:  # no copy of the file
+            return zlib.crc32(mapped)
+    except (OSError, ValueError):
         return None
     finally:
         os.close(fd)
@@ -168,10 +165,24 @@ def restore_rank(run: Run, rank: RankState, file: RankFile, state: dict[str, Any
 
 
 def write(file: BinaryIO, head: dict[str, Any], arrays: dict[str, array]) -> None:
-    """Writes a description and arrays of int64 and float64 as an ``.npz`` (nothing pickled)."""
+    """Writes a description and arrays of int64 and float64 as an ``.npz`` (nothing pickled):
+    all columns of one type end to end in one member (a member per column costs more to read
+    than its bytes), their places in the description."""
     import numpy as np
 
-    columns = {name: np.frombuffer(data, dtype=data.typecode) for name, data in arrays.items()}
+    places: dict[str, list[Any]] = {}
+    blobs: dict[str, list[array]] = {"q": [], "d": []}
+    used = {"q": 0, "d": 0}
+    for name, data in arrays.items():
+        code = data.typecode
+        places[name] = [code, used[code], len(data)]
+        blobs[code].append(data)
+        used[code] += len(data)
+    head = {**head, "columns": places}
+    columns = {
+        code: np.frombuffer(b"".join(parts), dtype=code) if parts else np.zeros(0, dtype=code)
+        for code, parts in blobs.items()
+    }
     columns["head"] = np.frombuffer(orjson.dumps(head), dtype=np.uint8)
     np.savez(file, **columns)  # type: ignore[arg-type]
 
@@ -184,15 +195,16 @@ def read(file: BinaryIO) -> tuple[dict[str, Any], dict[str, array]]:
         head = orjson.loads(npz["head"].tobytes())
         if type(head) is not dict:
             raise ValueError("not a cache")
-        return head, {name: _array(npz[name]) for name in npz.files if name != "head"}
-
-
-def _array(column: Any) -> array:
-    """A NumPy column of int64 or float64 as an ``array`` (read one at a time: the cache's
-    columns are never all held twice)."""
-    out = array(_TYPECODES[column.dtype.str])
-    out.frombytes(column.tobytes())
-    return out
-
-
-_TYPECODES = {"<i8": "q", "<f8": "d"}
+        blobs = {}
+        for code, dtype in (("q", "<i8"), ("d", "<f8")):
+            blob = npz[code]
+            if blob.dtype.str != dtype or blob.ndim != 1:
+                raise ValueError("not a cache")
+            blobs[code] = memoryview(blob.tobytes())
+    arrays = {}
+    for name, (code, start, length) in head["columns"].items():
+        if length < 0 or start < 0 or (start + length) * 8 > len(blobs[code]):
+            raise ValueError("a column beyond its member")
+        column = arrays[name] = array(code)
+        column.frombytes(blobs[code][start * 8 : (start + length) * 8])
+    return head, arrays
