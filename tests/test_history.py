@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmtop.hooks import schema
-from lmtop.tui import follow
+from lmtop.tui import follow, replay
 from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings
 from lmtop.tui.follow import Follower
@@ -120,13 +120,15 @@ def _poll_until(follower: Follower, history: HistoryAlerts, alerts: list[Any]) -
     return 0
 
 
+@pytest.mark.parametrize("held", [40_000, 10])
 def test_alerts_over_a_history_come_after_it_each_message_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: int
 ) -> None:
     """A history read in many polls raises no alert while it is read (its first frame does not
     wait for them); its alerts come afterwards from the files read again, and messages that
-    arrive meanwhile reach the engine once each, after the history: the alerts are a plain
-    read's."""
+    arrive meanwhile reach the engine once each, after the history (held, or past ``held``
+    of them read again by a second replay): the alerts are a plain read's."""
+    monkeypatch.setattr(replay, "HELD_MESSAGES", held)
     monkeypatch.setattr(follow, "READ_BUDGET", 64 << 10)  # many polls
     monkeypatch.setattr(follow, "MIN_READ", 16 << 10)
     spikes = {500: {"loss": 10.0}, 1500: {"loss": 12.0}}
@@ -159,7 +161,10 @@ def test_alerts_over_a_history_come_after_it_each_message_once(
             m = curve(step, 3000) | ({"loss": 11.0} if step == 3100 else {})
             f.write(line("hist", 0, 2, seq, "metrics", step, T0 + 1 + step * 0.2, m=m))
     assert _poll_until(follower, history, alerts) > 0  # held: the replay is not done
-    while history.replaying:
+    while history.replaying:  # as the app's poll loop goes
+        alerts += history.take(follower.poll(0))
+        if history.owed:
+            history.start()
         alerts += history.step()
     rank = follower.runs[str(run_dir)].ranks[0]
     deadline = time.monotonic() + 20

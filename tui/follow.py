@@ -188,14 +188,14 @@ class Follower:
         self._restored.append((run.key, rank.rank, head, arrays))
 
     def take_restored(self) -> list[Restored]:
-        """The ranks started from their cache since the last call, for the store to adopt
-        before the messages that follow them."""
+        """The ranks started from their cache (or a worker's read) since the last call, for
+        the store to adopt before the messages that follow them."""
         restored, self._restored = self._restored, []
         return restored
 
     def save_caches(self, store: Store) -> int:
-        """Writes the cache of every rank whose file grew by more than CACHE_BYTES since its cache was
-        written (or found); returns how many were written."""
+        """Writes the cache of every rank whose file grew by more than CACHE_BYTES since its
+        cache was written (or found); returns how many were written."""
         written = 0
         for run in self.runs.values():
             for rank in run.ranks.values():

@@ -25,6 +25,9 @@ from .follow import Keyed
 if TYPE_CHECKING:
     from .follow import Follower
 
+# Messages applied during a replay are held for the engine up to this many (16 ranks live for
+# a minute); beyond, they are left to another replay.
+HELD_MESSAGES = 40_000
 Position = dict[tuple[str, int], int]  # (run key, rank) -> seq of the last message applied
 Feed = Callable[[list[Keyed]], list[Any]]  # the engine's feed_batch, told alerts as (index, alert)
 
@@ -78,7 +81,7 @@ class HistoryAlerts:
         self._replay: Replay | None = None
         self._held: list[Keyed] = []  # applied after the cut, while the replay runs
         self._fed: Position = {}  # the last seq fed, per rank
-        self._again = False  # another history began during the replay
+        self._again = False  # another replay is owed after this one
 
     @property
     def owed(self) -> bool:
@@ -95,10 +98,12 @@ class HistoryAlerts:
         ranks were taken from their cache before it (a history the engine has not seen)."""
         replayable = self._follower.replayable
         if self._replay is not None:  # after the cut: fed once the replay is done
-            # Another history meanwhile: a replay of it after this one, which covers what
-            # would have been held (nothing of it is held).
-            self._again = self._again or restored or self._follower.catching_up
-            if not self._again:
+            # Another history taken meanwhile, or more held than HELD_MESSAGES: a replay after
+            # this one, from what the engine has seen, covers it and what was held (dropped).
+            self._again = self._again or restored or len(self._held) > HELD_MESSAGES
+            if self._again:
+                self._held = []
+            else:
                 self._held += [pair for pair in batch if replayable(pair[0])]
             return self._fed_now([pair for pair in batch if not replayable(pair[0])])
         if self._floor is None and restored:
