@@ -8,9 +8,13 @@
 
 ``make`` starts RANKS processes, each a rank of one launch (``RANK``, ``WORLD_SIZE``,
 ``LMTOP_DIR``, ``LMTOP_RUN``), that call ``hooks.publish`` STEPS times with 10 metrics, as a
-training loop would. ``first-frame`` opens the app (alerts on, as ``lmtop`` runs it) in a fresh
-process and prints the seconds until every visible chart shows the last step, and the process's
-resident memory then and once the alerts over the history are computed. ``headless`` runs
+training loop would. ``first-frame`` opens the app (alerts on, the columnar cache on, as
+``lmtop`` runs it) in a fresh process and prints the seconds until every visible chart shows the
+last step, and the process's resident memory then and once the alerts over the history are
+computed (after the frame, from the run files read again). ``--cold`` deletes the cache first,
+``--readers=N`` sets the worker processes reading long rank files (default 2, 0: none), and
+``--frame-only`` stops at the first frame. ``all`` measures a cold first frame (which writes
+the cache) and then one from the cache. ``headless`` runs
 ``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
 and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``.
