@@ -142,6 +142,8 @@ class LmtopApp(Keys):
                     alerts += engine.tick(book.health(now))
                 # Read after the batch is in the store: the last batch of a history is drawn.
                 self.catching_up = catching_up = source.catching_up
+                if restored:  # a history taken whole (a cache, workers): drawn as one read ends
+                    self._was_catching_up = True
                 if history is not None:
                     alerts += history.take(batch, bool(restored))
                     self.alerts_owed = history.replaying
