@@ -8,6 +8,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from lmtop.tui import follow
 from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings
 from lmtop.tui.follow import Follower
+from lmtop.tui.readers import Readers
 from lmtop.tui.replay import HistoryAlerts
 from lmtop.tui.store import Store
 from runs import T0, curve, line, write_run
@@ -278,3 +282,17 @@ def test_the_app_shows_a_history_read_by_worker_processes(tmp_path: Path) -> Non
     )
     points, series = map(int, done.stdout.split())
     assert points == plain.points and series == len(plain.series), done.stderr[-2000:]
+
+
+def test_closing_the_readers_stops_a_read_under_way(tmp_path: Path) -> None:
+    """Quitting the viewer while a worker reads a long rank file does not wait for the read:
+    the worker is stopped, and its read never completes."""
+    run_dir = write_run(tmp_path, "long", ranks=1, steps=5_000)
+    readers = Readers(1)
+    reading = readers.submit(run_dir, 0)
+    deadline = time.monotonic() + 30
+    while not reading.running() and time.monotonic() < deadline:  # handed to the worker
+        time.sleep(0.01)
+    readers.close()
+    with pytest.raises((BrokenProcessPool, CancelledError)):
+        reading.result(timeout=60)

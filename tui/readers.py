@@ -79,5 +79,9 @@ class Readers:
             return None
 
     def close(self) -> None:
-        """Stops the workers without waiting for reads under way."""
+        """Stops the workers, reads under way included: quitting does not wait for them (the
+        interpreter's exit would join a pool whose worker is still reading a long file)."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
