@@ -1,16 +1,20 @@
 """A multi-rank job's whole history: first frame, app memory, headless time and peak memory.
 
     python benchmarks/history.py make DIR RANKS STEPS      # write a run with the real hook
-    python benchmarks/history.py first-frame DIR           # the real app, 160x48
+    python benchmarks/history.py first-frame DIR [--cold] [--readers=N] [--frame-only]
     python benchmarks/history.py headless DIR [--no-alerts]
     python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
     python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
 
 ``make`` starts RANKS processes, each a rank of one launch (``RANK``, ``WORLD_SIZE``,
 ``LMTOP_DIR``, ``LMTOP_RUN``), that call ``hooks.publish`` STEPS times with 10 metrics, as a
-training loop would. ``first-frame`` opens the app (alerts on, as ``lmtop`` runs it) in a fresh
-process and prints the seconds until every visible chart shows the last step, and the process's
-resident memory then and once the alerts over the history are computed. ``headless`` runs
+training loop would. ``first-frame`` opens the app (alerts on, the columnar cache on, as
+``lmtop`` runs it) in a fresh process and prints the seconds until every visible chart shows the
+last step, and the process's resident memory then and once the alerts over the history are
+computed (after the frame, from the run files read again). ``--cold`` deletes the cache first,
+``--readers=N`` sets the worker processes reading long rank files (default 2, 0: none), and
+``--frame-only`` stops at the first frame. ``all`` measures a cold first frame (which writes
+the cache) and then one from the cache. ``headless`` runs
 ``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
 and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``.
@@ -84,8 +88,16 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def first_frame(run: Path) -> None:
-    """Seconds until every visible chart shows the whole history; resident memory."""
+def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -> None:
+    """Seconds until every visible chart shows the whole history; resident memory.
+
+    ``readers`` worker processes read long rank files (0: none, all in this process);
+    ``cold`` deletes the columnar cache first (the app writes it again once the history is
+    read), else whatever cache is there is used. ``frame_only``: stop at the first frame
+    (do not wait for the alerts over the history)."""
+    if cold:
+        for path in run.glob("rank-*.cols"):
+            path.unlink()
     from lmtop.tui.alert_actions import Alerting
     from lmtop.tui.alert_settings import AlertSettings
     from lmtop.tui.app import LmtopApp
@@ -116,7 +128,7 @@ def first_frame(run: Path) -> None:
 
     async def measure() -> None:
         started = time.perf_counter()
-        source = Follower([str(run)], follow=True, live=False)
+        source = Follower([str(run)], follow=True, live=False, cache=True, readers=readers)
         engine = Alerting(AlertSettings(), source.runs)
         app = LmtopApp(source, alerts=engine)  # as run_app does
         async with app.run_test(size=(160, 48)) as pilot:
@@ -126,15 +138,22 @@ def first_frame(run: Path) -> None:
                 await pilot.pause(0.01)
             seconds = max(rendered[key] for key in shown) - started
             at_frame = rss_mb()
+            if frame_only:
+                print(
+                    f"first frame ({readers} readers, {'cold' if cold else 'cache'}) "
+                    f"{seconds:.2f} s; RSS {at_frame:.0f} MB then",
+                    flush=True,
+                )
+                return
             # Alerts over the history come after the first frame: wait for the worker to drain.
             while time.monotonic() < deadline:
                 await pilot.pause(0.5)
-                if not source.catching_up and not app.catching_up:
+                if not source.catching_up and not app.catching_up and not app.alerts_owed:
                     await pilot.pause(1.0)
                     break
             done = time.perf_counter() - started
             print(
-                f"first frame {seconds:.2f} s; RSS {at_frame:.0f} MB then, "
+                f"first frame ({readers} readers, {'cold' if cold else 'cache'}) {seconds:.2f} s; RSS {at_frame:.0f} MB then, "
                 f"{rss_mb():.0f} MB at {done:.1f} s (alerts computed); "
                 f"{app.store.points:,} points stored",
                 flush=True,
@@ -213,7 +232,8 @@ def main() -> None:
     elif args[0] == "make":
         make(Path(args[1]), int(args[2]), int(args[3]))
     elif args[0] == "first-frame":
-        first_frame(Path(args[1]))
+        readers = next((int(a.split("=")[1]) for a in args if a.startswith("--readers=")), 2)
+        first_frame(Path(args[1]), readers, "--cold" in args, "--frame-only" in args)
     elif args[0] == "headless":
         headless(Path(args[1]), "--no-alerts" not in args)
     elif args[0] == "live":
@@ -226,7 +246,9 @@ def main() -> None:
         try:
             run = make(folder, ranks, steps)
             for _ in range(repeats):
-                subprocess.run([sys.executable, __file__, "first-frame", str(run)], check=True)
+                for how in ("--cold", "--cached"):
+                    command = [sys.executable, __file__, "first-frame", str(run), how]
+                    subprocess.run(command, check=True)
                 headless(run, alerts=False)
                 headless(run, alerts=True)
         finally:

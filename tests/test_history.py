@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmtop.hooks import schema
+from lmtop.tui import follow, replay
+from lmtop.tui.alert_actions import Alerting
+from lmtop.tui.alert_settings import AlertSettings
+from lmtop.tui.follow import Follower
+from lmtop.tui.replay import HistoryAlerts
 from lmtop.tui.store import Series, Store
-from runs import write_run
+from runs import T0, curve, line, write_run
 
 # The child reports its own high-water mark: a forked child's rusage would count its parent's.
 _HEADLESS = """
@@ -97,3 +107,79 @@ def test_series_that_share_steps_hold_what_each_would_alone(
             )
     dropped = sum(1 for _, m in batch for n in m.m) - sum(len(s) for s in expected.values())
     assert store.backwards.get("key", 0) == dropped
+
+
+def _poll_until(follower: Follower, history: HistoryAlerts, alerts: list[Any]) -> int:
+    """Polls until a batch comes (the follower reads an idle rank again within 2 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        batch = follower.poll(0.05)
+        alerts += history.take(batch)
+        if batch:
+            return len(batch)
+    return 0
+
+
+@pytest.mark.parametrize("held", [40_000, 10])
+def test_alerts_over_a_history_come_after_it_each_message_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: int
+) -> None:
+    """A history read in many polls raises no alert while it is read (its first frame does not
+    wait for them); its alerts come afterwards from the files read again, and messages that
+    arrive meanwhile reach the engine once each, after the history (held, or past ``held``
+    of them read again by a second replay): the alerts are a plain read's."""
+    monkeypatch.setattr(replay, "HELD_MESSAGES", held)
+    monkeypatch.setattr(follow, "READ_BUDGET", 64 << 10)  # many polls
+    monkeypatch.setattr(follow, "MIN_READ", 16 << 10)
+    spikes = {500: {"loss": 10.0}, 1500: {"loss": 12.0}}
+    # A run of this process, alive, on this host: its ranks are followed as they grow.
+    run_dir = write_run(
+        tmp_path, "hist", 2, 3000, ended=False, extra=spikes, pid=os.getpid(), host=follow.HOST
+    )
+    follower = Follower([str(run_dir)], follow=True, live=False)
+    alerting = Alerting(AlertSettings(), follower.runs)
+    fed: list[tuple[str, int, int]] = []
+
+    def feed(batch: list[tuple[str, schema.Message]]) -> list[Any]:
+        fed.extend((key, m.rank, m.seq) for key, m in batch)
+        return [alert for _, alert in alerting.feed_batch(batch)]
+
+    history = HistoryAlerts(feed, follower)
+    alerts: list[Any] = []
+    polls = 0
+    while not history.owed:
+        alerts += history.take(follower.poll(0))
+        polls += 1
+    assert polls > 10 and alerts == [] and history.replaying
+    history.start()
+    # Rank 0 goes on (a spike among its new steps) while the history is read again.
+    rank0 = run_dir / "rank-0.jsonl"
+    seq = orjson.loads(rank0.read_bytes().splitlines()[-1])["seq"]
+    with rank0.open("ab") as f:
+        for step in range(3000, 3200):
+            seq += 1
+            m = curve(step, 3000) | ({"loss": 11.0} if step == 3100 else {})
+            f.write(line("hist", 0, 2, seq, "metrics", step, T0 + 1 + step * 0.2, m=m))
+    assert _poll_until(follower, history, alerts) > 0  # held: the replay is not done
+    while history.replaying:  # as the app's poll loop goes
+        alerts += history.take(follower.poll(0))
+        if history.owed:
+            history.start()
+        alerts += history.step()
+    rank = follower.runs[str(run_dir)].ranks[0]
+    deadline = time.monotonic() + 20
+    while rank.applied < seq and time.monotonic() < deadline:  # the rest, as it comes
+        alerts += history.take(follower.poll(0.05))
+    follower.close()
+
+    plain = Follower([str(run_dir)], follow=False, live=False)
+    plain_alerting = Alerting(AlertSettings(), plain.runs)
+    expected, every = [], []
+    while not plain.done:
+        batch = plain.poll(0)
+        every += [(key, m.rank, m.seq) for key, m in batch]
+        expected += [alert for _, alert in plain_alerting.feed_batch(batch)]
+    assert sorted(fed) == sorted(every), "each message fed to the engine exactly once"
+    told = sorted((a.type, a.rank, a.metric, a.step) for a in alerts)
+    assert told == sorted((a.type, a.rank, a.metric, a.step) for a in expected)
+    assert ("spike", 0, "loss", 3100) in told and ("spike", 0, "loss", 1500) in told

@@ -28,7 +28,9 @@ from . import discovery, frame
 from .alert_settings import AlertSettings
 from .alerts import Alert
 from .charts import DEFAULT_CHARTS, ViewOptions
+from .follow import Follower
 from .keys import BINDINGS, Keys
+from .replay import HistoryAlerts
 from .runbook import RunView
 from .source import Source
 from .store import Store
@@ -42,9 +44,6 @@ NOTHING_SECONDS = 5.0  # how often paths that show nothing are looked at again f
 CLOCK_SECONDS = 1.0  # the header and ranks table follow the clock at least this often
 SNAPSHOT_SECONDS = 0.25  # the worker posts a snapshot at least this often, data or not
 HEALTH_SECONDS = 0.5  # stalls and stragglers are judged this often
-# Messages of a long history held for the alert engine until the history is read (~1.5 KB each:
-# 200,000 of them were 300 MB of the app's 650 MB over an 8-rank history).
-DEFER_ALERT_MESSAGES = 50_000
 
 
 class Sampled(Message):
@@ -87,6 +86,7 @@ class LmtopApp(Keys):
         self.runs: tuple[RunView, ...] = ()  # the latest snapshot
         self.alerts: list[Alert] = []
         self.catching_up = False  # a long history is being read
+        self.alerts_owed = False  # alerts over a history read are still being computed
         self._was_catching_up = False
         self._painted = threading.Event()  # a frame of a history read to the end is on screen
         self._paint_pending = False
@@ -157,48 +157,58 @@ class LmtopApp(Keys):
     def follow(self) -> None:
         """Polls the source until the app quits; posts a snapshot and new alerts after each poll.
 
-        Alerts over a long history are computed once it is read and painted (its first frame
-        does not wait for them), holding at most DEFER_ALERT_MESSAGES messages meanwhile.
+        Alerts over a long history come after its first frame: the run files are read again
+        for them once it is painted (see :mod:`.replay`), holding nothing of it meanwhile.
         """
         worker = get_current_worker()
         source, engine, book = self.source, self.engine, self.source.book
         posted = judged = 0.0
-        unalerted: list[list[Any]] = []
-        waiting = 0
+        follower = source if isinstance(source, Follower) else None  # files, a cache
+        history = None
+        if engine is not None and follower is not None:
+            history = HistoryAlerts(lambda b: [a for _, a in engine.feed_batch(b)], follower)
+        reading = False  # a history is being read
         try:
             while not worker.is_cancelled:
                 batch = source.poll(0.1)
-                if batch:
+                restored = follower.take_restored() if follower is not None else []
+                if batch or restored:
                     with self.store_lock:
+                        self.store.adopt(restored)
                         self.store.add(batch)
                 alerts: list[Alert] = []
                 now = time.monotonic()
-                if engine is not None:
-                    if now - judged >= HEALTH_SECONDS:
-                        judged = now
-                        alerts += engine.tick(book.health(now))
-                    if batch:
-                        unalerted.append(batch)
-                        waiting += len(batch)
+                if engine is not None and now - judged >= HEALTH_SECONDS:
+                    judged = now
+                    alerts += engine.tick(book.health(now))
                 # Read after the batch is in the store: the last batch of a history is drawn.
                 self.catching_up = catching_up = source.catching_up
-                if unalerted and (not catching_up or waiting > DEFER_ALERT_MESSAGES):
-                    # A long history read to its end: paint it, then alert. Alerts owed mid-way
-                    # (too many messages held) are computed at once: painting a part first would
-                    # not bring the whole history's frame any sooner.
-                    if len(unalerted) > 1 and not catching_up:
+                if restored:  # a history taken whole (a cache, workers): drawn as one read ends
+                    self._was_catching_up = True
+                if history is not None:
+                    alerts += history.take(batch, bool(restored))
+                    self.alerts_owed = history.replaying
+                    if history.owed:  # a history read to its end: paint it, then alert
                         self._painted.clear()
                         self._paint_pending = True
                         self.post_message(Polled(book.snapshot(), [], True))
                         self._painted.wait(timeout=1.0)
-                    alerts += [a for b in unalerted for _, a in engine.feed_batch(b)]
-                    unalerted, waiting = [], 0
+                        history.start()
+                    alerts += history.step()
+                    self.alerts_owed = history.replaying
+                elif engine is not None and batch:
+                    alerts += [a for _, a in engine.feed_batch(batch)]
+                if follower is not None and (reading or restored) and not catching_up:
+                    follower.save_caches(self.store)  # the history read: quick to open next time
+                reading = catching_up
                 if batch or alerts or now - posted >= SNAPSHOT_SECONDS:
                     posted = now
                     self.post_message(Polled(book.snapshot(now), alerts, bool(batch)))
-                if not batch and source.done:
+                if not batch and source.done and not self.alerts_owed:
                     time.sleep(0.1)
         finally:
+            if history is not None:
+                history.close()
             source.close()  # in this thread: the sockets are never used by two threads
             if engine is not None and hasattr(engine, "close"):
                 engine.close()  # open snapshots are written
@@ -328,10 +338,16 @@ def run_app(
     ``settings`` configures the alerts (default: the documented defaults).
     """
     from .alert_actions import Alerting
-    from .follow import Follower
 
     settings = settings if settings is not None else AlertSettings()
-    source = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
+    source = Follower(
+        paths,
+        follow=follow,
+        stall=settings.stall,
+        straggler=settings.straggler,
+        cache=True,  # rank-N.cols beside the run files: a history reopened in a second
+        readers=os.cpu_count() or 1,  # worker processes reading long rank files
+    )
     alerting = Alerting(settings, source.runs)
     app = LmtopApp(source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler())
     app.run()

@@ -18,18 +18,26 @@ from __future__ import annotations
 import os
 import socket
 import time
+from array import array
 from collections.abc import Sequence
+from concurrent import futures
+from concurrent.futures import FIRST_COMPLETED, Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
-from . import discovery, tensorboard_events, trainer_state
+from . import cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
+from .readers import WORKER_BYTES, Readers, readers_ready
 from .runbook import RankState, Run, RunBook
 from .runfile import RankFile
 from .tensorboard_events import TensorBoardRun
 from .trainer_state import TrainerRun
+
+if TYPE_CHECKING:
+    from .replay import Replay
+    from .store import Store
 
 SCAN_SECONDS = 0.25  # how often files are read and processes checked
 # A rank that said nothing is read (and its process checked) less and less often, up to this:
@@ -50,6 +58,10 @@ LIVE_DRAIN_SECONDS = 0.05
 HOST = socket.gethostname()
 
 Keyed = tuple[str, schema.Message]  # (the run's key, one of its messages)
+# A rank taken from its cache: (run key, rank, description, arrays) for Store.adopt.
+Restored = tuple[str, int, dict[str, Any], dict[str, array]]
+# A rank's cache is written again once its file grew by this much (a history read, mostly).
+CACHE_BYTES = 1 << 20
 
 
 class Follower:
@@ -69,6 +81,8 @@ class Follower:
         live: bool = True,
         stall: StallSettings | None = None,
         straggler: StragglerSettings | None = None,
+        cache: bool = False,
+        readers: int = 0,
     ) -> None:
         self.follow = follow
         self.paths = list(paths)  # as the person wrote them, for messages
@@ -90,6 +104,17 @@ class Follower:
         self._scanned_once = False
         self._live = _LiveSockets() if follow and live else None
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
+        # The columnar cache (cache.py): ranks taken from it, for the store, and the offset
+        # each rank's cache covers (0: looked for, none).
+        self._cache = cache
+        self._restored: list[Restored] = []
+        self._cached_at: dict[tuple[str, int], int] = {}
+        # Worker processes reading long rank files (readers.py), started when first needed.
+        self._workers = readers
+        if readers > 0:
+            readers_ready()
+        self._readers: Readers | None = None
+        self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
     @property
     def runs(self) -> dict[str, Run]:
@@ -105,6 +130,8 @@ class Follower:
         now = time.monotonic()
         if self._backlog or now - self._last_scan >= SCAN_SECONDS:
             self._scan(out, now)
+        if not out and self._reading:  # only workers' reads wait: for them, not in a spin
+            futures.wait(self._reading.values(), min(timeout, SCAN_SECONDS), FIRST_COMPLETED)
         if self._live is not None:
             wait = 0.0 if (out or self._backlog) else min(timeout, SCAN_SECONDS)
             self._drain_live(out, wait)
@@ -126,11 +153,116 @@ class Follower:
             return True
         return self.book.done(time.monotonic())
 
+    # -- the columnar cache ---------------------------------------------------------------------
+
+    def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> bool:
+        """Starts a rank from its cache, if it has a valid one (looked for once), else hands a
+        long file to a worker process; True when a worker reads it."""
+        key = (run.key, rank.rank)
+        if key in self._cached_at:
+            return False
+        self._cached_at[key] = 0
+        found = cache.load(run_dir, rank.rank)
+        if found is not None:
+            self._adopt(run, rank, file, found)
+            self._cached_at[key] = found[0]  # what the cache file covers
+            return False
+        if self._workers <= 0:
+            return False
+        try:
+            if os.stat(file.path).st_size < WORKER_BYTES:
+                return False
+        except OSError:
+            return False
+        if self._readers is None:
+            self._readers = Readers(self._workers)
+        self._reading[key] = self._readers.submit(run_dir, rank.rank)
+        return True
+
+    def _adopt(
+        self, run: Run, rank: RankState, file: RankFile, found: tuple[int, dict[str, Any], Any]
+    ) -> None:
+        """Takes a rank's state and series read elsewhere (a cache, a worker) up to an offset."""
+        _, head, arrays = found
+        cache.restore_rank(run, rank, file, head["state"])
+        self._restored.append((run.key, rank.rank, head, arrays))
+
+    def take_restored(self) -> list[Restored]:
+        """The ranks started from their cache (or a worker's read) since the last call, for
+        the store to adopt before the messages that follow them."""
+        restored, self._restored = self._restored, []
+        return restored
+
+    def save_caches(self, store: Store) -> int:
+        """Writes the cache of every rank whose file grew by more than CACHE_BYTES since its
+        cache was written (or found); returns how many were written."""
+        written = 0
+        for run in self.runs.values():
+            for rank in run.ranks.values():
+                key = (run.key, rank.rank)
+                file = self._files.get(key)
+                if run.dir is None or file is None:
+                    continue
+                if file.offset - self._cached_at.get(key, 0) <= CACHE_BYTES:
+                    continue
+                state = cache.rank_state(run, rank, file)
+                columns = store.rank_arrays(run.key, rank.rank) if state is not None else None
+                if columns is None:
+                    continue
+                meta, arrays = columns
+                if cache.save(run.dir, rank.rank, file.offset, {"state": state, **meta}, arrays):
+                    written += 1
+                self._cached_at[key] = file.offset  # not tried again until it grows as much
+        return written
+
+    # -- reading the history again (alerts over it come after its first frame) ----------------
+
+    def replayable(self, key: str) -> bool:
+        """Whether the messages of run ``key`` can be read again from files."""
+        run = self.runs.get(key)
+        return run is not None and (run.dir is not None or key in self._trainers)
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The seq of the last message applied, per (run key, rank) of every replayable run."""
+        return {
+            (run.key, rank.rank): rank.applied
+            for run in self.runs.values()
+            if self.replayable(run.key)
+            for rank in run.ranks.values()
+        }
+
+    def replay(self, floor: dict[tuple[str, int], int], cut: dict[tuple[str, int], int]) -> Replay:
+        """The messages applied with ``floor < seq <= cut``, per rank, read again from the start
+        of the files by a reader of their own (files only, no sockets, this thread)."""
+        from .replay import Replay
+
+        dirs = [str(run.dir) for run in self.runs.values() if run.dir is not None]
+        reader = Follower(dirs, follow=False, live=False, stall=self.book.stall)
+        reader._trainers = {key: type(t)(t.dir) for key, t in self._trainers.items()}
+        return Replay(reader, floor, cut)
+
+    def read_whole(
+        self, run_dir: Path, number: int, store: Store
+    ) -> tuple[Run, RankState, RankFile | None]:
+        """Reads one rank's file to its end into ``store`` (what a worker process does)."""
+        run = self._add_run_dir(run_dir)
+        rank = self.book.rank(run, number)
+        out: list[Keyed] = []
+        more = True
+        while more:
+            more = self._read(run, rank, out)
+            store.add(out)
+            out.clear()
+        return run, rank, self._files.get((run.key, number))
+
     def close(self) -> None:
         """Closes the live sockets; returns at once (LINGER 0)."""
         if self._live is not None:
             self._live.close()
             self._live = None
+        if self._readers is not None:
+            self._readers.close()
+            self._readers = None
 
     # -- discovery and files --------------------------------------------------------------------
 
@@ -169,6 +301,10 @@ class Follower:
                 if rank.done:
                     continue
                 key = (run.key, rank.rank)
+                worker = self._reading.get(key)
+                if worker is not None and not worker.done():  # a worker reads it
+                    backlog = True
+                    continue
                 due, interval = self._idle.get(key, (0.0, SCAN_SECONDS))
                 if now < due:
                     continue
@@ -182,6 +318,9 @@ class Follower:
                     interval = min(2 * interval, IDLE_SECONDS)
                     self._idle[key] = (now + interval, interval)
         self.book.settle(now)
+        if self._readers is not None and not self._reading and not backlog:
+            self._readers.close()  # the history is read: the workers go
+            self._readers = None
         self._backlog = backlog
         self._scanned_once = True
 
@@ -255,6 +394,19 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return False
+        reading = self._reading.pop((run.key, rank.rank), None)
+        if reading is not None:  # what a worker read (waited for only off the scan's path)
+            found = Readers.result(reading)
+            if found is not None and file.offset == 0 and rank.applied == -1:
+                self._adopt(run, rank, file, found)
+        elif (
+            self._cache
+            and file.offset == 0
+            and rank.applied == -1
+            and run.dir is not None
+            and self._restore(run, rank, file, run.dir)
+        ):
+            return True  # a worker reads it
         messages, more = file.read(self._limit)
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
@@ -316,17 +468,25 @@ class Follower:
                 self._live.disconnect(rank.endpoint)
 
     def _drain_live(self, out: list[Keyed], wait: float) -> None:
+        """Takes the live frames waiting, for at most LIVE_DRAIN_SECONDS. Idle (``wait`` > 0),
+        it waits for one, then for those arriving within LIVE_DRAIN_SECONDS of it: 16 ranks
+        send a frame every 1.5 ms, and one poll (one snapshot, one screen message) per frame
+        cost most of a core."""
         assert self._live is not None
+        gather = wait > 0
         deadline = time.monotonic() + LIVE_DRAIN_SECONDS
-        for _ in range(LIVE_DRAIN_FRAMES):
+        for count in range(LIVE_DRAIN_FRAMES):
             received = self._live.receive(wait)
             if received is None:
                 return
-            wait = 0.0
             (key, number), frame = received
             self._apply_frame(key, number, frame, out)
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if gather and count == 0:  # counted from the first frame
+                deadline = now + LIVE_DRAIN_SECONDS
+            if now > deadline:
                 return
+            wait = deadline - now if gather else 0.0
 
     def _apply_frame(self, key: str, number: int, frame: bytes, out: list[Keyed]) -> None:
         run = self.runs.get(key)

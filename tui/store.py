@@ -16,6 +16,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 from lmtop.hooks import schema
 
@@ -310,3 +311,77 @@ class Store:
                     )
                 seen.add(id(series.steps))
         return total
+
+    # -- a rank's series as plain arrays (the columnar cache, ``cache.py``) ----------------------
+
+    def rank_arrays(self, run: str, rank: int) -> tuple[dict[str, Any], dict[str, array]] | None:
+        """Every series of one rank as flat arrays and a description of them, exactly as held
+        (pyramid included, so what is drawn from them is the same); None if it cannot be."""
+        if self.backwards.get(run):  # counted per run, not per rank: not carried over
+            return None
+        arrays: dict[str, array] = {}
+        groups: list[list[str]] = []
+        shared: dict[int, int] = {}  # id of a group's steps -> its index
+        for (key_run, key_rank, names), (steps, times) in self.groups.items():
+            if key_run == run and key_rank == rank:
+                shared[id(steps)] = len(groups)
+                arrays[f"g{len(groups)}.steps"], arrays[f"g{len(groups)}.times"] = steps, times
+                groups.append(list(names))
+        series: list[dict[str, Any]] = []
+        for (key_run, key_rank, name), one in self.series.items():
+            if key_run != run or key_rank != rank:
+                continue
+            index = len(series)
+            group = shared.get(id(one.steps), -1) if one.shared else -1
+            series.append({"name": name, "group": group})
+            if group < 0:
+                arrays[f"s{index}.steps"], arrays[f"s{index}.times"] = one.steps, one.times
+            arrays[f"s{index}.values"] = one.values
+            arrays[f"s{index}.nonfinite"] = array("q", one.nonfinite)
+            for level, summaries in (("b1", one.b1), ("b2", one.b2)):
+                for part, column in zip(_PARTS, summaries):
+                    arrays[f"s{index}.{level}.{part}"] = column
+        meta = {"groups": groups, "series": series, "last_step": self.last_step.get((run, rank))}
+        return meta, arrays
+
+    def adopt(self, restored: Iterable[tuple[str, int, dict[str, Any], dict[str, array]]]) -> None:
+        """Takes ranks' series as :meth:`rank_arrays` gave them (ranks it holds nothing of)."""
+        for run, rank, meta, arrays in restored:
+            self._adopt(run, rank, meta, arrays)
+
+    def _adopt(self, run: str, rank: int, meta: dict[str, Any], arrays: dict[str, array]) -> int:
+        groups = []
+        for index, names in enumerate(meta["groups"]):
+            index_arrays = (arrays[f"g{index}.steps"], arrays[f"g{index}.times"])
+            self.groups[(run, rank, tuple(names))] = index_arrays
+            groups.append(index_arrays)
+        added = 0
+        for index, described in enumerate(meta["series"]):
+            group = described["group"]
+            if group >= 0:
+                series = Series(*groups[group])
+            else:
+                series = Series(arrays[f"s{index}.steps"], arrays[f"s{index}.times"])
+                series.shared = False
+            series.values = arrays[f"s{index}.values"]
+            series.nonfinite = list(arrays[f"s{index}.nonfinite"])
+            series.b1 = _level(arrays, f"s{index}.b1")
+            series.b2 = _level(arrays, f"s{index}.b2")
+            self.series[(run, rank, described["name"])] = series
+            self.metrics.setdefault(run, set()).add(described["name"])
+            added += len(series)
+        if meta["last_step"] is not None:
+            self.last_step[(run, rank)] = meta["last_step"]
+        self.points += added
+        return added
+
+
+_PARTS = ("min", "max", "sum", "count")  # a pyramid level's columns, by name in the cache
+
+
+def _level(
+    arrays: dict[str, array], prefix: str
+) -> tuple[array[float], array[float], array[float], array[float]]:
+    """One level of a series' pyramid from the cache's arrays."""
+    mins, maxs, sums, counts = (arrays[f"{prefix}.{part}"] for part in _PARTS)
+    return mins, maxs, sums, counts

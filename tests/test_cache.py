@@ -1,0 +1,298 @@
+"""The columnar cache beside the run files: quick to reopen, never trusted over the run file."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lmtop.tui import follow
+from lmtop.tui.alert_actions import Alerting
+from lmtop.tui.alert_settings import AlertSettings
+from lmtop.tui.follow import Follower
+from lmtop.tui.readers import Readers
+from lmtop.tui.replay import HistoryAlerts
+from lmtop.tui.store import Store
+from runs import T0, curve, line, write_run
+
+STEPS = 150
+
+
+def _open(run_dir: Path, cache: bool = True, readers: int = 0) -> tuple[Follower, Store, int]:
+    """Reads a run to its end as the app does; returns the follower, the store, and how many
+    ranks were taken from their cache (or from worker processes)."""
+    follower = Follower([str(run_dir)], follow=False, live=False, cache=cache, readers=readers)
+    store = Store()
+    restored = 0
+    while not follower.done:
+        batch = follower.poll(0)
+        taken = follower.take_restored()
+        restored += len(taken)
+        store.adopt(taken)
+        store.add(batch)
+    return follower, store, restored
+
+
+def _picture(follower: Follower, store: Store) -> list[Any]:
+    """What the screen is made of: every series decimated to columns (by step and by time),
+    and every rank's row of the ranks table."""
+    out: list[Any] = []
+    for key in sorted(store.series):
+        series = store.series[key]
+        out.append((key, len(series), repr(series.columns(0, 10 * STEPS, 37))))
+        out.append(repr(series.columns(T0, T0 + 10 * STEPS, 23, by_time=True)))
+    for run in follower.book.snapshot():
+        out.append((run.name, run.state, run.world, run.dropped, run.bad_lines))
+        for r in run.ranks:
+            out.append((r.rank, r.status, r.last_step, r.messages, r.gaps, r.step_seconds, r.info))
+    return out
+
+
+@pytest.fixture
+def cached_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run of 2 live ranks (no end line), opened once: its cache written."""
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)  # small files are cached too
+    spike = {100: {"loss": 10.0}}
+    run_dir = write_run(tmp_path, "cached", ranks=2, steps=STEPS, ended=False, extra=spike)
+    follower, store, restored = _open(run_dir)
+    assert restored == 0 and follower.save_caches(store) == 2
+    return run_dir
+
+
+def _append(path: Path, steps: range) -> None:
+    """More metrics lines of rank 0, continuing its sequence."""
+    seq = len(path.read_bytes().splitlines()) - 1
+    with path.open("ab") as f:
+        for step in steps:
+            seq += 1
+            m = curve(step, STEPS) | ({"loss": 50.0} if step == steps[-1] else {})
+            f.write(line("cached", 0, 2, seq, "metrics", step, T0 + 1 + step * 0.2, m=m))
+
+
+def test_a_reopened_run_is_drawn_from_its_cache_as_from_its_files(cached_run: Path) -> None:
+    """The second open takes every rank from its cache, and shows exactly what reading the
+    JSON lines shows: every column's min and max, the ranks table."""
+    assert sorted(p.name for p in cached_run.glob("*.cols")) == ["rank-0.cols", "rank-1.cols"]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in cached_run.glob("*.cols"))
+    follower, store, restored = _open(cached_run)
+    assert restored == 2
+    plain = _open(cached_run, cache=False)
+    assert _picture(follower, store) == _picture(plain[0], plain[1])
+
+
+@given(
+    change=st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 40)),
+        st.tuples(st.just("truncate"), st.floats(0.0, 0.999)),
+        st.tuples(st.just("rewrite"), st.floats(0.0, 0.999)),
+    )
+)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_cache_is_extended_after_an_append_and_ignored_after_any_other_change(
+    cached_run: Path, change: tuple[str, float]
+) -> None:
+    """Whatever happened to the run file since its cache was written (lines appended, the file
+    cut short, a digit rewritten anywhere), the picture is the run file's; the cache is used
+    (and read on from its offset) only after an append."""
+    run_dir = Path(tempfile.mkdtemp(dir=cached_run.parent)) / "cached"
+    shutil.copytree(cached_run, run_dir)
+    try:
+        path = run_dir / "rank-0.jsonl"
+        data = path.read_bytes()
+        kind, amount = change
+        if kind == "append":
+            _append(path, range(STEPS, STEPS + int(amount)))
+        elif kind == "truncate":
+            path.write_bytes(data[: int(amount * len(data))])
+        else:
+            digits = [i for i, c in enumerate(data) if 48 <= c <= 57]
+            at = digits[int(amount * len(digits))]
+            path.write_bytes(data[:at] + bytes([48 + (data[at] - 47) % 10]) + data[at + 1 :])
+        follower, store, restored = _open(run_dir)
+        plain = _open(run_dir, cache=False)
+        assert _picture(follower, store) == _picture(plain[0], plain[1])
+        assert restored == (2 if kind == "append" else 1)  # rank 1 did not change
+    finally:
+        shutil.rmtree(run_dir.parent)
+
+
+def test_an_extended_cache_is_written_again_and_holds_the_new_lines(cached_run: Path) -> None:
+    """After an append the cache is read on from its offset, and written again covering it."""
+    _append(cached_run / "rank-0.jsonl", range(STEPS, STEPS + 100))
+    follower, store, restored = _open(cached_run)
+    assert restored == 2 and follower.save_caches(store) == 1  # rank 0's grew
+    again = _open(cached_run)
+    assert again[2] == 2
+    loss = again[1].series[(str(cached_run), 0, "loss")]
+    assert len(loss) == STEPS + 100 and max(loss.values) == 50.0, "the spike appended is kept"
+
+
+def test_alerts_over_a_run_taken_from_its_cache_are_all_raised(cached_run: Path) -> None:
+    """The engine sees the history the cache stands for (the run files are read again for it,
+    after the picture), then what follows: the alerts are a plain read's."""
+    _append(cached_run / "rank-0.jsonl", range(STEPS, STEPS + 30))
+    follower = Follower([str(cached_run)], follow=False, live=False, cache=True)
+    alerting = Alerting(AlertSettings(), follower.runs)
+    history = HistoryAlerts(lambda b: [a for _, a in alerting.feed_batch(b)], follower)
+    alerts: list[Any] = []
+    taken = 0
+    while not follower.done or history.replaying:
+        batch = follower.poll(0)
+        restored = follower.take_restored()
+        taken += len(restored)
+        alerts += history.take(batch, bool(restored))
+        if history.owed:
+            history.start()
+        alerts += history.step()
+    assert taken == 2
+    plain = Follower([str(cached_run)], follow=False, live=False)
+    plain_alerting = Alerting(AlertSettings(), plain.runs)
+    expected = []
+    while not plain.done:
+        expected += [a for _, a in plain_alerting.feed_batch(plain.poll(0))]
+    told = [(a.type, a.rank, a.metric, a.step) for a in alerts]
+    assert told == [(a.type, a.rank, a.metric, a.step) for a in expected]
+    assert ("spike", 0, "loss", 100) in told and ("spike", 0, "loss", STEPS + 29) in told
+
+
+@pytest.mark.parametrize(
+    "damage", ["garbage", "half", "empty", "pickle", "symlink", "directory", "foreign"]
+)
+def test_a_damaged_or_foreign_cache_is_ignored(
+    cached_run: Path, tmp_path: Path, damage: str
+) -> None:
+    """A corrupt cache, one that holds a pickle (never unpickled), a link, or another user's
+    file reads as no cache: the run file is read, and the picture is the run file's."""
+    cache = cached_run / "rank-0.cols"
+    good = cache.read_bytes()
+    marker = tmp_path / "unpickled"
+    if damage == "garbage":
+        cache.write_bytes(os.urandom(len(good)))
+    elif damage == "half":
+        cache.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        cache.write_bytes(b"")
+    elif damage == "pickle":
+        with cache.open("wb") as f:
+            np.savez(f, head=np.array([_Planted(str(marker))], dtype=object))
+    elif damage == "symlink":
+        elsewhere = tmp_path / "elsewhere.cols"
+        elsewhere.write_bytes(good)
+        cache.unlink()
+        cache.symlink_to(elsewhere)
+    elif damage == "directory":
+        cache.unlink()
+        cache.mkdir()
+    elif damage == "foreign":
+        if os.getuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(cache, 65534, 65534)
+    follower, store, restored = _open(cached_run)
+    assert restored == 1 and not marker.exists()
+    plain = _open(cached_run, cache=False)
+    assert _picture(follower, store) == _picture(plain[0], plain[1])
+
+
+class _Planted:
+    """An object that writes a file if it is ever unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+def test_no_cache_is_written_into_a_directory_of_another_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared run directory (LMTOP_SHARE=group) that another user owns gets no cache."""
+    if os.getuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)
+    run_dir = write_run(tmp_path, "theirs", ranks=1, steps=50, ended=False)
+    os.chown(run_dir, 65534, 65534)
+    follower, store, _ = _open(run_dir)
+    assert follower.save_caches(store) == 0
+    assert not list(run_dir.glob("*.cols")) and not list(run_dir.glob(".*"))
+
+
+def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank files read by worker processes (spawned, each handing back one rank's columns)
+    give the picture one process reading every line gives, spikes included."""
+    monkeypatch.setattr(follow, "WORKER_BYTES", 0)  # every rank file goes to a worker
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)
+    spikes = {40: {"loss": 30.0}, 90: {"grad_norm": math.nan}}
+    run_dir = write_run(tmp_path, "workers", ranks=3, steps=STEPS, extra=spikes)
+    follower, store, taken = _open(run_dir, readers=2)
+    assert taken == 3 and not list(run_dir.glob("*.cols"))
+    assert follower.save_caches(store) == 3, "what the workers read is cached for next time"
+    plain = _open(run_dir, cache=False)
+    assert _picture(follower, store) == _picture(plain[0], plain[1])
+    assert max(store.series[(str(run_dir), 2, "loss")].values) == 30.0
+
+
+_APP_WITH_WORKERS = """
+import asyncio, sys
+from lmtop.tui import follow
+from lmtop.tui.app import LmtopApp
+
+follow.WORKER_BYTES = 0  # every rank file goes to a worker process
+
+async def main():
+    source = follow.Follower([sys.argv[1]], follow=False, live=False, cache=True, readers=1)
+    app = LmtopApp(source, refresh_hz=20)
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(300):
+            if app.store.points >= int(sys.argv[2]):
+                break
+            await pilot.pause(0.1)
+        print(app.store.points, len(source.take_restored()) + len(app.store.series))
+
+asyncio.run(main())
+"""
+
+
+def test_the_app_shows_a_history_read_by_worker_processes(tmp_path: Path) -> None:
+    """In a fresh process, under Textual (whose stderr has no file descriptor), the app's
+    follower starts its worker processes and the history they read is in the store."""
+    run_dir = write_run(tmp_path, "app", ranks=2, steps=STEPS)
+    plain = _open(run_dir, cache=False)[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _APP_WITH_WORKERS, str(run_dir), str(plain.points)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    points, series = map(int, done.stdout.split())
+    assert points == plain.points and series == len(plain.series), done.stderr[-2000:]
+
+
+def test_closing_the_readers_stops_a_read_under_way(tmp_path: Path) -> None:
+    """Quitting the viewer while a worker reads a long rank file does not wait for the read:
+    the worker is stopped, and its read never completes."""
+    run_dir = write_run(tmp_path, "long", ranks=1, steps=5_000)
+    readers = Readers(1)
+    reading = readers.submit(run_dir, 0)
+    deadline = time.monotonic() + 30
+    while not reading.running() and time.monotonic() < deadline:  # handed to the worker
+        time.sleep(0.01)
+    readers.close()
+    with pytest.raises((BrokenProcessPool, CancelledError)):
+        reading.result(timeout=60)

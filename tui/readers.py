@@ -1,0 +1,87 @@
+"""Reading whole rank files in worker processes: a long history decoded on every core.
+
+An 8-rank history of 100,000 steps is 800,000 JSON lines; decoding them is pure Python, a few
+microseconds a line, so one process reads them no faster than one core allows. A rank file is
+independent of the others, so the follower hands each long one to a worker process, which
+reads it exactly as the follower would (same reader, same run book, same store) and hands back
+what the columnar cache holds — the rank's series as flat arrays and its state — as one
+``.npz`` payload, not a Python object per point. The follower takes it as it takes a cache, and
+reads the file on from where the worker stopped. Workers are spawned (not forked: the viewer
+has threads and sockets), and lent to the follower only while a history is read.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from . import cache
+
+# A rank file at least this long is read by a worker (a shorter one takes a poll here, ~0.1 s).
+WORKER_BYTES = 1 << 20
+
+
+def read_rank(run_dir: str, number: int) -> bytes | None:
+    """Reads one rank's file to its end, in a worker; the cache's payload for it, or None when
+    what was read cannot stand for the file (a line half written, a sequence in doubt)."""
+    from .follow import Follower
+    from .store import Store
+
+    store = Store()
+    follower = Follower([run_dir], follow=False, live=False)
+    run, rank, file = follower.read_whole(Path(run_dir), number, store)
+    if file is None:
+        return None
+    state = cache.rank_state(run, rank, file)
+    columns = store.rank_arrays(run.key, number) if state is not None else None
+    if columns is None:
+        return None
+    meta, arrays = columns
+    out = io.BytesIO()
+    cache.write(
+        out, {"format": cache.FORMAT, "offset": file.offset, "state": state, **meta}, arrays
+    )
+    return out.getvalue()
+
+
+def readers_ready() -> None:
+    """Starts multiprocessing's resource tracker now, while ``sys.stderr`` is the process's
+    own: under Textual it is a capture without a file descriptor, and spawning the tracker
+    from there fails ("bad value(s) in fds_to_keep")."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+class Readers:
+    """A pool of worker processes reading rank files; results are taken as they come."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+    def submit(self, run_dir: Path, number: int) -> Future[bytes | None]:
+        """Starts reading one rank's file."""
+        return self._pool.submit(read_rank, str(run_dir), number)
+
+    @staticmethod
+    def result(future: Future[bytes | None]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+        """A finished read as (offset, description, arrays), or None (then read it here)."""
+        try:
+            payload = future.result()
+            if payload is None:
+                return None
+            head, arrays = cache.read(io.BytesIO(payload))
+            return head["offset"], head, arrays
+        except Exception:  # a worker that died or failed: the file is read in this process
+            return None
+
+    def close(self) -> None:
+        """Stops the workers, reads under way included: quitting does not wait for them (the
+        interpreter's exit would join a pool whose worker is still reading a long file)."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
