@@ -54,7 +54,8 @@ def _picture(follower: Follower, store: Store) -> list[Any]:
         out.append((key, len(series), repr(series.columns(0, 10 * STEPS, 37))))
         out.append(repr(series.columns(T0, T0 + 10 * STEPS, 23, by_time=True)))
     for run in follower.book.snapshot():
-        out.append((run.name, run.state, run.world, run.dropped, run.bad_lines))
+        out.append((run.name, run.state, run.world, run.dropped, run.bad_lines, run.config))
+        out.append([(e.step, e.t, e.text, e.ranks, e.data) for e in run.events])
         for r in run.ranks:
             out.append((r.rank, r.status, r.last_step, r.messages, r.gaps, r.step_seconds, r.info))
     return out
@@ -65,7 +66,10 @@ def cached_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run of 2 live ranks (no end line), opened once: its cache written."""
     monkeypatch.setattr(follow, "CACHE_BYTES", 0)  # small files are cached too
     spike = {100: {"loss": 10.0}}
-    run_dir = write_run(tmp_path, "cached", ranks=2, steps=STEPS, ended=False, extra=spike)
+    said = {40: "evaluation", 90: "checkpoint saved"}  # the run's events: kept in the cache too
+    run_dir = write_run(
+        tmp_path, "cached", ranks=2, steps=STEPS, ended=False, extra=spike, events=said
+    )
     follower, store, restored = _open(run_dir)
     assert restored == 0 and follower.save_caches(store) == 2
     return run_dir

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from .owned import create_new, owned_dir_fd
-from .runbook import RankState, Run
+from .runbook import RankState, Run, add_event
 from .runfile import RankFile
 
 FORMAT = 2
@@ -143,6 +143,8 @@ def rank_state(run: Run, rank: RankState, file: RankFile) -> dict[str, Any] | No
             "unsupported": file.unsupported,
         },
         "run": {"name": run.name, "world": run.world},
+        # The rank's events (and with them any config given in one): the run's timeline.
+        "events": [[e.step, e.t, e.text, e.data] for e in run.events if rank.rank in e.ranks],
     }
 
 
@@ -162,6 +164,8 @@ def restore_rank(run: Run, rank: RankState, file: RankFile, state: dict[str, Any
     if run.name == (run.dir.name if run.dir else None):
         run.name = state["run"]["name"]
     run.world = max(run.world, state["run"]["world"])
+    for step, t, text, data in state.get("events", ()):
+        add_event(run, rank.rank, step, t, text, data)
 
 
 def write(file: BinaryIO, head: dict[str, Any], arrays: dict[str, array]) -> None:

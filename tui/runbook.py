@@ -302,25 +302,8 @@ class RunBook:
 
     @staticmethod
     def _event(run: Run, rank: RankState, message: schema.Message) -> None:
-        """Adds an event to the run's timeline: one event for the ranks that say it together."""
-        text = message.data.get("text")
-        text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
-        data = message.data.get("data")
-        data = data if isinstance(data, dict) else {}
-        config = data.get("config")
-        if isinstance(config, dict):
-            run.late_config.update(config)
-        events = run.events
-        for index in range(len(events) - 1, max(-1, len(events) - 1 - EVENT_MERGE_WINDOW), -1):
-            seen = events[index]
-            if seen.step == message.step and seen.text == text:
-                if rank.rank not in seen.ranks:
-                    ranks = tuple(sorted((*seen.ranks, rank.rank)))
-                    merged = RunEvent(seen.step, seen.t, seen.text, ranks, seen.data)
-                    run.events = (*events[:index], merged, *events[index + 1 :])
-                return
-        added = RunEvent(message.step, message.t, text, (rank.rank,), data)
-        run.events = (*events[-(MAX_EVENTS - 1) :], added)
+        text, data = message.data.get("text"), message.data.get("data")
+        add_event(run, rank.rank, message.step, message.t, text, data)
 
     @staticmethod
     def _end(rank: RankState, message: schema.Message) -> None:
@@ -380,6 +363,27 @@ class RunBook:
         if statuses - {"ok", "unknown"}:
             return FAILED
         return FINISHED
+
+
+def add_event(run: Run, rank: int, step: int | None, t: float, text: Any, data: Any) -> None:
+    """Adds an event to the run's timeline: one event for the ranks that say it together. A
+    config in its data joins the run's config."""
+    text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
+    data = data if isinstance(data, dict) else {}
+    config = data.get("config")
+    if isinstance(config, dict):
+        run.late_config.update(config)
+    events = run.events
+    for index in range(len(events) - 1, max(-1, len(events) - 1 - EVENT_MERGE_WINDOW), -1):
+        seen = events[index]
+        if seen.step == step and seen.text == text:
+            if rank not in seen.ranks:
+                merged = RunEvent(
+                    seen.step, seen.t, seen.text, tuple(sorted((*seen.ranks, rank))), seen.data
+                )
+                run.events = (*events[:index], merged, *events[index + 1 :])
+            return
+    run.events = (*events[-(MAX_EVENTS - 1) :], RunEvent(step, t, text, (rank,), data))
 
 
 def _dropped_values(problems: dict[str, int]) -> int:
