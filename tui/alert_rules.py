@@ -170,13 +170,13 @@ def _learning_curve(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
 
     def update(value: float, step: int) -> Finding | None:
         nonlocal told, label, held
-        verdict = ctx.curve.diagnose()
-        held = held + 1 if verdict.label == label else 1
-        label = verdict.label
+        now = ctx.curve.label()
+        held = held + 1 if now == label else 1
+        label = now
         if label in (NOT_ENOUGH_DATA, told) or held < s.overfitting.hold:
             return None
         told = label  # a verdict that flips at every evaluation is noise, not news
-        return Finding(value, math.nan, severity=INFO, note=str(verdict))
+        return Finding(value, math.nan, severity=INFO, note=str(ctx.curve.diagnose()))
 
     return update
 

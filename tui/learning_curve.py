@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .alert_settings import OverfittingSettings
@@ -117,11 +118,20 @@ class LearningCurve:
 
     def diagnose(self) -> Diagnosis:
         """Underfitting, overfitting, fitting well, or not enough data, with the reason."""
+        label, reason = self._verdict()
+        return Diagnosis(label, reason())
+
+    def label(self) -> str:
+        """The verdict's label alone: asked at every evaluation, so the reason is not written."""
+        return self._verdict()[0]
+
+    def _verdict(self) -> tuple[str, Callable[[], str]]:
+        """The label, and how to say why (written only when it is told)."""
         count = len(self.evals)
         if count < MIN_EVALS or self.best is None or self.first is None:
-            return Diagnosis(
+            return (
                 NOT_ENOUGH_DATA,
-                f"{count} evaluation{'s' * (count != 1)} so far, {MIN_EVALS} needed",
+                lambda: f"{count} evaluation{'s' * (count != 1)} so far, {MIN_EVALS} needed",
             )
         last = self.evals[-1]
         best = self.best
@@ -134,24 +144,28 @@ class LearningCurve:
                     if math.isnan(train_change)
                     else f" while training loss fell {-train_change:.0%}"
                 )
-                return Diagnosis(
+                return (
                     OVERFITTING,
-                    f"eval loss {rise:.0%} above its best (step {best.step}){fell}",
+                    lambda: f"eval loss {rise:.0%} above its best (step {best.step}){fell}",
                 )
         earlier = self.evals[-MIN_EVALS]
         eval_drop = -_relative(last.eval_loss, earlier.eval_loss)
         gap = _relative(last.eval_loss, last.train_loss)
         improving = eval_drop > 0.02
         if improving and not gap > 0.1:
-            return Diagnosis(
+            return (
                 UNDERFITTING,
-                f"eval loss still falling ({eval_drop:.0%} over the last {MIN_EVALS - 1} "
-                "evaluations) with training loss close to it: train longer or add capacity",
+                lambda: (
+                    f"eval loss still falling ({eval_drop:.0%} over the last {MIN_EVALS - 1} "
+                    "evaluations) with training loss close to it: train longer or add capacity"
+                ),
             )
         gap_text = "" if math.isnan(gap) else f", eval {gap:+.0%} against training loss"
-        return Diagnosis(
+        return (
             FITTING_WELL,
-            f"eval loss {last.eval_loss:.4g} within {max(rise, 0.0):.1%} of its best{gap_text}",
+            lambda: (
+                f"eval loss {last.eval_loss:.4g} within {max(rise, 0.0):.1%} of its best{gap_text}"
+            ),
         )
 
 
