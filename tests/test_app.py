@@ -704,3 +704,13 @@ async def test_space_in_the_run_picker_marks_the_runs_to_overlay(tmp_path: Path)
         await pilot.press("n", "down", "down", "space", "escape")  # the last mark goes
         await pilot.pause()
         assert not app.options.compare and not app.options.overlaid
+
+
+def test_expensive_frames_are_drawn_less_often_within_the_screens_share_of_a_core() -> None:
+    from lmtop.tui.app import MAX_FRAME_SECONDS, frame_period
+
+    assert frame_period(0.01, 2.0, 0.1) == 0.5, "cheap frames: the refresh rate"
+    assert frame_period(0.125, 2.0, 0.1) == 1.25, "125 ms a frame: 10 % of a core"
+    assert frame_period(5.0, 2.0, 0.1) == MAX_FRAME_SECONDS, "never slower than this"
+    assert frame_period(5.0, 2.0, None) == 0.5, "no budget (tests, a caller's choice)"
+    assert frame_period(5.0, 0.2, 0.1) == 5.0, "a slower refresh asked for is kept"

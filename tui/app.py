@@ -40,6 +40,11 @@ from .widgets import AlertsPanel, Chart, Header, RanksTable, RunsTable, SystemPa
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
 REFRESH_HZ = 2.0
+# The share of one core the screen may take in `lmtop`: when frames get expensive (16 ranks, a
+# wide terminal), charts are redrawn less often, down to once every MAX_FRAME_SECONDS, so that
+# the viewer leaves the box's cores to the data loaders (the header still follows the clock).
+DRAW_BUDGET = 0.1
+MAX_FRAME_SECONDS = 2.0
 NOTHING_SECONDS = 5.0  # how often paths that show nothing are looked at again for why
 CLOCK_SECONDS = 1.0  # the header and ranks table follow the clock at least this often
 SNAPSHOT_SECONDS = 0.25  # the worker posts a snapshot at least this often, data or not
@@ -75,6 +80,7 @@ class LmtopApp(Keys):
         refresh_hz: float = REFRESH_HZ,
         alerts: Any = None,
         system: Sampler | None = None,
+        draw_budget: float | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -104,6 +110,9 @@ class LmtopApp(Keys):
         self._nothing: tuple[float, str] = (-1e9, "")  # when "nothing readable" was said, what
         self.color = "NO_COLOR" not in os.environ
         self.sampler = system  # read by its own worker; None: no system panel
+        self.draw_budget = draw_budget  # share of a core for the screen; None: no limit
+        self.frame_cost = 0.0  # the UI thread's CPU seconds per frame, smoothed
+        self._cpu_at_frame = time.thread_time()
         self.system_rows = 6
         self._stop_sampling = threading.Event()
 
@@ -242,7 +251,9 @@ class LmtopApp(Keys):
         # would slow the reading down (both need the one interpreter lock). The moment it is
         # all read, it is drawn, whenever the last progress frame was.
         catching_up = self.catching_up
-        period = max(1.0, 1 / self.refresh_hz) if catching_up else 1 / self.refresh_hz
+        period = frame_period(self.frame_cost, self.refresh_hz, self.draw_budget)
+        if catching_up:
+            period = max(1.0, period)
         if self._was_catching_up and not catching_up:
             period = 0.0
         self._was_catching_up = catching_up
@@ -284,6 +295,12 @@ class LmtopApp(Keys):
         self.redraw_clock()
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000
+        # All the UI thread did since the last frame (painting it included) is that frame's cost
+        # (not the first's: the app's start-up).
+        cpu = time.thread_time()
+        spent, self._cpu_at_frame = cpu - self._cpu_at_frame, cpu
+        if self.frames > 1:
+            self.frame_cost = 0.7 * self.frame_cost + 0.3 * spent if self.frame_cost else spent
         if self.first_frame_at is None and self.store.points:
             self.first_frame_at = time.monotonic()
 
@@ -327,6 +344,15 @@ class LmtopApp(Keys):
             self.notify(note, timeout=2, markup=False)
 
 
+def frame_period(cost: float, refresh_hz: float, budget: float | None) -> float:
+    """Seconds between chart frames: ``1 / refresh_hz``, or longer when frames of ``cost`` CPU
+    seconds each would take more than ``budget`` of a core (at most MAX_FRAME_SECONDS)."""
+    period = 1 / refresh_hz
+    if budget:
+        period = min(max(period, cost / budget), max(period, MAX_FRAME_SECONDS))
+    return period
+
+
 def run_app(
     paths: Sequence[str],
     follow: bool = True,
@@ -349,6 +375,8 @@ def run_app(
         readers=os.cpu_count() or 1,  # worker processes reading long rank files
     )
     alerting = Alerting(settings, source.runs)
-    app = LmtopApp(source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler())
+    app = LmtopApp(
+        source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler(), draw_budget=DRAW_BUDGET
+    )
     app.run()
     return app.return_code or 0
