@@ -714,3 +714,38 @@ def test_expensive_frames_are_drawn_less_often_within_the_screens_share_of_a_cor
     assert frame_period(5.0, 2.0, 0.1) == MAX_FRAME_SECONDS, "never slower than this"
     assert frame_period(5.0, 2.0, None) == 0.5, "no budget (tests, a caller's choice)"
     assert frame_period(5.0, 0.2, 0.1) == 5.0, "a slower refresh asked for is kept"
+
+
+async def test_times_and_values_no_calendar_or_scale_holds_never_crash_the_pages(
+    tmp_path: Path,
+) -> None:
+    # Any finite t is a valid line (1e20 is one); a window of ±1e308 values has an infinite
+    # span. The run page (i) and the alert page with its context show "-" and bars.
+    from lmtop.tui.alerts import Alert
+
+    run_dir = tmp_path / "runs" / "odd"
+    run_dir.mkdir(parents=True)
+    lines = [line("odd", 0, 1, 0, "start", None, 1e20, info={"host": "h", "pid": 1})]
+    for step in range(40):
+        value = 1e308 if step == 20 else -1e308 if step == 21 else 1.0
+        lines.append(line("odd", 0, 1, step + 1, "metrics", step, 1e20, m={"loss": value}))
+    lines.append(line("odd", 0, 1, 41, "event", 5, 1e20, text="evaluation"))
+    (run_dir / "rank-0.jsonl").write_bytes(b"".join(lines))
+    app = app_for(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot, 40)
+        await pilot.press("i")
+        await pilot.pause()
+        assert isinstance(app.screen, TextScreen)
+        page = str(app.screen.query_one(Static).render())
+        assert "started  -" in page and "evaluation" in page
+        await pilot.press("escape")
+        run = app.current_run()
+        assert run is not None
+        fields = dict(type="spike", severity="warning", run="odd", key=run.key, rank=0)
+        app.show_alert(
+            Alert(**fields, metric="loss", step=20, value=1e308, baseline=1.0, t=1e20, message="x")
+        )  # type: ignore[arg-type]
+        await pilot.pause()
+        shown = "\n".join(str(s.render()) for s in app.screen.query(Static))
+        assert "at       -" in shown and "max 1e308 at step 20" in shown and "█" in shown

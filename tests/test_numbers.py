@@ -31,6 +31,9 @@ from lmtop.tui import numbers
         (-655348.3, "-655k"),
         (math.nan, "nan"),
         (math.inf, "inf"),
+        (4.2e14, "420T"),
+        (1e308, "1e308"),  # past T, scientific: not 309 digits
+        (-3.3e20, "-3.3e20"),
     ],
 )
 def test_values_read_like_tensorboard(value: float, text: str) -> None:

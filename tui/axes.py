@@ -88,7 +88,8 @@ def plot_rows(height: int) -> int:
 def _cell(value: float, low: float, high: float, cells: int) -> int:
     if high <= low:
         return 0
-    return round((value - low) / (high - low) * (cells - 1))
+    # Halves: finite ends ±1e308 apart have an infinite difference.
+    return round((value / 2 - low / 2) / (high / 2 - low / 2) * (cells - 1))
 
 
 def _fits(places: list[int], labels: list[str], columns: int) -> bool:

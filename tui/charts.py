@@ -330,14 +330,23 @@ def draw(
     # title names the lines instead, and with many ranks the colours match the ranks table.
     log = options.log_y and pic.y_low > 0
 
-    def y_of(values: list[float]) -> list[float]:
-        return [math.log10(v) if v > 0 else math.nan for v in values] if log else values
-
     low, high = pic.y_low, pic.y_high
     if log:
         low, high = math.log10(low), math.log10(high)
     if high <= low:
         high = low + (abs(low) * 0.1 or 1.0)
+    # plotext draws in data units and overflows near the float's end (finite values ±1e308
+    # apart): such a chart is drawn scaled into [-1, 1], its ticks labelled with the real values.
+    big = max(abs(low), abs(high))
+    shrink = 1.0 if big < 1e300 else 1.0 / big
+
+    def y_of(values: list[float]) -> list[float]:
+        if log:
+            return [math.log10(v) if v > 0 else math.nan for v in values]
+        return values if shrink == 1.0 else [v * shrink for v in values]
+
+    real_low, real_high = low, high
+    low, high = low * shrink, high * shrink
     # Events: a ▲ on the bottom edge, drawn first, so that the data drawn after it is never
     # hidden by one.
     happened = [x for x, why in pic.marks if why == "event"]
@@ -355,7 +364,7 @@ def draw(
             kwargs["color"] = "gray" if line.faint else line.color
         plt.plot(list(xs), list(ys), **kwargs)
     for y, _why in pic.hlines:
-        plt.hline(math.log10(y) if log else y, NAN_COLOR if color else None)
+        plt.hline(math.log10(y) if log else y * shrink, NAN_COLOR if color else None)
     # Alert steps: a yellow ▼ on the top edge only, so that a run with many alerts stays
     # readable. NaN/Inf steps: a red line through the plot and an x on top, as the value has no
     # y; drawn after the ▼, so that an alert on a NaN step leaves the x showing.
@@ -372,9 +381,9 @@ def draw(
     plt.ylim(low, high)
     plt.xlim(pic.x_low, pic.x_high)
     width, height = size
-    y_ticks = axes.y_axis(low, high, axes.plot_rows(height), log=log)
+    y_ticks = axes.y_axis(real_low, real_high, axes.plot_rows(height), log=log)
     origin = pic.x_origin if options.by_time else None
     x_ticks = axes.x_axis(pic.x_low, pic.x_high, axes.plot_columns(width, y_ticks), origin)
-    plt.yticks(y_ticks.values, y_ticks.labels)
+    plt.yticks([v * shrink for v in y_ticks.values], y_ticks.labels)
     plt.xticks(x_ticks.values, x_ticks.labels)
     return x_ticks, y_ticks

@@ -318,11 +318,13 @@ def alert_context(store: Store, alert: Any) -> Text:
     if not cols.x and not cols.nonfinite:
         return text
     low, high = min(cols.low, default=0.0), max(cols.high, default=1.0)
-    span = (high - low) or 1.0
+    # Finite values ±1e308 apart have an infinite span: measured in halves then.
+    half = 1.0 if math.isfinite(high - low) else 0.5
+    span = (high * half - low * half) or 1.0
     bars = [" "] * width
     for x, top in zip(cols.x, cols.high):  # x is a step: its bar is at its place
         bars[min(width - 1, max(0, round(x - lo)))] = BARS[
-            min(len(BARS) - 1, int((top - low) / span * len(BARS)))
+            min(len(BARS) - 1, int((top * half - low * half) / span * len(BARS)))
         ]
     for x, _ in cols.nonfinite:
         bars[min(width - 1, max(0, round(x - lo)))] = "x"
@@ -354,7 +356,7 @@ def run_text(run: RunView) -> Text:
         ("launch", inert(str(info.get("launch", "-")), 100)),
     ]
     if run.started:
-        rows.append(("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))))
+        rows.append(("started", clock(run.started)))
     for name, value in rows:
         text.append(f"{name:<9}", style="dim")
         text.append(f"{value}\n")
@@ -373,12 +375,21 @@ def run_text(run: RunView) -> Text:
     if not events:
         text.append("  none yet (evaluations, checkpoints, hooks.event(...))\n", style="dim")
     for event in reversed(events):
-        when = time.strftime("%H:%M:%S", time.localtime(event.t))
+        when = clock(event.t, "%H:%M:%S")
         ranks = "" if len(run.ranks) < 2 else f"  ranks {ranks_text(event.ranks)}"
         text.append(f"  step {numbers.step(event.step):<7} {when}  ", style="dim")
         text.append(inert(event.text, 200))
         text.append(f"{ranks}\n", style="dim")
     return text
+
+
+def clock(t: float, form: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """A publisher's wall time in the local zone; "-" for one no calendar holds (a line's ``t``
+    is any finite number: 1e20 is one)."""
+    try:
+        return time.strftime(form, time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 def config_value(value: Any) -> str:
@@ -421,7 +432,7 @@ def alert_text(alert: Any) -> Text:
         ),
         (
             "at",
-            "-" if alert.t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert.t)),
+            "-" if alert.t is None else clock(alert.t),
         ),
     ]
     for name, value in rows:

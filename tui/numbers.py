@@ -41,7 +41,7 @@ def number(value: float, digits: int = 3) -> str:
         return "0"
     size = abs(value)
     sign = "-" if value < 0 else ""
-    if size < 1e-3:
+    if size < 1e-3 or size >= 1e15:  # past T: scientific, as for the very small
         mantissa, exponent = f"{size:.{digits - 1}e}".split("e")
         return f"{sign}{_trim(mantissa)}e{int(exponent)}"
     text, suffix = _significant(size, digits), ""
@@ -108,6 +108,8 @@ def nice_ticks(low: float, high: float, count: int, integer: bool = False) -> li
         return []
     if high <= low:
         return [low]
+    if not math.isfinite(high - low):  # finite ends ±1e308 apart: the ends and zero
+        return [low, 0.0, high] if count >= 3 and low < 0 < high else [low, high][:count]
     raw = (high - low) / max(1, count - 1)
     power = 10.0 ** math.floor(math.log10(raw))
     for factor in NICE:
