@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -300,3 +301,51 @@ def test_closing_the_readers_stops_a_read_under_way(tmp_path: Path) -> None:
     readers.close()
     with pytest.raises((BrokenProcessPool, CancelledError)):
         reading.result(timeout=60)
+
+
+def test_events_every_rank_said_are_one_event_each_after_a_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Restored rank by rank, 20 evaluations said by both ranks are far more than the merge
+    # window back: still 20 events naming both ranks, as a plain read shows.
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)
+    said = {step: f"evaluation {step}" for step in range(5, STEPS, 7)}
+    run_dir = write_run(tmp_path, "evals", ranks=2, steps=STEPS, events=said)
+    follower, store, _ = _open(run_dir)
+    assert follower.save_caches(store) == 2
+    reopened, _, restored = _open(run_dir)
+    assert restored == 2
+    (run,) = reopened.book.snapshot()
+    assert [(e.step, e.ranks) for e in run.events] == [(s, (0, 1)) for s in sorted(said)]
+    assert len(said) == 21
+
+
+def test_a_crash_this_viewer_judged_is_judged_again_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rank whose process is gone without an end line is "crashed" by the viewer's own check,
+    # not by its file: its cache would make every later viewer take the verdict without the
+    # check, and without the crash alert a plain read raises.
+    monkeypatch.setattr(follow, "CACHE_BYTES", 0)
+    here = socket.gethostname()  # a process of this machine, long gone
+    run_dir = write_run(tmp_path, "gone", ranks=2, steps=STEPS, ended=False, host=here)
+
+    def crashed(follower: Follower, store: Store) -> set[int]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            batch = follower.poll(0.05)
+            store.adopt(follower.take_restored())
+            store.add(batch)
+            (run,) = follower.book.snapshot()
+            if all(r.status for r in run.ranks):
+                return {r.rank for r in run.ranks if r.status == "crashed"}
+        return set()
+
+    first, store = Follower([str(run_dir)], follow=True, live=False, cache=True), Store()
+    assert crashed(first, store) == {0, 1} and store.points
+    assert first.save_caches(store) == 0, "a viewer's verdict is not the file's"
+    first.close()
+    again = Follower([str(run_dir)], follow=True, live=False, cache=True)
+    assert crashed(again, Store()) == {0, 1}
+    assert [type(e).__name__ for e in again.book.health(0)] == ["Crash", "Crash"]
+    again.close()

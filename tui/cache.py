@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from .owned import create_new, owned_dir_fd
-from .runbook import RankState, Run, add_event
+from .runbook import RankState, Run, restore_events
 from .runfile import RankFile
 
 FORMAT = 2
@@ -122,7 +122,7 @@ def load(run_dir: Path, rank: int) -> tuple[int, dict[str, Any], dict[str, array
 # What of a rank's state in the run book the cache carries (the rest is the viewer's own).
 _RANK_FIELDS = (
     "applied", "gaps", "messages", "info", "status", "error", "pid", "start_ticks", "host",
-    "last_step", "started", "last_t", "problems", "points", "bad_seq", "file_seq",
+    "last_step", "started", "last_t", "problems", "points", "bad_seq", "file_seq", "ended",
 )  # fmt: skip
 
 
@@ -130,6 +130,10 @@ def rank_state(run: Run, rank: RankState, file: RankFile) -> dict[str, Any] | No
     """The rank's state as JSON, when it is exactly what its file's first ``offset`` bytes made
     (nothing applied from elsewhere, no line half read, no jump in doubt); else None."""
     if rank.applied != rank.file_seq or rank.jump is not None or file.has_partial:
+        return None
+    if rank.status is not None and not rank.ended:
+        # Judged by this viewer (crashed, unknown), not said by the file: a later viewer judges
+        # again (and raises the crash alert a plain read raises).
         return None
     if file.not_regular or file.offset == 0:
         return None
@@ -164,8 +168,7 @@ def restore_rank(run: Run, rank: RankState, file: RankFile, state: dict[str, Any
     if run.name == (run.dir.name if run.dir else None):
         run.name = state["run"]["name"]
     run.world = max(run.world, state["run"]["world"])
-    for step, t, text, data in state.get("events", ()):
-        add_event(run, rank.rank, step, t, text, data)
+    restore_events(run, rank.rank, state.get("events", []))
 
 
 def write(file: BinaryIO, head: dict[str, Any], arrays: dict[str, array]) -> None:

@@ -61,6 +61,7 @@ class RankState:
     bad_seq: int = 0  # messages whose seq jumped ahead of the rank's own sequence
     jump: tuple[int, int] | None = None  # (from, to) of the last forward jump, until confirmed
     file_seq: int = -1  # seq of the last line read from its file (the reader keeps it)
+    ended: bool = False  # its status came from its own end line (not from the viewer's judgement)
     unreachable: bool = False  # another node's rank whose link to node 0 is down (registry)
     relayed: bool = False  # another node's rank, relayed to this one: its process is not here
     pace: rank_health.Pace = field(default_factory=rank_health.Pace)
@@ -309,6 +310,7 @@ class RunBook:
     def _end(rank: RankState, message: schema.Message) -> None:
         status = message.data.get("status")
         rank.status = status if isinstance(status, str) and status else "ok"
+        rank.ended = True
         error = message.data.get("error")
         rank.error = error if isinstance(error, str) else None
         problems = message.data.get("problems")
@@ -365,16 +367,25 @@ class RunBook:
         return FINISHED
 
 
-def add_event(run: Run, rank: int, step: int | None, t: float, text: Any, data: Any) -> None:
-    """Adds an event to the run's timeline: one event for the ranks that say it together. A
-    config in its data joins the run's config."""
+def add_event(
+    run: Run,
+    rank: int,
+    step: int | None,
+    t: float,
+    text: Any,
+    data: Any,
+    window: int = EVENT_MERGE_WINDOW,
+) -> None:
+    """Adds an event to the run's timeline: one event for the ranks that say it together (the
+    same step and text among the newest ``window`` events). A config in its data joins the run's
+    config."""
     text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
     data = data if isinstance(data, dict) else {}
     config = data.get("config")
     if isinstance(config, dict):
         run.late_config.update(config)
     events = run.events
-    for index in range(len(events) - 1, max(-1, len(events) - 1 - EVENT_MERGE_WINDOW), -1):
+    for index in range(len(events) - 1, max(-1, len(events) - 1 - window), -1):
         seen = events[index]
         if seen.step == step and seen.text == text:
             if rank not in seen.ranks:
@@ -384,6 +395,30 @@ def add_event(run: Run, rank: int, step: int | None, t: float, text: Any, data: 
                 run.events = (*events[:index], merged, *events[index + 1 :])
             return
     run.events = (*events[-(MAX_EVENTS - 1) :], RunEvent(step, t, text, (rank,), data))
+
+
+def restore_events(run: Run, rank: int, events: list[tuple[Any, ...]]) -> None:
+    """Puts back one rank's events (from a cache, or a worker's read), merged with the same
+    events of the ranks restored before it over the whole timeline: restored rank by rank, an
+    evaluation every rank said is far more than EVENT_MERGE_WINDOW events back."""
+    index = {(e.step, e.text): i for i, e in enumerate(run.events)}
+    events_now = list(run.events)
+    for step, t, text, data in events:
+        text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
+        data = data if isinstance(data, dict) else {}
+        config = data.get("config")
+        if isinstance(config, dict):
+            run.late_config.update(config)
+        at = index.get((step, text))
+        if at is None:
+            index[step, text] = len(events_now)
+            events_now.append(RunEvent(step, t, text, (rank,), data))
+        elif rank not in events_now[at].ranks:
+            seen = events_now[at]
+            ranks = tuple(sorted((*seen.ranks, rank)))
+            events_now[at] = RunEvent(seen.step, seen.t, seen.text, ranks, seen.data)
+    events_now.sort(key=lambda e: e.t)
+    run.events = tuple(events_now[-MAX_EVENTS:])
 
 
 def _dropped_values(problems: dict[str, int]) -> int:
