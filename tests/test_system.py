@@ -7,6 +7,7 @@ no-GPU path is this machine's real one.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,9 +43,10 @@ class FakeNvml:
     def __init__(self, count: int) -> None:
         self.count = count
         self.shut = False
+        self.thread: threading.Thread | None = None
 
     def nvmlInit(self) -> None:
-        pass
+        self.thread = threading.current_thread()
 
     def nvmlShutdown(self) -> None:
         self.shut = True
@@ -120,9 +122,8 @@ async def test_the_panel_shows_beside_the_ranks_where_there_is_room(tmp_path: Pa
     run_dir = write_run(tmp_path / "runs", ranks=2, steps=50)
     proc = fake_proc(tmp_path / "proc", busy=10, idle=30, total_kb=16 << 20, available_kb=8 << 20)
     nvml = FakeNvml(2)
-    sampler = Sampler(proc=proc, nvml=nvml)  # type: ignore[arg-type]
     source = Follower([str(run_dir)], follow=False, live=False)
-    app = LmtopApp(source, refresh_hz=20, system=sampler)
+    app = LmtopApp(source, refresh_hz=20, system=lambda: Sampler(proc=proc, nvml=nvml))  # type: ignore[arg-type]
     async with app.run_test(size=(160, 48)) as pilot:
         panel = app.query_one(SystemPanel)
         shown = await shows(pilot, panel, "gpu1", seconds=5)
@@ -137,6 +138,7 @@ async def test_the_panel_shows_beside_the_ranks_where_there_is_room(tmp_path: Pa
     while not nvml.shut and time.monotonic() < deadline:
         time.sleep(0.02)
     assert nvml.shut, "NVML let go when the app quits"
+    assert nvml.thread not in (None, threading.main_thread()), "NVML kept off the UI thread"
 
 
 async def test_without_a_sampler_there_is_no_panel(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from textual import on, work
@@ -79,7 +79,7 @@ class LmtopApp(Keys):
         source: Source,
         refresh_hz: float = REFRESH_HZ,
         alerts: Any = None,
-        system: Sampler | None = None,
+        system: Callable[[], Sampler] | None = None,
         draw_budget: float | None = None,
     ) -> None:
         super().__init__()
@@ -109,7 +109,9 @@ class LmtopApp(Keys):
         self.last_frame_ms = 0.0
         self._nothing: tuple[float, str] = (-1e9, "")  # when "nothing readable" was said, what
         self.color = "NO_COLOR" not in os.environ
-        self.sampler = system  # read by its own worker; None: no system panel
+        # Makes the sampler in its own worker (NVML is initialised and called from that thread
+        # only: a wedged driver delays the panel, never the app); None: no system panel.
+        self.sampler = system
         self.draw_budget = draw_budget  # share of a core for the screen; None: no limit
         self.frame_cost = 0.0  # the UI thread's CPU seconds per frame, smoothed
         self._cpu_at_frame = time.thread_time()
@@ -144,10 +146,10 @@ class LmtopApp(Keys):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="system", description="system")
     def sample_system(self) -> None:
-        """Samples the machine once a second until the app quits (the worker owns the sampler:
-        NVML is called from this thread only)."""
-        sampler = self.sampler
-        assert sampler is not None
+        """Samples the machine once a second until the app quits (the worker makes and owns the
+        sampler: NVML is called from this thread only)."""
+        assert self.sampler is not None
+        sampler = self.sampler()
         try:
             while True:
                 self.post_message(Sampled(sampler.sample()))
@@ -376,7 +378,7 @@ def run_app(
     )
     alerting = Alerting(settings, source.runs)
     app = LmtopApp(
-        source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler(), draw_budget=DRAW_BUDGET
+        source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler, draw_budget=DRAW_BUDGET
     )
     app.run()
     return app.return_code or 0

@@ -4,6 +4,7 @@ what each does to the view options, and the layout of the charts grid."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +73,7 @@ class Keys(App[int]):
     alerts: list[Alert]
     table_rows: int
     system_rows: int
-    sampler: Sampler | None
+    sampler: Callable[[], Sampler] | None
     rank_mode_chosen: bool
 
     if TYPE_CHECKING:  # the app's own
