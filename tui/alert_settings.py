@@ -213,11 +213,23 @@ class AlertSettings:
         return copy
 
 
+# Settings of detectors the viewer no longer has: a file that still sets them is read, with a
+# note, rather than refused (the first spike detector's, replaced in issue 12).
+REMOVED = {
+    "spike.threshold": "spike.tail_threshold",
+    "spike.window": "spike.tail_window",
+    "spike.log": "nothing: positive series are always judged on a log scale",
+}
+
+
 def _apply(target: Any, values: Mapping[str, Any], origin: str, prefix: str) -> None:
     known = {item.name: item for item in dataclasses.fields(target)}
     for key, value in values.items():
         name = key.replace("-", "_")
         where = f"{origin}: {prefix}{key}"
+        if f"{prefix}{name}" in REMOVED and name not in known:
+            _note(f"{where} is ignored: that detector is gone (see {REMOVED[prefix + name]})")
+            continue
         if name not in known:
             raise SettingsError(f"{where}: unknown setting (known: {', '.join(sorted(known))})")
         current = getattr(target, name)
@@ -275,7 +287,8 @@ def _coerce(current: Any, value: Any, where: str, name: str) -> Any:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``"spike.threshold=8"`` as ``{"spike": {"threshold": "8"}}`` (coerced when applied)."""
+    """``"spike.tail_threshold=8"`` as ``{"spike": {"tail_threshold": "8"}}`` (coerced when
+    applied)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise SettingsError(f"--alert-set {text!r}: expected SECTION.KEY=VALUE")
