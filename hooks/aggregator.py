@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,7 +100,7 @@ class Aggregator:
         run_dir: Path,
         run: str,
         launch: str,
-        endpoint: str,
+        endpoint: str | Callable[[], str],
         keys: Keypair,
         problems: Problems,
         file_mode: int = 0o600,
@@ -108,7 +109,10 @@ class Aggregator:
         self.run_dir = run_dir
         self.run = run
         self.launch = launch
-        self.endpoint = endpoint
+        # Found in the aggregator's thread when given as a function: finding the interface
+        # that reaches MASTER_ADDR can wait on DNS, never the training thread's init().
+        self.endpoint = endpoint if isinstance(endpoint, str) else ""
+        self._where = endpoint
         self.rejected = 0  # handshakes refused: a wrong key, or no encryption
         self.refused = 0  # lines and frames that were not taken (invalid, not ours to write)
         self.written = 0  # remote messages written into the run directory
@@ -156,6 +160,8 @@ class Aggregator:
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             )
+            if not self.endpoint and callable(self._where):
+                self.endpoint = self._where()
             server.bind(self.endpoint)
             self.ready.set()
             self._run(zmq, context, server, monitor)

@@ -74,13 +74,17 @@ def port() -> int:
 
 
 def node_rank() -> int:
-    """This node's rank in the launch (torchrun's GROUP_RANK, SLURM_NODEID, NODE_RANK)."""
+    """This node's rank in the launch (torchrun's GROUP_RANK, SLURM_NODEID, NODE_RANK), else
+    RANK // LOCAL_WORLD_SIZE (nodes of equal size, as launchers start them); -1 if unknown."""
     for name in ("GROUP_RANK", "SLURM_NODEID", "NODE_RANK"):
         try:
             return int(os.environ[name])
         except (KeyError, ValueError):
             continue
-    return -1
+    try:
+        return int(os.environ["RANK"]) // max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    except (KeyError, ValueError):
+        return -1
 
 
 def grace() -> float:
@@ -162,12 +166,20 @@ def start(
         if who.rank == 0:
             from .aggregator import Aggregator
 
-            endpoint = tcp(bind_address(master), port())
+            def endpoint() -> str:  # in the aggregator's thread: it may wait on DNS
+                return tcp(bind_address(master), port())
+
             aggregator = Aggregator(
                 run_dir, run, who.launch, endpoint, keys, problems, file_mode, who.world
             )
             aggregator.expected = nodes() - 1
             return aggregator
+        if node_rank() < 1:
+            problems(
+                "several nodes but this node's rank is unknown (GROUP_RANK, NODE_RANK): "
+                "it keeps its own run files"
+            )
+            return None
         return Relay(run_dir, who.launch, node_rank(), tcp(master, port()), keys, problems)
     except Exception as exc:
         problems("the relay to node 0 is off; each node keeps its own run files", repr(exc)[:200])

@@ -379,6 +379,8 @@ def test_only_a_launch_over_several_nodes_listens_on_tcp(
     aggregator = publisher._relay
     if isinstance(aggregator, Aggregator):
         aggregator.ready.wait(10)
+    else:
+        time.sleep(0.5)  # a listener bound by some thread a moment later would show by now
     opened = _listeners() - before
     hooks.finish()
     assert opened == ({("127.0.0.1", port)} if nodes_in_launch > 1 else set())
@@ -455,3 +457,18 @@ def test_kill_9_of_the_aggregator_rank_blocks_nothing_on_node_1(
     assert node_1_ended(), "node 1 trained on to its end, its files complete"
     end = orjson.loads((made.run_dir(1) / schema.rank_file(2)).read_bytes().splitlines()[-1])
     assert end["kind"] == "end" and any("dropped" in kind for kind in end["problems"])
+
+
+def test_a_nodes_rank_comes_from_the_launcher_else_from_its_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmtop.hooks.relay import node_rank
+
+    for name in ("GROUP_RANK", "SLURM_NODEID", "NODE_RANK", "RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert node_rank() == -1
+    monkeypatch.setenv("RANK", "13")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert node_rank() == 1, "rank 13 of nodes of 8: the second node"
+    monkeypatch.setenv("NODE_RANK", "3")
+    assert node_rank() == 3, "the launcher's word first"

@@ -395,7 +395,8 @@ class Follower:
         if file is None:
             return False
         reading = self._reading.pop((run.key, rank.rank), None)
-        if reading is not None:  # what a worker read (waited for only off the scan's path)
+        if reading is not None:  # what a worker read: waited for here (a live frame's gap, a
+            # scan), as the file's own read would have taken the time on this thread
             found = Readers.result(reading)
             if found is not None and file.offset == 0 and rank.applied == -1:
                 self._adopt(run, rank, file, found)
