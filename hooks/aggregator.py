@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from .publisher import Problems
 
 ASK_AGAIN = 1.0  # seconds before the same (rank, seq) is asked for again
+# Asks for the same missing line, while later ones wait, before it is given up: a line the
+# node's own file lacks (its write failed there) would otherwise hold the rank back for good.
+GIVE_UP_ASKS = 10
 # Lines ahead of a gap kept per rank until the relay's files fill it; past this, later lines
 # are dropped too and come from the files as well.
 MAX_AHEAD = 4096
@@ -66,6 +69,8 @@ class RemoteRank:
     endpoint: str = ""  # that socket's endpoint
     entry: Path | None = None  # its registry entry
     asked: tuple[int, float] = (-1, 0.0)  # (from seq, when) of the last want
+    tries: int = 0  # wants in a row for that seq
+    torn: bool = False  # its file ends in part of a line (a failed write): the next starts anew
     ahead: dict[int, tuple[bytes, str]] = field(default_factory=dict)  # seq -> (line, kind)
 
 
@@ -326,11 +331,15 @@ class Aggregator:
 
     def _write(self, zmq: Any, remote: RemoteRank, data: bytes) -> None:
         assert remote.fd is not None
+        view = memoryview(b"\n" + data if remote.torn else data)
         try:
-            written = os.write(remote.fd, data)
-            if written < len(data):
-                os.write(remote.fd, data[written:])
+            while view:  # a short write (a full disk, a signal) is followed by the rest
+                view = view[os.write(remote.fd, view) :]
+            remote.torn = False
         except OSError as exc:
+            # What did not reach the file stays in the node's own; a part of a line is ended by
+            # the next write's newline, so that no two lines are ever glued into one.
+            remote.torn = True
             self._problems("cannot write another node's rank on node 0", exc)
         self.written += data.count(b"\n")
         if remote.pub is not None:
@@ -344,6 +353,11 @@ class Aggregator:
         now = time.monotonic()
         if start == remote.next and now - when < ASK_AGAIN:
             return  # asked already; the answer is on its way
+        remote.tries = remote.tries + 1 if start == remote.next else 1
+        if remote.tries > GIVE_UP_ASKS and remote.ahead:
+            self._skip(zmq, remote)  # the node's file lacks it: what follows is taken
+            if node.have.get(remote.rank, -1) < remote.next:
+                return
         remote.asked = (remote.next, now)
         want = orjson.dumps({"rank": remote.rank, "from": remote.next})
         self._send(zmq, server, node.peer, WANT, want)
@@ -365,6 +379,17 @@ class Aggregator:
         except (OSError, UnicodeDecodeError):
             return False
         return type(nonce) is str and here == nonce
+
+    def _skip(self, zmq: Any, remote: RemoteRank) -> None:
+        """Gives up the lines before the first one waiting (a gap the viewer counts as lost
+        messages, as it counts any seq skipped) and writes those that follow it."""
+        first = min(remote.ahead)
+        self._problems("lines missing from another node's own file (skipped)", first - remote.next)
+        remote.next, remote.tries = first, 0
+        batch: list[bytes] = []
+        while remote.next in remote.ahead and not remote.ended:
+            self._take(remote, batch, *remote.ahead.pop(remote.next))
+        self._write(zmq, remote, b"".join(batch))
 
     def _claim(self, context: Any, rank: int, node: Node) -> RemoteRank | None:
         """The remote rank, taken on when first named: its file and its live socket on node 0."""

@@ -472,3 +472,48 @@ def test_a_nodes_rank_comes_from_the_launcher_else_from_its_ranks(
     assert node_rank() == 1, "rank 13 of nodes of 8: the second node"
     monkeypatch.setenv("NODE_RANK", "3")
     assert node_rank() == 3, "the launcher's word first"
+
+
+def test_a_line_missing_from_a_nodes_own_file_is_given_up_and_the_rank_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Node 1's file lacks seq 2 of rank 5 (its write failed there): node 0 asks for it, gets
+    # what the file has from there (3 and 4) each time, and after a few asks gives 2 up,
+    # counted, and writes on, where it used to hold the rank back for the rest of the run.
+    from lmtop.hooks import aggregator as module
+
+    monkeypatch.setattr(module, "ASK_AGAIN", 0.05)
+    monkeypatch.setattr(module, "GIVE_UP_ASKS", 3)
+    public, secret = zmq.curve_keypair()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    problems = Problems()
+    aggregator = Aggregator(run_dir, "run", "launch1", endpoint, Keypair(public, secret), problems)
+    assert aggregator.ready.wait(10)
+    context = zmq.Context()
+    member = _client(
+        context, endpoint, curve_serverkey=public, curve_publickey=public, curve_secretkey=secret
+    )
+    hello = b'{"launch": "launch1", "node": 1, "nonce": "n", "have": {"5": 4}}'
+    member.send_multipart([HELLO, hello])
+    lines = {
+        seq: line("x", 5, 8, seq, "metrics", seq, time.time(), m={"loss": 1.0}) for seq in range(5)
+    }
+    member.send_multipart([LINES, lines[0] + lines[1]])
+    member.send_multipart([LINES, lines[3] + lines[4]])
+    path = run_dir / "rank-5.jsonl"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        member.send_multipart([HELLO, hello])  # how far its file goes, as a relay says it
+        if member.poll(50):
+            kind, _ = member.recv_multipart()
+            if kind == b"want":  # the file's lines from the wanted seq on: 2 is not there
+                member.send_multipart([LINES, lines[3] + lines[4]])
+        if path.exists() and path.read_bytes().count(b"\n") == 4:
+            break
+    aggregator.close(0)
+    context.destroy(linger=0)
+    written = [orjson.loads(raw)["seq"] for raw in path.read_bytes().splitlines()]
+    assert written == [0, 1, 3, 4]
+    assert any("missing" in kind for kind in problems.counts)
