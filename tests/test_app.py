@@ -549,7 +549,7 @@ async def test_alerts_over_a_long_history_are_those_of_a_plain_read(
     files read again) are exactly the alerts a plain read raises, in the same order."""
     import json
 
-    from lmtop.tui import follow
+    from lmtop.tui import follow, replay
     from lmtop.tui.alert_actions import Alerting
     from lmtop.tui.alert_settings import AlertSettings
 
@@ -564,6 +564,7 @@ async def test_alerts_over_a_long_history_are_those_of_a_plain_read(
         path.write_bytes(b"".join(lines))
     monkeypatch.setattr(follow, "READ_BUDGET", 64 << 10)  # many small batches
     monkeypatch.setattr(follow, "MIN_READ", 16 << 10)
+    monkeypatch.setattr(replay, "REPLAY_FROM_BYTES", 0)  # 2.5 MB stands for a long history
 
     plain_source = Follower([str(run_dir)], follow=False, live=False)
     plain = Alerting(AlertSettings(), plain_source.runs)

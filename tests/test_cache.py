@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lmtop.tui import follow
+from lmtop.tui import follow, replay
 from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings
 from lmtop.tui.follow import Follower
@@ -255,7 +255,7 @@ def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
 
 _APP_WITH_WORKERS = """
 import asyncio, sys
-from lmtop.tui import follow
+from lmtop.tui import follow, replay
 from lmtop.tui.app import LmtopApp
 
 follow.WORKER_BYTES = 0  # every rank file goes to a worker process
@@ -349,3 +349,37 @@ def test_a_crash_this_viewer_judged_is_judged_again_not_cached(
     assert crashed(again, Store()) == {0, 1}
     assert [type(e).__name__ for e in again.book.health(0)] == ["Crash", "Crash"]
     again.close()
+
+
+@pytest.mark.parametrize("threshold", [0, replay.REPLAY_FROM_BYTES])
+def test_only_a_backlog_worth_it_is_replayed_and_the_alerts_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int
+) -> None:
+    # 2 ranks x 6,000 steps (~5 MB): read over several polls (a backlog), under the 8 MB from
+    # which a history's alerts wait for a replay. Below it they are fed as read, with no second
+    # read of the files (a viewer behind for a moment); at 0 bytes, replayed. The same alerts.
+    monkeypatch.setattr(replay, "REPLAY_FROM_BYTES", threshold)
+    spikes = {1000: {"loss": 40.0}, 5000: {"loss": 60.0}}
+    run_dir = write_run(tmp_path, "backlog", ranks=2, steps=6000, extra=spikes, eval_every=0)
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    alerting = Alerting(AlertSettings(), follower.runs)
+    history = HistoryAlerts(lambda b: [a for _, a in alerting.feed_batch(b)], follower)
+    alerts: list[Any] = []
+    replayed = backlog = False
+    while not follower.done or history.replaying:
+        batch = follower.poll(0)
+        backlog = backlog or follower.catching_up
+        alerts += history.take(batch)
+        replayed = replayed or history.replaying
+        if history.owed:
+            history.start()
+        alerts += history.step()
+    assert backlog and replayed == (threshold == 0)
+    told = sorted((a.type, a.rank, a.metric, a.step) for a in alerts)
+    assert ("spike", 0, "loss", 1000) in told and ("spike", 0, "loss", 5000) in told
+    plain = Follower([str(run_dir)], follow=False, live=False)
+    plain_alerting = Alerting(AlertSettings(), plain.runs)
+    expected = []
+    while not plain.done:
+        expected += [a for _, a in plain_alerting.feed_batch(plain.poll(0))]
+    assert told == sorted((a.type, a.rank, a.metric, a.step) for a in expected)

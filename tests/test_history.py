@@ -129,6 +129,7 @@ def test_alerts_over_a_history_come_after_it_each_message_once(
     arrive meanwhile reach the engine once each, after the history (held, or past ``held``
     of them read again by a second replay): the alerts are a plain read's."""
     monkeypatch.setattr(replay, "HELD_MESSAGES", held)
+    monkeypatch.setattr(replay, "REPLAY_FROM_BYTES", 0)  # 2.5 MB stands for a long history
     monkeypatch.setattr(follow, "READ_BUDGET", 64 << 10)  # many polls
     monkeypatch.setattr(follow, "MIN_READ", 16 << 10)
     spikes = {500: {"loss": 10.0}, 1500: {"loss": 12.0}}

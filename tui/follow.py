@@ -217,6 +217,11 @@ class Follower:
 
     # -- reading the history again (alerts over it come after its first frame) ----------------
 
+    def unread_bytes(self) -> int:
+        """Bytes of run files known but not read yet (as of each file's last read; a rank a
+        worker reads counts whole)."""
+        return sum(max(0, file.size - file.offset) for file in self._files.values())
+
     def replayable(self, key: str) -> bool:
         """Whether the messages of run ``key`` can be read again from files."""
         run = self.runs.get(key)

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 # Messages applied during a replay are held for the engine up to this many (16 ranks live for
 # a minute); beyond, they are left to another replay.
 HELD_MESSAGES = 40_000
+# A backlog smaller than this (~20,000 messages, ~0.1 s of the engine) is fed as it is read: a
+# viewer that fell behind for a moment (a burst, a terminal stopped with ctrl-z) must not read
+# every run file again from the start for it. A history begins above it.
+REPLAY_FROM_BYTES = 8 << 20
 Position = dict[tuple[str, int], int]  # (run key, rank) -> seq of the last message applied
 Feed = Callable[[list[Keyed]], list[Any]]  # the engine's feed_batch, told alerts as (index, alert)
 
@@ -110,8 +114,9 @@ class HistoryAlerts:
             self._floor = dict(self._fed)
         if self._floor is None:
             told = self._fed_now(batch)
-            if self._follower.catching_up:  # a long history begins: fed by a replay, later
-                self._floor = dict(self._fed)
+            follower = self._follower
+            if follower.catching_up and follower.unread_bytes() >= REPLAY_FROM_BYTES:
+                self._floor = dict(self._fed)  # a long history begins: fed by a replay, later
             return told
         # A history is being read: what cannot be read again is fed now, the rest later.
         return self._fed_now([pair for pair in batch if not replayable(pair[0])])

@@ -31,6 +31,7 @@ class RankFile:
         self.path = path
         self.rank = rank
         self.offset = 0
+        self.size = 0  # the file's size at the last read: what is left to read is size - offset
         self.bad_lines = 0
         self.unsupported: str | None = None  # the first "unsupported version" complaint
         self.not_regular = False  # the path holds a FIFO, a device, a directory...: not read
@@ -57,7 +58,7 @@ class RankFile:
                 self._refuse()
                 return [], False
             self.not_regular = False
-            size = info.st_size
+            size = self.size = info.st_size
             if size < self.offset:  # truncated or replaced: start again
                 self.offset, self._partial, self._skipping = 0, b"", False
             chunk = (
