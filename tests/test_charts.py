@@ -116,8 +116,13 @@ def test_frame_work_does_not_grow_with_the_series() -> None:
             series.columns(0, len(series) - 1, 300)
         return time.perf_counter() - started
 
-    cost(small), cost(big)
-    assert cost(big) < 3 * cost(small)
+    # The least of several tries each, taken in turns: one try is at the mercy of a collection
+    # or a neighbour's burst on a shared machine (a single pair read 4.2x once, 1.9-2.4x at best).
+    small_costs, big_costs = [], []
+    for _ in range(5):
+        small_costs.append(cost(small))
+        big_costs.append(cost(big))
+    assert min(big_costs) < 3 * min(small_costs)
 
 
 def test_compacted_styles_look_the_same_in_far_fewer_runs() -> None:
