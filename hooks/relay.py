@@ -386,10 +386,12 @@ class Relay:
     def _discover(self, zmq: Any, context: Any, poller: Any, subs: dict[str, Any]) -> None:
         """Subscribes to this node's live ranks of the run; reads how far their files go."""
         mine = str(self.run_dir)
+        listed = set()
         for entry in registry.live_entries():
             endpoint = str(entry["endpoint"])
-            if entry["dir"] != mine:
+            if entry["dir"] != mine or not endpoint.startswith("ipc://"):
                 continue
+            listed.add(endpoint)
             self._pids[entry["rank"]] = (entry["pid"], entry.get("start_ticks"))
             if endpoint in subs or "ended" in entry:
                 continue
@@ -400,6 +402,11 @@ class Relay:
             sub.connect(endpoint)
             poller.register(sub, zmq.POLLIN)
             subs[endpoint] = sub
+        # A rank's entry leaves the registry a minute after its end (all it sent long drained):
+        # its socket goes too, rather than reconnecting to a dead path for the job's life.
+        for endpoint in [e for e in subs if e not in listed]:
+            poller.unregister(subs[endpoint])
+            subs.pop(endpoint).close()
         for path in self.run_dir.iterdir():
             match = schema.RANK_FILE.match(path.name)
             if match is not None and int(match[1]) not in self._tails:

@@ -517,3 +517,34 @@ def test_a_line_missing_from_a_nodes_own_file_is_given_up_and_the_rank_goes_on(
     written = [orjson.loads(raw)["seq"] for raw in path.read_bytes().splitlines()]
     assert written == [0, 1, 3, 4]
     assert any("missing" in kind for kind in problems.counts)
+
+
+def test_a_relay_lets_go_of_a_rank_whose_entry_left_the_registry(tmp_path: Path) -> None:
+    # A rank's registry entry goes a minute after its end: the relay's socket to it goes too,
+    # not reconnecting to a dead ipc path for the rest of the job. Not an ipc endpoint: skipped.
+    from lmtop.hooks import registry
+    from lmtop.hooks.relay import Relay
+
+    public, secret = zmq.curve_keypair()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    relay = Relay(
+        run_dir, "l", 1, f"tcp://127.0.0.1:{_free_port()}", Keypair(public, secret), Problems()
+    )
+    runtime = registry.runtime_dir()
+    entry: registry.Entry = {"pid": os.getpid(), "host": "h", "run": "r", "rank": 2, "world": 4}
+    entry |= {"dir": str(run_dir), "endpoint": f"ipc://{runtime}/x.sock", "started": time.time()}
+    path = registry.register(entry, "x")
+    odd = registry.register({**entry, "rank": 3, "endpoint": "tcp://10.0.0.1:1"}, "y")
+    context = zmq.Context()
+    poller, subs = zmq.Poller(), {}
+    try:
+        relay._discover(zmq, context, poller, subs)
+        assert list(subs) == [entry["endpoint"]]
+        registry.unregister(path)
+        relay._discover(zmq, context, poller, subs)
+        assert subs == {}
+    finally:
+        registry.unregister(odd)
+        relay.close(0)
+        context.destroy(linger=0)
