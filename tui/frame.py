@@ -137,6 +137,7 @@ def pictures(
     ``options.compare``, every one of ``runs`` overlaid, ``run`` on top."""
     out = []
     compared = compared_runs(runs, options, run)
+    events = event_marks(run, options.by_time)  # the same on every chart
     for chart, spec, columns in charts:
         if compared:
             each = [
@@ -152,7 +153,6 @@ def pictures(
             continue
         names = {name for line in spec.lines for name in line}
         steps = [step for metric, step in alerted if metric in names]
-        events = event_marks(run, options.by_time)
         pic = picture(
             store, run.key, spec, options, columns, run.config, steps, run.started, events
         )

@@ -367,32 +367,16 @@ class RunBook:
         return FINISHED
 
 
-def add_event(
-    run: Run,
-    rank: int,
-    step: int | None,
-    t: float,
-    text: Any,
-    data: Any,
-    window: int = EVENT_MERGE_WINDOW,
-) -> None:
+def add_event(run: Run, rank: int, step: int | None, t: float, text: Any, data: Any) -> None:
     """Adds an event to the run's timeline: one event for the ranks that say it together (the
-    same step and text among the newest ``window`` events). A config in its data joins the run's
-    config."""
-    text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
-    data = data if isinstance(data, dict) else {}
-    config = data.get("config")
-    if isinstance(config, dict):
-        run.late_config.update(config)
+    same step and text among the newest EVENT_MERGE_WINDOW events). A config in its data joins
+    the run's config."""
+    text, data = _accepted(run, text, data)
     events = run.events
-    for index in range(len(events) - 1, max(-1, len(events) - 1 - window), -1):
+    for index in range(len(events) - 1, max(-1, len(events) - 1 - EVENT_MERGE_WINDOW), -1):
         seen = events[index]
         if seen.step == step and seen.text == text:
-            if rank not in seen.ranks:
-                merged = RunEvent(
-                    seen.step, seen.t, seen.text, tuple(sorted((*seen.ranks, rank))), seen.data
-                )
-                run.events = (*events[:index], merged, *events[index + 1 :])
+            run.events = (*events[:index], _joined(seen, rank), *events[index + 1 :])
             return
     run.events = (*events[-(MAX_EVENTS - 1) :], RunEvent(step, t, text, (rank,), data))
 
@@ -404,21 +388,32 @@ def restore_events(run: Run, rank: int, events: list[tuple[Any, ...]]) -> None:
     index = {(e.step, e.text): i for i, e in enumerate(run.events)}
     events_now = list(run.events)
     for step, t, text, data in events:
-        text = text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""
-        data = data if isinstance(data, dict) else {}
-        config = data.get("config")
-        if isinstance(config, dict):
-            run.late_config.update(config)
+        text, data = _accepted(run, text, data)
         at = index.get((step, text))
         if at is None:
             index[step, text] = len(events_now)
             events_now.append(RunEvent(step, t, text, (rank,), data))
-        elif rank not in events_now[at].ranks:
-            seen = events_now[at]
-            ranks = tuple(sorted((*seen.ranks, rank)))
-            events_now[at] = RunEvent(seen.step, seen.t, seen.text, ranks, seen.data)
+        else:
+            events_now[at] = _joined(events_now[at], rank)
     events_now.sort(key=lambda e: e.t)
     run.events = tuple(events_now[-MAX_EVENTS:])
+
+
+def _accepted(run: Run, text: Any, data: Any) -> tuple[str, dict[str, Any]]:
+    """An event's text (cut to EVENT_TEXT_CHARS) and data as kept; its config joins the run's."""
+    data = data if isinstance(data, dict) else {}
+    config = data.get("config")
+    if isinstance(config, dict):
+        run.late_config.update(config)
+    return (text[:EVENT_TEXT_CHARS] if isinstance(text, str) else ""), data
+
+
+def _joined(event: RunEvent, rank: int) -> RunEvent:
+    """The event, said by ``rank`` too."""
+    if rank in event.ranks:
+        return event
+    ranks = tuple(sorted((*event.ranks, rank)))
+    return RunEvent(event.step, event.t, event.text, ranks, event.data)
 
 
 def _dropped_values(problems: dict[str, int]) -> int:
