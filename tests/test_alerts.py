@@ -237,6 +237,19 @@ def test_periodic_evaluation_gaps_raise_nothing_and_the_diagnosis_follows_the_cu
     assert [a.message.split(":")[0] for a in verdicts] == ["underfitting", "fitting well"]
 
 
+def test_a_verdict_on_the_line_between_two_is_not_told_at_every_flip() -> None:
+    # A flat eval loss evaluated every step, wandering 3 % above its best and back every 8
+    # evaluations: "overfitting" and "fitting well" in turn, 50 flips. Told at each flip it
+    # was 2,500 info records per rank over 20k steps of a synthetic 8-rank history; a verdict
+    # told before now needs twice the hold it needed the last time.
+    evals = 400
+    eval_loss = [1.0 if (k // 8) % 2 == 0 else 1.03 for k in range(evals)]
+    alerts = feed({"loss": [1.0] * evals, "eval_loss": eval_loss})
+    verdicts = [a.message.split(":")[0] for a in of(alerts, "learning_curve")]
+    assert {"overfitting", "fitting well"} <= set(verdicts), verdicts
+    assert len(verdicts) <= 6, verdicts
+
+
 # -- clipping, learning rate, memory ------------------------------------------------------------
 
 

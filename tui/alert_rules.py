@@ -165,17 +165,21 @@ def _word_overfitting(s: AlertSettings, name: str, step: int, f: Finding) -> str
 
 def _learning_curve(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
     """The rank's learning-curve verdict, told once it held for ``overfitting.hold``
-    evaluations (runs after the overfitting rule, which adds each evaluation to the curve)."""
+    evaluations (runs after the overfitting rule, which adds each evaluation to the curve).
+    A verdict told before needs twice the hold it needed the last time: a curve on the line
+    between two verdicts (flat, evaluated every step) says so a few times, not at every flip."""
     told, label, held = "", "", 0
+    needs: dict[str, int] = {}  # the hold each verdict needs, doubled each time it is told
 
     def update(value: float, step: int) -> Finding | None:
         nonlocal told, label, held
         now = ctx.curve.label()
         held = held + 1 if now == label else 1
         label = now
-        if label in (NOT_ENOUGH_DATA, told) or held < s.overfitting.hold:
+        need = needs.get(label, s.overfitting.hold)
+        if label in (NOT_ENOUGH_DATA, told) or held < need:
             return None
-        told = label  # a verdict that flips at every evaluation is noise, not news
+        told, needs[label] = label, 2 * need
         return Finding(value, math.nan, severity=INFO, note=str(ctx.curve.diagnose()))
 
     return update
