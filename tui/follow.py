@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
-from . import cache, discovery, tensorboard_events, trainer_state
+from . import bulk, cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .readers import WORKER_BYTES, Readers, readers_ready
 from .runbook import RankState, Run, RunBook
@@ -252,13 +252,22 @@ class Follower:
         """Reads one rank's file to its end into ``store`` (what a worker process does)."""
         run = self._add_run_dir(run_dir)
         rank = self.book.rank(run, number)
+        file = self._file(run, rank)
+        if file is None:
+            return run, rank, None
         out: list[Keyed] = []
+
+        def take(messages: list[schema.Message]) -> None:
+            self._take(run, rank, messages, out)
+            store.add(out)  # before the next plain run: the store takes points in file order
+            out.clear()
+
         more = True
         while more:
-            more = self._read(run, rank, out)
-            store.add(out)
-            out.clear()
-        return run, rank, self._files.get((run.key, number))
+            lines, more = file.read_lines(self._limit)
+            bulk.read_chunk(run, rank, lines, store, file.decode_lines, take)
+            rank.bad_lines = file.bad_lines
+        return run, rank, file
 
     def close(self) -> None:
         """Closes the live sockets; returns at once (LINGER 0)."""
@@ -414,6 +423,14 @@ class Follower:
         ):
             return True  # a worker reads it
         messages, more = file.read(self._limit)
+        self._take(run, rank, messages, out)
+        rank.bad_lines = file.bad_lines
+        return more
+
+    def _take(
+        self, run: Run, rank: RankState, messages: list[schema.Message], out: list[Keyed]
+    ) -> None:
+        """Applies messages read from the rank's file, in file order."""
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
             # or rewritten line, whatever its content) is not the rank's; count it. Only the
@@ -429,8 +446,6 @@ class Follower:
                 continue
             rank.file_seq = message.seq
             self._apply(run, rank, message, out)
-        rank.bad_lines = file.bad_lines
-        return more
 
     def _check_alive(self, run: Run, rank: RankState, out: list[Keyed], now: float) -> None:
         if rank.pid is None or rank.relayed or (rank.host is not None and rank.host != HOST):

@@ -3,15 +3,17 @@
 An 8-rank history of 100,000 steps is 800,000 JSON lines; decoding them is pure Python, a few
 microseconds a line, so one process reads them no faster than one core allows. A rank file is
 independent of the others, so the follower hands each long one to a worker process, which
-reads it exactly as the follower would (same reader, same run book, same store) and hands back
-what the columnar cache holds — the rank's series as flat arrays and its state — as one
-``.npz`` payload, not a Python object per point. The follower takes it as it takes a cache, and
+reads it as the follower would (same reader, run book and store; runs of the usual metrics
+lines taken in bulk, :mod:`.bulk`, to the same end) and hands back what the columnar cache
+holds — the rank's series as flat arrays and its state — as one ``.npz`` payload, not a
+Python object per point. The follower takes it as it takes a cache, and
 reads the file on from where the worker stopped. Workers are spawned (not forked: the viewer
 has threads and sockets), and lent to the follower only while a history is read.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
@@ -32,7 +34,14 @@ def read_rank(run_dir: str, number: int) -> bytes | None:
 
     store = Store()
     follower = Follower([run_dir], follow=False, live=False)
-    run, rank, file = follower.read_whole(Path(run_dir), number, store)
+    # A read makes ~3 objects a line (two dicts and a row) that live until the store has
+    # them; the cyclic collector, run every few hundred of them, walked all those alive, so
+    # it took a third of the read. Nothing a read makes is a cycle: it is off meanwhile.
+    gc.disable()
+    try:
+        run, rank, file = follower.read_whole(Path(run_dir), number, store)
+    finally:
+        gc.enable()
     if file is None:
         return None
     state = cache.rank_state(run, rank, file)

@@ -46,6 +46,12 @@ class RankFile:
     def read(self, limit: int = READ_CHUNK) -> tuple[list[schema.Message], bool]:
         """Returns the messages of the complete lines added since the last call, and whether
         more bytes are waiting beyond ``limit``."""
+        lines, more = self.read_lines(limit)
+        return self.decode_lines(lines), more
+
+    def read_lines(self, limit: int = READ_CHUNK) -> tuple[list[bytes], bool]:
+        """The complete lines added since the last call, undecoded (as :meth:`read` takes them),
+        and whether more bytes are waiting beyond ``limit``."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
@@ -76,7 +82,7 @@ class RankFile:
         finally:
             os.close(fd)
         self.offset += len(chunk)
-        return self._parse(chunk), self.offset < size
+        return self._split(chunk), self.offset < size
 
     def _refuse(self) -> None:
         """Not a regular file: counted once each time one appears in the file's place."""
@@ -84,7 +90,8 @@ class RankFile:
             self.not_regular = True
             self.bad_lines += 1
 
-    def _parse(self, chunk: bytes) -> list[schema.Message]:
+    def _split(self, chunk: bytes) -> list[bytes]:
+        """The complete lines of ``chunk`` after what was kept of the last one."""
         if not chunk:
             return []
         if self._skipping:
@@ -97,7 +104,7 @@ class RankFile:
         if len(self._partial) > MAX_PARTIAL:
             self.bad_lines += 1
             self._partial, self._skipping = b"", True
-        return self.decode_lines(lines)
+        return lines
 
     def decode_lines(self, lines: list[bytes]) -> list[schema.Message]:
         """Decodes complete lines, skipping and counting those that are not messages."""

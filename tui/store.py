@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -23,6 +23,8 @@ from lmtop.hooks import schema
 B1 = 64  # points per level-1 block
 B2 = B1 * B1  # points per level-2 block
 INF = math.inf
+# An extend that fills this many level-1 blocks has them summarised together (numpy).
+MANY_BLOCKS = 16
 
 
 @dataclass(slots=True)
@@ -62,7 +64,10 @@ class Series:
         return self.values[-1] if self.values else math.nan
 
     def extend(
-        self, steps: array[int] | list[int], times: array[float] | list[float], values: list[float]
+        self,
+        steps: array[int] | list[int],
+        times: array[float] | list[float],
+        values: Sequence[float],
     ) -> None:
         """Appends points; the block summaries they touch are recomputed."""
         self.own()
@@ -79,15 +84,21 @@ class Series:
                 False,
             )
 
-    def extend_values(self, values: list[float]) -> None:
+    def extend_values(self, values: Sequence[float]) -> None:
         """Appends the values of points whose steps and times are already in place."""
         start = len(self.values)
         self.values.extend(values)
-        for offset, value in enumerate(values):
-            if value - value != 0.0:
-                self.nonfinite.append(start + offset)
+        total = sum(values)
+        if total - total != 0.0:  # a NaN or an infinity among them (or a sum beyond range)
+            for offset, value in enumerate(values):
+                if value - value != 0.0:
+                    self.nonfinite.append(start + offset)
         end = len(self.values)
-        for block in range(start // B1, (end - 1) // B1 + 1):
+        first, whole = start // B1, end // B1
+        if whole - first >= MANY_BLOCKS:  # a history's worth: its full blocks at once
+            self._summarise_blocks(first, whole)
+            first = whole
+        for block in range(first, (end - 1) // B1 + 1):
             self._summarise(
                 self.b1, block, *self._raw_summary(block * B1, min(end, block * B1 + B1))
             )
@@ -101,6 +112,34 @@ class Series:
                 max(maxs[lo:hi]),
                 sum(sums[lo:hi]),
                 sum(counts[lo:hi]),
+            )
+
+    def _summarise_blocks(self, first: int, stop: int) -> None:
+        """The level-1 summaries of the full blocks ``[first, stop)``, computed together (what
+        :meth:`_raw_summary` gives each, NaN and infinities left out alike)."""
+        import numpy as np
+
+        blocks = np.frombuffer(self.values[first * B1 : stop * B1], dtype=np.float64)
+        blocks = blocks.reshape(stop - first, B1)
+        finite = np.isfinite(blocks)
+        rows = blocks.tolist()
+        if finite.all():
+            mins, maxs = blocks.min(axis=1), blocks.max(axis=1)
+            counts = np.full(stop - first, float(B1))
+            sums = list(map(math.fsum, rows))
+        else:
+            mins = np.where(finite, blocks, INF).min(axis=1)
+            maxs = np.where(finite, blocks, -INF).max(axis=1)
+            counts = finite.sum(axis=1).astype(np.float64)
+            whole = [bool(ok) for ok in np.all(finite, axis=1).tolist()]
+            sums = [
+                math.fsum(row) if ok else math.fsum(v for v in row if v - v == 0.0)
+                for row, ok in zip(rows, whole)
+            ]
+        for column, summary in zip(self.b1, (mins, maxs, sums, counts)):
+            del column[first:]
+            column.extend(
+                array("d", summary.tobytes()) if isinstance(summary, np.ndarray) else summary
             )
 
     @staticmethod
@@ -240,25 +279,39 @@ class Store:
             group_key = key
         if group:
             added += self._add_group(group_key, group)
-        self.points += added
         return added
 
     def _add_group(self, run: str, group: list[schema.Message]) -> int:
         """Adds one rank's messages with the same names and non-decreasing steps."""
         first = group[0]
-        rank = first.rank
+        names = tuple(first.m)
         # Converted once, copied as bytes into each series (not a float object at a time).
         steps = array("q", [m.step for m in group])
         times = array("d", [m.t for m in group])
+        columns = [[m.m[name] for m in group] for name in names]
+        return self.add_columns(run, first.rank, names, steps, times, columns)
+
+    def add_columns(
+        self,
+        run: str,
+        rank: int,
+        names: tuple[str, ...],
+        steps: array[int],
+        times: array[float],
+        columns: Sequence[Sequence[float]],
+    ) -> int:
+        """Adds points of one rank given as columns: ``columns[i][j]`` is metric ``names[i]``
+        at ``steps[j]`` and ``times[j]`` (steps non-decreasing), exactly as :meth:`add` adds
+        the messages they came from; returns points added."""
         self.last_step[(run, rank)] = max(steps[-1], self.last_step.get((run, rank), steps[-1]))
         added = 0
-        group_key = (run, rank, tuple(first.m))
+        group_key = (run, rank, names)
         index = self.groups.get(group_key)
         if index is None:
             index = self.groups[group_key] = (array("q"), array("d"))
         index_steps, index_times = index
         sharing = []
-        for name in first.m:
+        for name, values in zip(names, columns):
             key = (run, rank, name)
             series = self.series.get(key)
             if series is None:
@@ -266,17 +319,17 @@ class Store:
                 self.series[key] = series
                 self.metrics.setdefault(run, set()).add(name)
             if series.shared and series.steps is index_steps:
-                sharing.append((name, series))
+                sharing.append((series, values))
                 continue
             start = 0
             if len(series) and series.steps[-1] > steps[0]:  # went back: keep what is not
                 start = bisect_left(steps, series.steps[-1])
                 self.backwards[run] = self.backwards.get(run, 0) + start
             if start == 0:
-                series.extend(steps, times, [m.m[name] for m in group])
-            elif start < len(group):
-                series.extend(steps[start:], times[start:], [m.m[name] for m in group[start:]])
-            added += len(group) - start
+                series.extend(steps, times, values)
+            elif start < len(steps):
+                series.extend(steps[start:], times[start:], values[start:])
+            added += len(steps) - start
         if not sharing:
             del self.groups[group_key]
         else:  # their steps are the index's: what is kept is the same for all of them
@@ -286,9 +339,10 @@ class Store:
                 self.backwards[run] = self.backwards.get(run, 0) + start * len(sharing)
             index_steps.extend(steps[start:])
             index_times.extend(times[start:])
-            for name, series in sharing:
-                series.extend_values([m.m[name] for m in group[start:]])
-            added += (len(group) - start) * len(sharing)
+            for series, values in sharing:
+                series.extend_values(values[start:] if start else values)
+            added += (len(steps) - start) * len(sharing)
+        self.points += added
         return added
 
     def ranks(self, run: str, metric: str) -> list[int]:

@@ -1,0 +1,232 @@
+"""A worker's bulk read of a rank file ends exactly where the general path ends."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lmtop.tui import bulk, readers
+from lmtop.tui.follow import Follower
+from lmtop.tui.runbook import RankState
+from lmtop.tui.store import Series, Store
+from runs import T0, line
+
+NAMES = ("loss", "grad_norm", "learning_rate")
+# What a rank file may hold, besides the usual metrics line: each kind of line that is not
+# plain (and so takes the general path), and the ways a plain run can end.
+ODD = (
+    "nan",  # a value written as its "nan" token
+    "int",  # an integer value
+    "bool",  # a boolean value: dropped from the message by the general path
+    "event",
+    "start",
+    "end",
+    "other-names",
+    "reordered-names",
+    "no-metrics",
+    "step-back",
+    "step-none",
+    "time-back",
+    "int-time",
+    "seq-jump",
+    "seq-wild",
+    "seq-repeat",
+    "other-rank",
+    "other-world",
+    "extra-field",
+    "version-2",
+    "not-json",
+    "blank",
+    "list",
+)
+
+
+def _lines(kinds: list[str], rank: int = 0) -> bytes:
+    """A rank file: mostly plain metrics lines, with the odd ones asked for."""
+    out = []
+    seq, step, t = -1, 0, T0
+    for index, kind in enumerate(kinds):
+        seq, step, t = seq + 1, step + (index % 3 != 0), t + 0.5
+        metrics: dict[str, Any] = {name: 1.0 + index / (i + 1) for i, name in enumerate(NAMES)}
+        fields: dict[str, Any] = {"m": metrics}
+        message_kind, message_step, message_rank, world, version = "metrics", step, rank, 2, 1
+        if kind == "nan":
+            metrics["loss"] = float("nan")
+        elif kind == "int":
+            metrics["grad_norm"] = 7
+        elif kind == "bool":
+            metrics["grad_norm"] = True
+        elif kind == "event":
+            message_kind, fields = "event", {"text": "evaluation"}
+        elif kind == "start":
+            message_kind, fields = "start", {"info": {"host": "box", "pid": 7}}
+        elif kind == "end":
+            message_kind, fields = "end", {"status": "finished", "dropped": 0}
+        elif kind == "other-names":
+            fields = {"m": {"eval_loss": 2.0 + index}}
+        elif kind == "reordered-names":
+            fields = {"m": dict(reversed(list(metrics.items())))}
+        elif kind == "no-metrics":
+            fields = {"m": {}}
+        elif kind == "step-back":
+            step = max(0, step - 5)
+            message_step = step
+        elif kind == "step-none":
+            message_step = None
+        elif kind == "time-back":
+            t -= 3.0
+        elif kind == "seq-jump":
+            seq += 3
+        elif kind == "seq-wild":
+            out.append(line("r", rank, world, seq + 10_000, "metrics", step, t, **fields).strip())
+            continue
+        elif kind == "seq-repeat":
+            seq -= 1
+        elif kind == "other-rank":
+            message_rank = rank + 1
+        elif kind == "other-world":
+            world = 4
+        elif kind == "extra-field":
+            fields["note"] = {"a": [1, 2]}
+        elif kind == "version-2":
+            version = 2
+        elif kind in ("not-json", "blank", "list"):
+            out.append({"not-json": b"{nope", "blank": b"  ", "list": b"[1, 2]"}[kind])
+            continue
+        encoded = line("r", message_rank, world, seq, message_kind, message_step, t, **fields)
+        encoded = encoded.strip()  # lines are joined below
+        if kind == "int-time":
+            encoded = encoded.replace(orjson.dumps(t), str(int(t)).encode())
+        if version != 1:
+            encoded = encoded.replace(b'"v":1', b'"v":2')
+        out.append(encoded)
+    return b"\n".join(out) + b"\n"
+
+
+def _state(rank: RankState) -> dict[str, Any]:
+    fields = {
+        name: getattr(rank, name)
+        for name in (
+            "applied", "file_seq", "jump", "gaps", "bad_seq", "bad_lines", "messages", "points",
+            "last_step", "last_t", "status", "started", "info", "problems", "ended",
+        )
+    }  # fmt: skip
+    pace = rank.pace
+    fields["pace"] = (pace.step, pace.t, list(pace.recent), pace.intervals.median())
+    return fields
+
+
+def _series(store: Store) -> dict[Any, Any]:
+    """Every series' points and pyramid, bit for bit."""
+    out: dict[Any, Any] = {"backwards": store.backwards, "last_step": store.last_step}
+    for (_, rank, name), series in store.series.items():
+        out[(rank, name)] = (
+            series.steps.tobytes(),
+            series.times.tobytes(),
+            series.values.tobytes(),
+            list(series.nonfinite),
+            [level.tobytes() for level in (*series.b1, *series.b2)],
+        )
+    return out
+
+
+def _general(run_dir: Path) -> tuple[dict[str, Any], dict[Any, Any], int]:
+    """The general path: a follower polled to the end, its messages added to a store."""
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    store = Store()
+    while not follower.done:
+        store.add(follower.poll(0))
+    (run,) = follower.runs.values()
+    return _state(run.ranks[0]), _series(store), run.world
+
+
+def _bulk(run_dir: Path) -> tuple[dict[str, Any], dict[Any, Any], int]:
+    """What a worker does: ``Follower.read_whole``, plain runs taken in bulk."""
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    store = Store()
+    run, rank, _ = follower.read_whole(run_dir, 0, store)
+    return _state(rank), _series(store), run.world
+
+
+@given(
+    st.lists(
+        st.one_of(st.just("plain"), st.just("plain"), st.just("plain"), st.sampled_from(ODD)),
+        max_size=120,
+    ),
+    st.booleans(),
+)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_bulk_read_ends_where_the_general_path_ends(
+    tmp_path_factory: Any, kinds: list[str], torn: bool
+) -> None:
+    """Whatever a rank file holds, reading it in bulk leaves the rank's state (counters, gaps,
+    bad lines, pace) and every series (points and pyramid, bit for bit) as reading it line by
+    line does."""
+    run_dir = tmp_path_factory.mktemp("bulk") / "r"
+    run_dir.mkdir()
+    text = _lines(kinds)
+    if torn:  # a line half written at the end
+        text += b'{"v":1,"run":"r","rank":0'
+    (run_dir / "rank-0.jsonl").write_bytes(text)
+    assert _bulk(run_dir) == _general(run_dir)
+
+
+def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None:
+    """Thousands of plain lines are taken as one run (so the test above compares the bulk
+    path, not the general one twice), the pace keeps the last intervals, and the worker's
+    payload holds every point."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    path = run_dir / "rank-0.jsonl"
+    path.write_bytes(_lines(["plain"] * 3000))
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    run = follower.book.run(str(run_dir), "r", run_dir)
+    rank = follower.book.rank(run, 0)
+    store = Store()
+    docs = bulk.parse(path.read_bytes().splitlines())
+    assert bulk.take_plain(run, rank, docs, 0, store) == 3000
+    assert store.points == 3000 * len(NAMES) and rank.applied == 2999
+    state, series, _ = _bulk(run_dir)
+    assert (state, series) == _general(run_dir)[:2]
+    assert len(state["pace"][2]) == 256
+    payload = readers.read_rank(str(run_dir), 0)
+    assert payload is not None and len(payload) > 3000 * len(NAMES) * 8
+
+
+@given(
+    st.integers(1024, 6000),
+    st.lists(st.tuples(st.integers(0, 5999), st.sampled_from([math.nan, math.inf, -math.inf]))),
+    st.integers(0, 70),
+    st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_long_extend_summarises_its_blocks_as_point_by_point(
+    count: int, odd: list[tuple[int, float]], before: int, dead_block: bool
+) -> None:
+    """A history's worth of points added at once (its full blocks summarised together) gives
+    the pyramid, bit for bit, and the picture that adding them one at a time gives: NaN and
+    infinities left out of every block's min, max, sum and count, a block of nothing but NaN
+    included."""
+    values = [math.sin(i * 0.37) * (1 + i % 7) for i in range(count)]
+    for index, value in odd:
+        if index < count:
+            values[index] = value
+    if dead_block:
+        values[128:192] = [math.nan] * 64
+    steps, times = list(range(count)), [T0 + i for i in range(count)]
+    at_once, one_by_one = Series(), Series()
+    at_once.extend(steps[:before], times[:before], values[:before])
+    at_once.extend(steps[before:], times[before:], values[before:])
+    for i in range(count):
+        one_by_one.extend(steps[i : i + 1], times[i : i + 1], values[i : i + 1])
+    for got, want in zip((*at_once.b1, *at_once.b2), (*one_by_one.b1, *one_by_one.b2)):
+        assert got.tobytes() == want.tobytes()
+    assert at_once.nonfinite == one_by_one.nonfinite
+    for ncols in (7, 80):
+        assert repr(at_once.columns(0, count, ncols)) == repr(one_by_one.columns(0, count, ncols))

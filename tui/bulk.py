@@ -1,0 +1,190 @@
+"""Reading a whole rank file in bulk: the usual lines go straight into the store's columns.
+
+A worker reading a long history (``readers.py``) spent ~16 µs a line on the general path: each
+line decoded and validated into a ``Message``, applied to the run book (its pace updated at
+every step), then grouped into the store. Yet almost every line of a rank file has one shape:
+a metrics message of the rank, with the next ``seq``, the names of the line before, finite
+float values and a step that does not go back. For a run of such lines, what the general path
+does is known in advance: the run book's counters move by the run's length, the pace keeps
+only its last intervals, and the store takes the values as columns. So each line is parsed by
+orjson, the runs of plain lines are taken here, and every other line goes through the general
+path as before. The outcome is the general path's, field for field: ``tests/test_bulk.py``
+compares the two on generated files with every kind of odd line.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import orjson
+from lmtop.hooks import schema
+
+from .runbook import RankState, Run
+from .store import Store
+
+# The fields of a metrics message as the hook writes them; a line with any other field (or
+# fewer) is not plain and takes the general path.
+_FIELDS = 9
+
+
+def parse(lines: list[bytes]) -> list[Any]:
+    """Each line's JSON value, or None where a line is not JSON (the general path counts it)."""
+    loads = orjson.loads
+    try:
+        return [loads(line) for line in lines]
+    except orjson.JSONDecodeError:
+        docs: list[Any] = []
+        for line in lines:
+            try:
+                docs.append(loads(line))
+            except orjson.JSONDecodeError:
+                docs.append(None)
+        return docs
+
+
+def take_plain(run: Run, rank: RankState, docs: list[Any], start: int, store: Store) -> int:
+    """Applies the plain metrics lines from ``docs[start]`` on, as the general path would;
+    returns the index of the first line not taken (``start`` when that line is not plain)."""
+    first = docs[start]
+    pace = rank.pace
+    if (
+        rank.done
+        or not 0 <= rank.rank < schema.MAX_RANK
+        or rank.file_seq + len(docs) >= schema.MAX_STEP
+        or rank.jump is not None
+        or rank.applied != rank.file_seq
+        or type(first) is not dict
+        or len(first) != _FIELDS
+        or first.get("kind") != schema.METRICS
+    ):
+        return start
+    metrics, run_name, world = first.get("m"), first.get("run"), first.get("world")
+    if (
+        type(metrics) is not dict
+        or not metrics
+        or max(map(len, metrics)) > schema.MAX_NAME_CHARS
+        or type(run_name) is not str
+        or not run_name
+        or len(run_name) > schema.MAX_NAME_CHARS
+        or type(world) is not int
+        or not 1 <= world <= schema.MAX_RANK
+    ):
+        return start
+    names = tuple(metrics)
+    number, seq = rank.rank, rank.file_seq + 1
+    last_step = pace.step if pace.step is not None else 0
+    steps: list[int] = []
+    times: list[float] = []
+    rows: list[tuple[float, ...]] = []
+    end = start
+    for doc in docs[start:]:
+        try:
+            if not (type(doc) is dict and len(doc) == _FIELDS):
+                break
+            version, step, t, values = doc["v"], doc["step"], doc["t"], doc["m"]
+            if not (
+                doc["seq"] == seq
+                and doc["kind"] == schema.METRICS
+                and doc["run"] == run_name
+                and doc["rank"] == number
+                and doc["world"] == world
+                and version == schema.PROTOCOL_VERSION
+                and type(version) is int
+                and type(doc["seq"]) is int
+                and type(doc["rank"]) is int
+                and type(doc["world"]) is int
+                and type(step) is int
+                and last_step <= step <= schema.MAX_STEP
+                and type(t) is float
+                and t - t == 0.0
+                and type(values) is dict
+                and tuple(values) == names
+            ):
+                break
+        except KeyError:
+            break
+        steps.append(step)
+        times.append(t)
+        rows.append(tuple(values.values()))
+        last_step = step
+        seq += 1
+        end += 1
+    # Values are checked together (one pass in C); a run holding a value that is not a float
+    # (an integer, a "nan" token) ends before the line that holds it.
+    if set(map(type, chain.from_iterable(rows))) - {float}:
+        good = next(i for i, row in enumerate(rows) if not all(type(v) is float for v in row))
+        del steps[good:], times[good:], rows[good:]
+        end = start + good
+    if end == start:
+        return start
+    _apply(run, rank, steps, times, world)
+    matrix = np.array(rows, dtype=np.float64)  # transposed in C, copied once per column below
+    columns = [array("d", matrix[:, column].tobytes()) for column in range(len(names))]
+    store.add_columns(run.key, number, names, array("q", steps), array("d", times), columns)
+    return end
+
+
+def _apply(run: Run, rank: RankState, steps: list[int], times: list[float], world: int) -> None:
+    """What ``RunBook.apply`` does for each of these messages (contiguous seqs, steps that do
+    not go back, no pace step above the first), done once for all of them."""
+    count = len(steps)
+    rank.applied = rank.file_seq = rank.file_seq + count
+    rank.messages += count
+    rank.points += count
+    rank.last_t = times[-1]
+    rank.last_seen = time.monotonic()
+    rank.last_step = steps[-1]
+    run.world = max(run.world, world)
+    pace = rank.pace
+    # The pace keeps its last 256 intervals (and a median of the last 20): only the intervals
+    # that can still be among them are added, found from the end.
+    wanted = max(pace.recent.maxlen or 0, pace.window)
+    tail: list[tuple[int, float]] = []
+    for index in range(count - 1, -1, -1):
+        if len(tail) == wanted:
+            break
+        if index:
+            before_step, before_t = steps[index - 1], times[index - 1]
+        elif pace.step is not None and pace.t is not None:
+            before_step, before_t = pace.step, pace.t
+        else:
+            break
+        step, t = steps[index], times[index]
+        if step > before_step and t >= before_t:
+            tail.append((step, (t - before_t) / (step - before_step)))
+    for step, seconds in reversed(tail):
+        pace.intervals.add(seconds)
+        pace.recent.append((step, seconds))
+    pace.step, pace.t = steps[-1], times[-1]
+
+
+def read_chunk(
+    run: Run,
+    rank: RankState,
+    lines: list[bytes],
+    store: Store,
+    decode: Callable[[list[bytes]], list[schema.Message]],
+    take: Callable[[list[schema.Message]], None],
+) -> None:
+    """Applies one chunk of a rank file's lines: plain runs here, the rest by ``take`` (the
+    follower's general path, given the messages ``decode`` makes of lines)."""
+    docs = parse(lines)
+    index, count = 0, len(lines)
+    while index < count:
+        after = take_plain(run, rank, docs, index, store)
+        if after > index:
+            index = after
+            continue
+        messages = decode([lines[index]])
+        if messages and messages[0].seq != rank.file_seq + 1:
+            # Out of sequence: whether it is the rank's depends on the lines after it, which the
+            # general path reads together (``Follower._take``).
+            take(messages + decode(lines[index + 1 :]))
+            return
+        take(messages)
+        index += 1
