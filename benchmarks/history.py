@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _metrics import NAMES as EIGHT  # benchmarks/ is on the path of its scripts
 
@@ -110,8 +111,14 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
         for line in f.read_bytes()[-4096:].splitlines()[-20:]
         if b'"kind":"metrics"' in line
     )
+    # Every metrics point of every rank: a frame counts once the store holds them all (a frame
+    # drawn while some ranks are still being read shows the last step of the others).
+    points = sum(
+        len(NAMES) * f.read_bytes().count(b'"kind":"metrics"') for f in run.glob("rank-*.jsonl")
+    )
     rendered: dict[str, float] = {}
     render = Chart.render
+    stores: list[Any] = []
 
     def timed_render(chart: Chart) -> object:
         result = render(chart)
@@ -119,6 +126,8 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
         if (
             pic is not None
             and pic.lines
+            and stores
+            and stores[0].points >= points
             and max(max(line.x) for line in pic.lines) >= last - last // 100
         ):
             rendered.setdefault(chart.spec.key, time.perf_counter())
@@ -131,6 +140,7 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
         source = Follower([str(run)], follow=True, live=False, cache=True, readers=readers)
         engine = Alerting(AlertSettings(), source.runs)
         app = LmtopApp(source, alerts=engine)  # as run_app does
+        stores.append(app.store)
         async with app.run_test(size=(160, 48)) as pilot:
             shown = [c.spec.key for c in app.query(Chart) if not c.has_class("hidden")]
             deadline = time.monotonic() + 300

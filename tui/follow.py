@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import FIRST_COMPLETED, Future
 from pathlib import Path
@@ -111,9 +111,12 @@ class Follower:
         self._cached_at: dict[tuple[str, int], int] = {}
         # Worker processes reading long rank files (readers.py), started when first needed.
         self._workers = readers
+        self._readers: Readers | None = None
         if readers > 0:
             readers_ready()
-        self._readers: Readers | None = None
+            if self._uncached_history():  # they start (~0.4 s) while the screen is set up
+                self._readers = Readers(readers)
+                self._readers.warm()
         self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
     @property
@@ -154,6 +157,19 @@ class Follower:
         return self.book.done(time.monotonic())
 
     # -- the columnar cache ---------------------------------------------------------------------
+
+    def _uncached_history(self) -> bool:
+        """Whether a run directory named on the command line holds a rank file long enough for
+        a worker and no cache beside it (a first open of a long history)."""
+        for run_dir in self._run_dirs:
+            for number in discovery.ranks(run_dir):
+                try:
+                    long = os.stat(discovery.rank_file(run_dir, number)).st_size >= WORKER_BYTES
+                except OSError:
+                    continue
+                if long and not (run_dir / cache.cache_name(number)).exists():
+                    return True
+        return False
 
     def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> bool:
         """Starts a rank from its cache, if it has a valid one (looked for once), else hands a
@@ -247,9 +263,10 @@ class Follower:
         return Replay(reader, floor, cut)
 
     def read_whole(
-        self, run_dir: Path, number: int, store: Store
+        self, run_dir: Path, number: int, store: Store, stop: Callable[[], bool] | None = None
     ) -> tuple[Run, RankState, RankFile | None]:
-        """Reads one rank's file to its end into ``store`` (what a worker process does)."""
+        """Reads one rank's file to its end into ``store`` (what a worker process does), or
+        until ``stop()`` says so."""
         run = self._add_run_dir(run_dir)
         rank = self.book.rank(run, number)
         file = self._file(run, rank)
@@ -263,7 +280,7 @@ class Follower:
             out.clear()
 
         more = True
-        while more:
+        while more and not (stop is not None and stop()):
             lines, more = file.read_lines(self._limit)
             bulk.read_chunk(run, rank, lines, store, file.decode_lines, take)
             rank.bad_lines = file.bad_lines

@@ -13,8 +13,11 @@ has threads and sockets), and lent to the follower only while a history is read.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
+import os
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,9 +29,25 @@ from . import cache
 WORKER_BYTES = 1 << 20
 
 
+# Set in a worker when it starts: a file of the viewer's that is there while it wants reads
+# (a path, not a semaphore: a worker still starting when the viewer quits must not fail).
+_wanted: str | None = None
+
+
+def _started(wanted: str) -> None:
+    global _wanted
+    _wanted = wanted
+
+
+def _stopped() -> bool:
+    """Whether the viewer stopped the reads (its file is gone)."""
+    return _wanted is not None and not os.path.exists(_wanted)
+
+
 def read_rank(run_dir: str, number: int) -> bytes | None:
     """Reads one rank's file to its end, in a worker; the cache's payload for it, or None when
-    what was read cannot stand for the file (a line half written, a sequence in doubt)."""
+    what was read cannot stand for the file (a line half written, a sequence in doubt) or the
+    viewer said stop."""
     from .follow import Follower
     from .store import Store
 
@@ -39,10 +58,10 @@ def read_rank(run_dir: str, number: int) -> bytes | None:
     # it took a third of the read. Nothing a read makes is a cycle: it is off meanwhile.
     gc.disable()
     try:
-        run, rank, file = follower.read_whole(Path(run_dir), number, store)
+        run, rank, file = follower.read_whole(Path(run_dir), number, store, _stopped)
     finally:
         gc.enable()
-    if file is None:
+    if file is None or _stopped():
         return None
     state = cache.rank_state(run, rank, file)
     columns = store.rank_arrays(run.key, number) if state is not None else None
@@ -54,6 +73,11 @@ def read_rank(run_dir: str, number: int) -> bytes | None:
         out, {"format": cache.FORMAT, "offset": file.offset, "state": state, **meta}, arrays
     )
     return out.getvalue()
+
+
+def _warm() -> None:
+    """Imports, in a worker, what :func:`read_rank` needs."""
+    from . import bulk, follow  # noqa: F401
 
 
 def readers_ready() -> None:
@@ -69,7 +93,18 @@ class Readers:
     """A pool of worker processes reading rank files; results are taken as they come."""
 
     def __init__(self, workers: int) -> None:
-        self._pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        self._workers = workers
+        fd, self._wanted = tempfile.mkstemp(prefix="lmtop-readers-")  # private: mode 0600
+        os.close(fd)
+        self._pool = ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_started, initargs=(self._wanted,)
+        )
+
+    def warm(self) -> None:
+        """Starts every worker now, each importing what a read needs, so that the first reads
+        do not wait for them."""
+        for _ in range(self._workers):
+            self._pool.submit(_warm)
 
     def submit(self, run_dir: Path, number: int) -> Future[bytes | None]:
         """Starts reading one rank's file."""
@@ -88,9 +123,10 @@ class Readers:
             return None
 
     def close(self) -> None:
-        """Stops the workers, reads under way included: quitting does not wait for them (the
-        interpreter's exit would join a pool whose worker is still reading a long file)."""
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        """Stops the workers, reads under way included: quitting does not wait for them. A
+        worker sees its file gone and gives up within one read budget (~10 ms); it is never
+        killed, since one killed while it hands back a result leaves half a message in the
+        pool's pipe, and the interpreter's exit then waits for the rest forever."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._wanted)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
