@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lmtop.tui import bulk, readers
 from lmtop.tui.follow import Follower
 from lmtop.tui.runbook import RankState
-from lmtop.tui.store import Series, Store
+from lmtop.tui.store import B1, Series, Store
 from runs import T0, line
 
 NAMES = ("loss", "grad_norm", "learning_rate")
@@ -227,6 +227,14 @@ def test_a_long_extend_summarises_its_blocks_as_point_by_point(
         one_by_one.extend(steps[i : i + 1], times[i : i + 1], values[i : i + 1])
     for got, want in zip((*at_once.b1, *at_once.b2), (*one_by_one.b1, *one_by_one.b2)):
         assert got.tobytes() == want.tobytes()
+    # Both against each block summarised from its points alone.
+    blocks = -(-count // B1)
+    alone = [Series._raw_summary(at_once, b * B1, min(count, b * B1 + B1)) for b in range(blocks)]
+    assert [tuple(level[b] for level in at_once.b1) for b in range(blocks)] == alone
+    for top in range(-(-blocks // B1)):
+        part = alone[top * B1 : top * B1 + B1]
+        want2 = (min(p[0] for p in part), max(p[1] for p in part), sum(p[2] for p in part))
+        assert tuple(level[top] for level in at_once.b2[:3]) == want2
     assert at_once.nonfinite == one_by_one.nonfinite
     for ncols in (7, 80):
         assert repr(at_once.columns(0, count, ncols)) == repr(one_by_one.columns(0, count, ncols))

@@ -160,7 +160,9 @@ class LmtopApp(Keys):
 
     @on(Sampled)
     def _sampled(self, message: Sampled) -> None:
-        self.query_one(SystemPanel).update(frame.system_text(message.view, self.system_rows))
+        # Its size is fixed (CSS): a new text needs no layout of the screen.
+        panel = self.query_one(SystemPanel)
+        panel.update(frame.system_text(message.view, self.system_rows), layout=False)
 
     # -- the worker: owns the source, the engine and the store's writes -------------------------
 
@@ -330,7 +332,7 @@ class LmtopApp(Keys):
             header = frame.header_text(self.store, run, len(self.runs), now, counters)
             rows = frame.rank_rows(self.store, run, now) if run is not None else []
             overlaid = frame.run_rows(self.store, compared, run) if run and compared else None
-        self.query_one(Header).update(header)
+        self.query_one(Header).update(header, layout=False)  # one line, the screen's width
         # Runs overlaid: the table lists them (their colours, what differs), not one's ranks.
         ranks, runs = self.query_one(RanksTable), self.query_one(RunsTable)
         ranks.display, runs.display = overlaid is None, overlaid is not None

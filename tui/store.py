@@ -86,14 +86,23 @@ class Series:
 
     def extend_values(self, values: Sequence[float]) -> None:
         """Appends the values of points whose steps and times are already in place."""
+        if not len(values):
+            return
         start = len(self.values)
         self.values.extend(values)
         total = sum(values)
+        end = len(self.values)
+        if (
+            total - total == 0.0
+            and start // B1 == (end - 1) // B1
+            and not self._has_nonfinite(start // B1 * B1, start)
+        ):  # a few finite points into the last block: a live poll's
+            self._extend_block(values, start, end)
+            return
         if total - total != 0.0:  # a NaN or an infinity among them (or a sum beyond range)
             for offset, value in enumerate(values):
                 if value - value != 0.0:
                     self.nonfinite.append(start + offset)
-        end = len(self.values)
         first, whole = start // B1, end // B1
         if whole - first >= MANY_BLOCKS:  # a history's worth: its full blocks at once
             self._summarise_blocks(first, whole)
@@ -113,6 +122,37 @@ class Series:
                 sum(sums[lo:hi]),
                 sum(counts[lo:hi]),
             )
+
+    def _extend_block(self, values: Sequence[float], start: int, end: int) -> None:
+        """The summaries after finite ``values`` were added at ``[start, end)``, all in the last
+        level-1 block, which holds no NaN: updated, not recomputed (min and max of the old and
+        the new, in that order, are the block's; the sums are taken again, as a recomputation
+        takes them)."""
+        block = start // B1
+        mins, maxs, sums, counts = self.b1
+        if block < len(mins):
+            mins[block] = min(mins[block], min(values))
+            maxs[block] = max(maxs[block], max(values))
+            sums[block] = math.fsum(self.values[block * B1 : end])
+            counts[block] += len(values)
+        else:
+            mins.append(min(values))
+            maxs.append(max(values))
+            sums.append(math.fsum(values))
+            counts.append(float(len(values)))
+        top = block // B1  # its level-2 block, and where that block's level-1 blocks begin
+        first = top * B1
+        mins2, maxs2, sums2, counts2 = self.b2
+        if top < len(mins2):
+            mins2[top] = min(mins2[top], mins[block])
+            maxs2[top] = max(maxs2[top], maxs[block])
+            sums2[top] = sum(sums[first:])
+            counts2[top] += len(values)
+        else:  # a new level-2 block: this level-1 block is its first
+            mins2.append(mins[block])
+            maxs2.append(maxs[block])
+            sums2.append(sum(sums[first:]))
+            counts2.append(sum(counts[first:]))
 
     def _summarise_blocks(self, first: int, stop: int) -> None:
         """The level-1 summaries of the full blocks ``[first, stop)``, computed together (what

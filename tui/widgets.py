@@ -251,7 +251,7 @@ def _run_cells(row: RunRow) -> list[str]:
 class SystemPanel(Static):
     """The machine: host CPU and memory, each GPU's utilisation, memory, power, temperature."""
 
-    DEFAULT_CSS = "SystemPanel { width: 35; padding: 0 1; }"
+    DEFAULT_CSS = "SystemPanel { width: 35; height: 100%; padding: 0 1; }"
 
     def on_mount(self) -> None:
         # The viewer's machine: over SSH, which box this is.
@@ -261,7 +261,7 @@ class SystemPanel(Static):
 class Header(Static):
     """The run header; always shown as plain text (names from the wire stay inert)."""
 
-    DEFAULT_CSS = "Header { height: 1; background: $panel; padding: 0 1; }"
+    DEFAULT_CSS = "Header { width: 100%; height: 1; background: $panel; padding: 0 1; }"
 
 
 class AlertsPanel(DataTable[Any]):
