@@ -410,14 +410,34 @@ class TailSpikeDetector:
 class DivergenceDetector:
     """The training loss's rolling median far above the best it reached, after warm-up."""
 
-    __slots__ = ("_best", "_diverging", "_level", "_median", "_residuals", "_seen", "s")
+    __slots__ = (
+        "_bar",
+        "_best",
+        "_diverging",
+        "_held",
+        "_least",
+        "_level",
+        "_median",
+        "_order",
+        "_residuals",
+        "_seen",
+        "_start",
+        "s",
+    )
 
     def __init__(self, settings: DivergenceSettings) -> None:
         self.s = settings
         self._median = math.nan
         self._level = RollingWindow(settings.window)
+        # The window's own lists, reached without a hop (every training loss comes here).
+        self._held, self._order = self._level._sorted, self._level._order
         self._residuals: deque[float] = deque(maxlen=100)  # sorted only when the level is high
+        self._start = max(settings.warmup, settings.window)  # points before any verdict
         self._best = math.inf
+        # The margin's ratio term and the level past which the margin is looked at, both
+        # computed once per new best rather than once per point.
+        self._least = settings.ratio * abs(self._best)
+        self._bar = self._best + self._least
         self._seen = 0
         self._diverging = False
 
@@ -428,9 +448,8 @@ class DivergenceDetector:
         if level == level:  # the median before this value: not NaN once a value was seen
             self._residuals.append(value - level if value > level else level - value)
         # self._level.add(value) and .median(), inlined: every training loss comes here
-        window = self._level
-        held, order = window._sorted, window._order
-        if len(order) == window.size:
+        held, order = self._held, self._order
+        if len(order) == self._level.size:
             del held[bisect_left(held, order.popleft())]
         order.append(value)
         insort(held, value)
@@ -438,24 +457,25 @@ class DivergenceDetector:
         middle = count >> 1
         level = held[middle] if count & 1 else 0.5 * (held[middle - 1] + held[middle])
         self._median = level
-        s = self.s
-        if seen < s.warmup or seen < s.window:
+        if seen < self._start:
             return None
         best = self._best
         if level < best:
             self._best = best = level
+            self._least = self.s.ratio * abs(best)
+            self._bar = best + self._least
         # The margin's noise term (a median of 100 residuals) is looked up only when the level
-        # is past the cheaper term alone: the margin is at least that.
-        least = s.ratio * abs(best)
+        # is past the cheaper term alone (best + least, the bar): the margin is at least that.
+        least = self._least
         if not self._diverging:
-            if level <= best + least:
+            if level <= self._bar:
                 return None
-            margin = max(least, s.noise * median(self._residuals))
+            margin = max(least, self.s.noise * median(self._residuals))
             if level > best + margin:
                 self._diverging = True
                 return Finding(level, best, margin)
         elif level >= best + least / 2:
-            margin = max(least, s.noise * median(self._residuals))
+            margin = max(least, self.s.noise * median(self._residuals))
             if level < best + margin / 2:
                 self._diverging = False
         else:
