@@ -308,6 +308,13 @@ def test_learning_rate_warm_up_ramp_and_decay_to_zero_are_fine_a_cut_to_zero_is_
     assert [(a.type, a.step) for a in alerts] == [("learning_rate", 300)]
     never = [0.0] * 300
     assert [a.step for a in feed({"lr": never}, config={"warmup_steps": 50})] == [150]
+    # Cut halfway down its decay: judged against the rate just before (over 5 % of the peak),
+    # which the alert names
+    half = warmup + decay[:450] + [0.0] * 10
+    alerts = feed({"learning_rate": half})
+    assert [(a.step, a.message) for a in alerts] == [
+        (550, "learning_rate is 0 at step 550: cut from 5.01e-5")
+    ]
 
 
 def test_memory_above_95_percent_of_a_known_total_alerts_once() -> None:

@@ -527,11 +527,13 @@ class LearningRateDetector:
 
     def update(self, rate: float, step: int) -> Finding | None:
         """Takes the next finite learning rate; returns a Finding when it is newly stuck at zero."""
-        previous, self._previous = self._previous, rate
-        if rate > 0:
-            self._peak = max(self._peak, rate)
+        if rate > 0:  # every step of a run: a comparison, not a max() call
+            self._previous = rate
+            if rate > self._peak:
+                self._peak = rate
             self._alerted = False
             return None
+        previous, self._previous = self._previous, rate
         if self._alerted:
             return None
         if self._peak > 0:
