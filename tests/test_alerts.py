@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from lmtop.hooks import schema
 from lmtop.tui import alert_settings
-from lmtop.tui.alert_settings import AlertSettings, SettingsError
+from lmtop.tui.alert_settings import AlertSettings, DivergenceSettings, SettingsError
 from lmtop.tui.alerts import AlertEngine
-from lmtop.tui.detectors import RollingWindow
+from lmtop.tui.detectors import DivergenceDetector, Finding, RollingWindow, median
 from lmtop.tui.metrics import EVAL_LOSS, GRAD_NORM, LOSS, LR, OTHER, classify
 from lmtop.tui.runbook import RunBook
 
@@ -161,6 +161,42 @@ def test_a_loss_climbing_back_up_is_divergence() -> None:
     assert len(alerts) == 1 and 700 < alerts[0].step < 900 and alerts[0].severity == "critical"
 
 
+def plain_divergence(loss: list[float], s: DivergenceSettings) -> tuple[int, Finding] | None:
+    """The first step the rule calls divergence, computed the plain way: the rolling median of
+    ``window`` losses against the lowest such median since warm-up, past both ``ratio`` × that
+    best and ``noise`` × the median of the last 100 distances of a loss from the median before."""
+    best = math.inf
+    residuals: list[float] = []
+    level = math.nan
+    for step, value in enumerate(loss):
+        if step:
+            residuals.append(abs(value - level))
+        level = median(loss[max(0, step + 1 - s.window) : step + 1])
+        if step + 1 < max(s.warmup, s.window):
+            continue
+        best = min(best, level)
+        margin = max(s.ratio * abs(best), s.noise * median(residuals[-100:]))
+        if level > best + margin:
+            return step, Finding(level, best, margin)
+    return None
+
+
+def test_divergence_is_judged_against_the_latest_best_at_its_exact_step() -> None:
+    # A dip during warm-up (steps 30-70) is no best; the loss reaches its best only at step 600,
+    # then climbs from 700: the margin is the latest best's, and the alert comes at the very step
+    # the plain rule says.
+    s = DivergenceSettings()
+    rng = random.Random(1)
+    loss = [3.0 - 1.5 * min(i, 600) / 600 + 0.003 * max(0, i - 700) for i in range(1100)]
+    loss = [value - 1.6 * (30 <= i < 70) for i, value in enumerate(loss)]
+    loss = [value + rng.gauss(0, 0.01) for value in loss]
+    expected = plain_divergence(loss, s)
+    assert expected is not None and 800 < expected[0] < 1100
+    detector = DivergenceDetector(s)
+    found = [(step, f) for step, value in enumerate(loss) if (f := detector.update(value))]
+    assert found == [expected]
+
+
 def test_a_warm_up_bump_and_a_noisy_plateau_are_not_divergence() -> None:
     rng = random.Random(0)
     bump = [3.0 + 0.5 * math.sin(i / 10) * (i < 60) + rng.gauss(0, 0.1) for i in range(1500)]
@@ -272,6 +308,13 @@ def test_learning_rate_warm_up_ramp_and_decay_to_zero_are_fine_a_cut_to_zero_is_
     assert [(a.type, a.step) for a in alerts] == [("learning_rate", 300)]
     never = [0.0] * 300
     assert [a.step for a in feed({"lr": never}, config={"warmup_steps": 50})] == [150]
+    # Cut halfway down its decay: judged against the rate just before (over 5 % of the peak),
+    # which the alert names
+    half = warmup + decay[:450] + [0.0] * 10
+    alerts = feed({"learning_rate": half})
+    assert [(a.step, a.message) for a in alerts] == [
+        (550, "learning_rate is 0 at step 550: cut from 5.01e-5")
+    ]
 
 
 def test_memory_above_95_percent_of_a_known_total_alerts_once() -> None:

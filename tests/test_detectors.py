@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lmtop.tui.alert_settings import SpikeSettings
 from lmtop.tui.detectors import (
+    BOTH,
     CRITICAL,
     DOWN,
     INFO,
@@ -230,3 +231,57 @@ def test_non_positive_series_is_judged_on_its_own_scale() -> None:
 def test_existing_finding_callers_still_work() -> None:
     found = Finding(2.0, 1.0)
     assert found.severity == WARNING and math.isnan(found.ratio) and found.scale == 0.0
+
+
+# Findings of a small-window detector, every field: pinned from the detector before issue 12's
+# last speed-up, so a faster update() must judge exactly as the plain one did. The short window
+# and EMA (tail_alpha 0.8: a plain mean over the first 5 deviations, the first unclipped) put
+# findings right after the ramp; the point at -0.5 switches to the linear scale, which ramps
+# again from scratch; a median of 0.1 there puts the noise scale on its floor (step 23).
+PINNED_SETTINGS = SpikeSettings(
+    warmup=3, tail_window=9, tail_alpha=0.8, merge_steps=2, shift_steps=4
+)
+PINNED_SERIES = (
+    [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 1.0, 1.15, 0.9, 1.0]
+    + [4.0, 1.0, 1.1, 0.3, 1.0, 0.95, 9.0, 12.0, 1.05, 1.0]
+    + [-0.5]
+    + [0.1 + 0.1 * (i % 3) for i in range(12)]
+    + [2.0, 0.15, -1.5, 0.2, 0.1, 0.3, 0.2]
+)
+PINNED = {
+    UP: [
+        (10, INFO, 0.09179519481585358, 15.102036265633256, 4.0, 1.0),
+        (16, INFO, 0.11279491199696082, 19.479819953185675, 9.0, 1.0967049450537103),
+        (17, WARNING, 0.14174597031935118, 17.530704006537537, 12.0, 1.0967049450537103),
+        (23, INFO, 0.001, 200.00000000000003, 3.0000000000000004, 1.0945137271119507),
+        (33, WARNING, 0.14640000000000003, 12.295081967213113, 10.0, 1.994008991006746),
+    ],
+    DOWN: [
+        (13, INFO, 0.060514651252365576, 19.89555883425622, 0.3, 1.0),
+        (35, WARNING, 0.05160000000000001, 32.945736434108525, -7.5, 1.992015978687983),
+    ],
+    BOTH: [
+        (10, INFO, 0.09110403998424361, 15.216606874510168, 4.0, 1.0),
+        (13, INFO, 0.11235257290473045, 10.71602343585711, 0.3, 1.1),
+        (16, INFO, 0.12265970321089159, 17.913173763012306, 9.0, 1.0978021985340665),
+        (17, WARNING, 0.1496378032904958, 16.60614226582828, 12.0, 1.0978021985340665),
+        (23, INFO, 0.001, 200.00000000000003, 3.0000000000000004, 1.0956087882783907),
+        (33, INFO, 0.12688000000000002, 14.186633039092053, 10.0, 1.9960039973346662),
+        (35, WARNING, 0.13555366400000002, 12.541158607118135, -7.5, 1.994008991006746),
+    ],
+}
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN, BOTH])
+def test_findings_through_the_noise_ramp_and_a_switch_to_the_linear_scale_are_pinned(
+    direction: str,
+) -> None:
+    detector = TailSpikeDetector(PINNED_SETTINGS, direction)
+    found = [
+        (i, f.severity, f.scale, f.size, f.ratio, f.usual_ratio)
+        for i, f in feed(detector, PINNED_SERIES)
+    ]
+    expected = PINNED[direction]
+    assert [f[:2] for f in found] == [f[:2] for f in expected]  # the steps and severities
+    for got, want in zip(found, expected):
+        assert got[2:] == pytest.approx(want[2:], rel=1e-12)  # scale, size, ratio, usual ratio

@@ -153,14 +153,18 @@ class TailSpikeDetector:
         "_calm",
         "_decay",
         "_down_step",
+        "_held",
         "_in_spike",
         "_log",
         "_mads",
+        "_order",
         "_outliers",
         "_quantile",
+        "_ramping",
         "_scale",
         "_scale_count",
         "_seen",
+        "_settings",
         "_severity",
         "_spread",
         "_up_step",
@@ -176,8 +180,25 @@ class TailSpikeDetector:
         self._mads = loss and direction == UP and settings.mad_threshold > 0
         self._log = True
         self._window = RollingWindow(settings.tail_window)
+        # The window's own lists, reached without a hop: update() runs for every loss and grad
+        # norm, where an attribute lookup costs as much as the arithmetic around it.
+        self._held, self._order = self._window._sorted, self._window._order
+        # The settings update() reads, in one tuple unpacked once a call (same reason).
+        self._settings = (
+            settings.tail_spread_floor,
+            1.0 - settings.tail_alpha,
+            settings.tail_winsor,
+            settings.tail_margin,
+            settings.tail_threshold,
+            settings.warning_ratio,
+            settings.tail_ratio_margin,
+            settings.warmup,
+            settings.tail_window,
+            settings.mad_usual_margin,
+        )
         self._scale = 0.0
         self._scale_count = 0
+        self._ramping = True
         self._spread = 0.0
         self._quantile = settings.tail_quantile_start
         self._up_step = settings.tail_quantile_step * settings.tail_quantile
@@ -201,24 +222,36 @@ class TailSpikeDetector:
         (``step`` unused: the engine's detector signature)."""
         if value - value != 0.0:  # NaN or ±Inf, without a function call
             return Finding(value, self.baseline, severity=CRITICAL)
-        if self._log and value <= 0:  # not a positive series after all: judge it as it is
-            self._log = False
+        log = self._log
+        if log and value <= 0:  # not a positive series after all: judge it as it is
+            self._log = log = False
             self._window.clear()
             self._seen = 0
             self._scale = self._spread = 0.0
             self._scale_count = 0
+            self._ramping = True
         # _admit and window.median(), inlined: this runs for every point of every loss and
         # grad norm, and a call costs more than the arithmetic.
-        log = self._log
         x = _ln(value) if log else value
         seen = self._seen = self._seen + 1
-        window = self._window
-        held = window._sorted
+        held = self._held
         count = len(held)
         if count < 3:
-            window.add(x)
+            self._window.add(x)
             return None
-        s = self.s
+        # window is tail_window, also the window's size from here on (one under 3 never gets here)
+        (
+            spread_floor,
+            weight,
+            winsor,
+            margin,
+            least_threshold,
+            warning_ratio,
+            ratio_margin,
+            warmup,
+            window,
+            mad_margin,
+        ) = self._settings
         middle = count >> 1
         level = held[middle] if count & 1 else 0.5 * (held[middle - 1] + held[middle])
         residual = x - level
@@ -231,7 +264,7 @@ class TailSpikeDetector:
             deviation = abs(residual)
         floor = SCALE_FLOOR if log else SCALE_FLOOR * abs(level)
         spread, upper = self._spread, self._scale
-        scale = spread * s.tail_spread_floor
+        scale = spread * spread_floor
         if upper > scale:
             scale = upper
         if scale < floor:
@@ -248,11 +281,15 @@ class TailSpikeDetector:
         # loss) is what a spike is judged by: a log-loss's long lower tail says nothing of how
         # high it jumps. The two-sided one, scaled down, is its floor: a series falling steadily
         # below its lagging median has no bad side to learn from.
-        scales = self._scale_count = self._scale_count + 1
-        weight = 1.0 - s.tail_alpha
-        if scales * weight < 1.0:
-            weight = 1.0 / scales
-        limit = s.tail_winsor * spread if scales > 1 else math.inf
+        if self._ramping:  # the first 1 / (1 - tail_alpha) points: a plain mean, unclipped at first
+            scales = self._scale_count = self._scale_count + 1
+            if scales * weight < 1.0:
+                weight = 1.0 / scales
+            elif scales > 1:
+                self._ramping = False  # the EMA's weight from here on, and a clip
+            limit = winsor * spread if scales > 1 else math.inf
+        else:
+            limit = winsor * spread
         distance = deviation if deviation > 0 else -deviation
         self._spread = spread + weight * ((distance if distance < limit else limit) - spread)
         if deviation > 0:
@@ -263,21 +300,22 @@ class TailSpikeDetector:
             ratio = value / level if direction == UP else (level / value if value > 0 else math.inf)
         else:
             ratio = 0.0
-        threshold = s.tail_margin * quantile
-        if threshold < s.tail_threshold:
-            threshold = s.tail_threshold
+        threshold = margin * quantile
+        if threshold < least_threshold:
+            threshold = least_threshold
         # A warning-sized jump: ≥ warning_ratio × the median and well past the largest ratio
         # this run usually shows, once a full window is behind the median (a fine-tune's first
         # steps move by orders of magnitude: LoRA's B starts at zero).
         usual = self._usual
-        big = ratio >= s.warning_ratio and ratio > s.tail_ratio_margin * usual
-        outlier = seen > s.warmup and size > threshold
+        big = ratio >= warning_ratio and ratio > ratio_margin * usual
+        outlier = seen > warmup and size > threshold
+        mads = self._mads
         if (
             big
             and not outlier
-            and not self._mads
-            and seen > s.tail_window + s.warmup
-            and usual * s.tail_ratio_margin < s.warning_ratio
+            and not mads
+            and seen > window + warmup
+            and usual * ratio_margin < warning_ratio
         ):
             # A grad norm ≥ 10× its median on a run whose usual swing is under 5× is a spike
             # even where the run's noise quantile is high (a LoRA grad norm's log-scale noise
@@ -285,46 +323,46 @@ class TailSpikeDetector:
             # this run's own tail. Not in the first steps after the window fills: the usual
             # swing is learned from there on.
             outlier = True
-        if outlier and log and not self._mads and ratio < s.info_ratio:
+        if outlier and log and not mads and ratio < self.s.info_ratio:
             outlier = False  # a grad norm 1.2× its median on a smooth run is no record
-        elif self._mads and residual > 0 and seen > s.warmup:
+        elif mads and residual > 0 and seen > warmup:
             if outlier:
                 # The loss: an info spike must also be one by the classic rule, or a smooth
                 # falling loss gives a record for every 1.1-1.3× bump (3-7 MADs)
-                if not (big and seen > s.tail_window):
-                    outlier = self._beyond_mads(x, s.mad_threshold)
-            elif ratio - 1.0 > s.mad_usual_margin * (usual - 1.0):
-                outlier = self._beyond_mads(x, s.mad_threshold)
+                if not (big and seen > window):
+                    outlier = self._beyond_mads(x, self.s.mad_threshold)
+            elif ratio - 1.0 > mad_margin * (usual - 1.0):
+                outlier = self._beyond_mads(x, self.s.mad_threshold)
                 big = False  # found by the classic rule alone: info, however high its ratio
         # What is usual: the largest ratio of the recent points that were no outliers, from a
         # full window on, forgotten over tail_memory steps.
         if not outlier:
-            if seen > s.tail_window:
+            if seen > window:
                 usual *= self._decay
                 self._usual = ratio if ratio > usual else (usual if usual > 1.0 else 1.0)
             # _settle and window.add, inlined (the common path: most points are no outlier)
             if self._outliers:
                 self._outliers = 0
-            order = window._order
-            if count == window.size:
+            order = self._order
+            if count == window:
                 del held[bisect_left(held, order.popleft())]
             order.append(x)
             insort(held, x)
             if self._in_spike:
                 self._calm += 1
-                if self._calm >= s.merge_steps:
+                if self._calm >= self.s.merge_steps:
                     self._in_spike = False
             return None
         self._outliers += 1
         self._calm = 0
-        if self._outliers >= s.shift_steps:  # not a spike: the level moved
-            window.add(x)
-        severity = WARNING if big and seen > s.tail_window else INFO
+        if self._outliers >= self.s.shift_steps:  # not a spike: the level moved
+            self._window.add(x)
+        severity = WARNING if big and seen > window else INFO
         if self._in_spike and (severity == INFO or self._severity == WARNING):
             return None
         self._in_spike = True
         self._severity = severity
-        baseline = math.exp(level) if self._log else level
+        baseline = math.exp(level) if log else level
         return Finding(
             value,
             baseline,
@@ -372,14 +410,34 @@ class TailSpikeDetector:
 class DivergenceDetector:
     """The training loss's rolling median far above the best it reached, after warm-up."""
 
-    __slots__ = ("_best", "_diverging", "_level", "_median", "_residuals", "_seen", "s")
+    __slots__ = (
+        "_bar",
+        "_best",
+        "_diverging",
+        "_held",
+        "_least",
+        "_level",
+        "_median",
+        "_order",
+        "_residuals",
+        "_seen",
+        "_start",
+        "s",
+    )
 
     def __init__(self, settings: DivergenceSettings) -> None:
         self.s = settings
         self._median = math.nan
         self._level = RollingWindow(settings.window)
+        # The window's own lists, reached without a hop (every training loss comes here).
+        self._held, self._order = self._level._sorted, self._level._order
         self._residuals: deque[float] = deque(maxlen=100)  # sorted only when the level is high
+        self._start = max(settings.warmup, settings.window)  # points before any verdict
         self._best = math.inf
+        # The margin's ratio term and the level past which the margin is looked at, both
+        # computed once per new best rather than once per point.
+        self._least = settings.ratio * abs(self._best)
+        self._bar = self._best + self._least
         self._seen = 0
         self._diverging = False
 
@@ -390,9 +448,8 @@ class DivergenceDetector:
         if level == level:  # the median before this value: not NaN once a value was seen
             self._residuals.append(value - level if value > level else level - value)
         # self._level.add(value) and .median(), inlined: every training loss comes here
-        window = self._level
-        held, order = window._sorted, window._order
-        if len(order) == window.size:
+        held, order = self._held, self._order
+        if len(order) == self._level.size:
             del held[bisect_left(held, order.popleft())]
         order.append(value)
         insort(held, value)
@@ -400,24 +457,25 @@ class DivergenceDetector:
         middle = count >> 1
         level = held[middle] if count & 1 else 0.5 * (held[middle - 1] + held[middle])
         self._median = level
-        s = self.s
-        if seen < s.warmup or seen < s.window:
+        if seen < self._start:
             return None
         best = self._best
         if level < best:
             self._best = best = level
+            self._least = self.s.ratio * abs(best)
+            self._bar = best + self._least
         # The margin's noise term (a median of 100 residuals) is looked up only when the level
-        # is past the cheaper term alone: the margin is at least that.
-        least = s.ratio * abs(best)
+        # is past the cheaper term alone (best + least, the bar): the margin is at least that.
+        least = self._least
         if not self._diverging:
-            if level <= best + least:
+            if level <= self._bar:
                 return None
-            margin = max(least, s.noise * median(self._residuals))
+            margin = max(least, self.s.noise * median(self._residuals))
             if level > best + margin:
                 self._diverging = True
                 return Finding(level, best, margin)
         elif level >= best + least / 2:
-            margin = max(least, s.noise * median(self._residuals))
+            margin = max(least, self.s.noise * median(self._residuals))
             if level < best + margin / 2:
                 self._diverging = False
         else:
@@ -469,11 +527,13 @@ class LearningRateDetector:
 
     def update(self, rate: float, step: int) -> Finding | None:
         """Takes the next finite learning rate; returns a Finding when it is newly stuck at zero."""
-        previous, self._previous = self._previous, rate
-        if rate > 0:
-            self._peak = max(self._peak, rate)
+        if rate > 0:  # every step of a run: a comparison, not a max() call
+            self._previous = rate
+            if rate > self._peak:
+                self._peak = rate
             self._alerted = False
             return None
+        previous, self._previous = self._previous, rate
         if self._alerted:
             return None
         if self._peak > 0:
