@@ -7,7 +7,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lmtop.hooks import schema
 from lmtop.tui import alert_settings
 from lmtop.tui.alert_settings import AlertSettings, DivergenceSettings, SettingsError
@@ -527,3 +530,66 @@ def test_a_loss_spike_right_after_a_grad_norm_spike_is_a_warning() -> None:
     assert "follows a grad norm spike at step 400" in by_metric["loss"].message
     loss_alone = of(feed({"loss": loss}), "spike")
     assert [(a.step, a.severity) for a in loss_alone] == [(402, "info")]
+
+
+_ODD_VALUES = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 5e-324, 1e-300, 1e300, 1.7e308, -1.7e308]),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(0.0, 10.0),
+)
+
+
+@given(
+    st.lists(st.tuples(_ODD_VALUES, st.integers(0, 2)), min_size=1, max_size=60),
+    st.integers(0, 400),
+)
+@settings(max_examples=200, deadline=None)
+def test_no_series_of_values_makes_the_engine_raise(
+    pattern: list[tuple[float, int]], constant_steps: int
+) -> None:
+    """Whatever a run reports (a grad norm of exactly 0 for steps on end, denormals, ±1.7e308,
+    NaN, negative losses), the engine judges it and never raises: a raise stopped the viewer's
+    poll thread, and so the screen, for good (a run of zero grad norms did, in every rule)."""
+    engine = AlertEngine(AlertSettings().merged({"spike": {"metrics": {"tokens": "down"}}}))
+    names = ("loss", "grad_norm", "learning_rate", "eval_loss", "tokens", "accuracy")
+    seq = 0
+    values = [0.0] * constant_steps + [value for value, _ in pattern] * 6
+    for step, value in enumerate(values):
+        for rank in range(2):
+            message = schema.Message(
+                "r", rank, 2, seq, 1.0 + step, "metrics", step, dict.fromkeys(names, value), {}
+            )
+            engine.feed_batch([("k", message)])
+            seq += 1
+
+
+def test_an_error_in_the_engine_stops_alerts_not_the_viewer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of lmtop's own alert code (it was a run of zero grad norms) is told once as a
+    warning naming the error; every message is still printed (in the app: still drawn)."""
+    import io
+
+    from lmtop.tui import headless
+    from runs import write_run
+
+    run_dir = write_run(tmp_path, "faulty", ranks=2, steps=50)
+    calls = {"n": 0}
+    feed = AlertEngine.feed_batch
+
+    def failing(self: AlertEngine, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ZeroDivisionError("float division by zero")
+        return feed(self, batch)
+
+    monkeypatch.setattr(AlertEngine, "feed_batch", failing)
+    out = io.BytesIO()
+    status = headless.run([str(run_dir)], follow=False, out=out)
+    records = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    internal = [r for r in records if r.get("kind") == "alert" and r["type"] == "internal"]
+    assert status == 0 and len(internal) == 1
+    assert "ZeroDivisionError" in internal[0]["message"] and internal[0]["severity"] == "warning"
+    written = sum(f.read_bytes().count(b'"kind":"metrics"') for f in run_dir.glob("*.jsonl"))
+    assert sum(1 for r in records if r.get("kind") == "metrics") == written > 100

@@ -22,7 +22,7 @@ from lmtop.hooks import schema
 
 from . import rank_health
 from .alert_settings import AlertSettings
-from .alerts import CRITICAL, Alert, AlertEngine
+from .alerts import CRITICAL, WARNING, Alert, AlertEngine
 from .learning_curve import Diagnosis
 from .owned import create_new, owned_dir_fd
 
@@ -212,6 +212,7 @@ class Alerting:
         )
         self.snapshots = Snapshots() if settings.snapshots and settings.enabled else None
         self._runs = runs
+        self.failed: str | None = None  # the engine's error, once it raised one
 
     @property
     def critical(self) -> bool:
@@ -224,7 +225,12 @@ class Alerting:
 
     def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
         """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots."""
-        told = self.engine.feed_batch(batch)
+        if self.failed is not None:
+            return []
+        try:
+            told = self.engine.feed_batch(batch)
+        except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
+            return [(len(batch) - 1, self._failure(exc, batch[-1][0] if batch else ""))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
             return told
@@ -243,7 +249,30 @@ class Alerting:
             for episode in episodes:
                 if isinstance(episode, rank_health.Crash):
                     self.snapshots.ended(episode.run, episode.rank)
-        return self._act(self.engine.tick(episodes))
+        if self.failed is not None:
+            return []
+        try:
+            return self._act(self.engine.tick(episodes))
+        except Exception as exc:
+            return [self._failure(exc, episodes[0].run if episodes else "")]
+
+    def _failure(self, exc: Exception, key: str) -> Alert:
+        """Alerts stop after an error in the engine (a bug of lmtop's, not of the run): the
+        charts and the tables go on, and the alert says so once."""
+        self.failed = f"{type(exc).__name__}: {exc}"
+        run = self._runs.get(key)
+        return Alert(
+            type="internal",
+            severity=WARNING,
+            run=getattr(run, "name", key),
+            key=key,
+            rank=0,
+            metric=None,
+            step=None,
+            value=None,
+            baseline=None,
+            message=f"alerts stopped by an error in lmtop ({self.failed[:200]}); charts go on",
+        )
 
     def diagnose(self, key: str) -> Diagnosis:
         """The run's learning-curve verdict (see ``AlertEngine.diagnose``)."""

@@ -269,7 +269,9 @@ class TailSpikeDetector:
             scale = upper
         if scale < floor:
             scale = floor
-        size = deviation / scale
+        # A series that never left 0 has no noise yet to judge a move by (0 / 0): its first
+        # move teaches the scale instead.
+        size = deviation / scale if scale > 0.0 else 0.0
         # The run's own quantile of sizes: up by a step on an exceedance, down by a small one.
         quantile = self._quantile
         if size > quantile:
