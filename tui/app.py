@@ -183,7 +183,8 @@ class LmtopApp(Keys):
         reading = False  # a history is being read
         try:
             while not worker.is_cancelled:
-                batch = source.poll(0.1)
+                # A replay has work every turn: the poll does not wait for live frames then.
+                batch = source.poll(0.0 if history is not None and history.reading_again else 0.1)
                 restored = follower.take_restored() if follower is not None else []
                 if batch or restored:
                     with self.store_lock:

@@ -97,6 +97,11 @@ class HistoryAlerts:
         """Whether alerts over a history are still owed (being read again, or about to be)."""
         return self._floor is not None or self._replay is not None
 
+    @property
+    def reading_again(self) -> bool:
+        """Whether the run files are being read again for the engine (a replay under way)."""
+        return self._replay is not None
+
     def take(self, batch: list[Keyed], restored: bool = False) -> list[Any]:
         """The alerts of the messages of ``batch`` that are not left to a replay; ``restored``:
         ranks were taken from their cache before it (a history the engine has not seen)."""
