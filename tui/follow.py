@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
-from . import bulk, cache, discovery, tensorboard_events, trainer_state
+from . import cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .readers import WORKER_BYTES, Readers, readers_ready
 from .runbook import RankState, Run, RunBook
@@ -270,6 +270,8 @@ class Follower:
     ) -> tuple[Run, RankState, RankFile | None]:
         """Reads one rank's file to its end into ``store`` (what a worker process does), or
         until ``stop()`` says so."""
+        from . import bulk  # numpy: only where a history is read whole, not in headless mode
+
         run = self._add_run_dir(run_dir)
         rank = self.book.rank(run, number)
         file = self._file(run, rank)
