@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmtop.hooks import schema
-from lmtop.tui import alert_settings
+from lmtop.tui import alert_settings, rank_health
+from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings, DivergenceSettings, SettingsError
 from lmtop.tui.alerts import AlertEngine
 from lmtop.tui.detectors import DivergenceDetector, Finding, RollingWindow, median
@@ -593,3 +594,12 @@ def test_an_error_in_the_engine_stops_alerts_not_the_viewer(
     assert "ZeroDivisionError" in internal[0]["message"] and internal[0]["severity"] == "warning"
     written = sum(f.read_bytes().count(b'"kind":"metrics"') for f in run_dir.glob("*.jsonl"))
     assert sum(1 for r in records if r.get("kind") == "metrics") == written > 100
+    # It belongs to no run (the app lists it under every run), and crashes are still told.
+    assert internal[0]["run"] == "lmtop" and internal[0]["dir"] is None
+    alerting = Alerting(AlertSettings(), {})
+    calls["n"] = 0  # its first batch fails too
+    message = schema.Message("r", 0, 1, 0, 1.0, "metrics", 0, {"loss": 1.0}, {})
+    assert [a.type for _, a in alerting.feed_batch([("k", message)])] == ["internal"]
+    assert alerting.feed_batch([("k", message)]) == []
+    crash = rank_health.Crash("k", 0, 7)
+    assert [a.type for a in alerting.tick([crash])] == ["crashed"]

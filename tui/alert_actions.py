@@ -212,7 +212,8 @@ class Alerting:
         )
         self.snapshots = Snapshots() if settings.snapshots and settings.enabled else None
         self._runs = runs
-        self.failed: str | None = None  # the engine's error, once it raised one
+        self.failed: str | None = None  # the engine's error on metrics, once it raised one
+        self.tick_failed: str | None = None  # its error judging crashes and stalls
 
     @property
     def critical(self) -> bool:
@@ -230,7 +231,8 @@ class Alerting:
         try:
             told = self.engine.feed_batch(batch)
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
-            return [(len(batch) - 1, self._failure(exc, batch[-1][0] if batch else ""))]
+            self.failed = f"{type(exc).__name__}: {exc}"
+            return [(len(batch) - 1, self._failure("alerts on metrics stopped"))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
             return told
@@ -249,30 +251,33 @@ class Alerting:
             for episode in episodes:
                 if isinstance(episode, rank_health.Crash):
                     self.snapshots.ended(episode.run, episode.rank)
-        if self.failed is not None:
+        if self.tick_failed is not None:
             return []
         try:
             return self._act(self.engine.tick(episodes))
         except Exception as exc:
-            return [self._failure(exc, episodes[0].run if episodes else "")]
+            self.tick_failed = f"{type(exc).__name__}: {exc}"
+            return [self._failure("crash, stall and straggler alerts stopped")]
 
-    def _failure(self, exc: Exception, key: str) -> Alert:
+    def _failure(self, what: str) -> Alert:
         """Alerts stop after an error in the engine (a bug of lmtop's, not of the run): the
-        charts and the tables go on, and the alert says so once."""
-        self.failed = f"{type(exc).__name__}: {exc}"
-        run = self._runs.get(key)
-        return Alert(
+        charts and the tables go on, and the alert says so once, for every run (it has no run
+        of its own), to ``--on-alert`` too. Crashes and stalls are judged apart from metrics:
+        one stopping leaves the other."""
+        error = self.failed or self.tick_failed or ""
+        alert = Alert(
             type="internal",
             severity=WARNING,
-            run=getattr(run, "name", key),
-            key=key,
+            run="lmtop",
+            key="",
             rank=0,
             metric=None,
             step=None,
             value=None,
             baseline=None,
-            message=f"alerts stopped by an error in lmtop ({self.failed[:200]}); charts go on",
+            message=f"{what} by an error in lmtop ({error[:200]}); charts go on",
         )
+        return self._act([alert])[0]
 
     def diagnose(self, key: str) -> Diagnosis:
         """The run's learning-curve verdict (see ``AlertEngine.diagnose``)."""

@@ -313,7 +313,8 @@ class LmtopApp(Keys):
         """The header, the ranks table and the alerts: what time alone changes."""
         self.clock_at = time.monotonic()
         run = self.current_run()
-        shown = [a for a in self.alerts if run is not None and a.key == run.key]
+        # An alert of no run (lmtop's own error) is every run's.
+        shown = [a for a in self.alerts if run is not None and a.key in (run.key, "")]
         counters: dict[str, Any] = {  # info alerts are listed, not counted in the badge
             "bad_live": self.source.bad_live,
             "alerts": sum(1 for a in shown if a.severity != "info"),

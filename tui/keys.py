@@ -246,7 +246,8 @@ class Keys(App[int]):
 
     def action_pick_alert(self) -> None:
         run = self.current_run()
-        shown = [a for a in self.alerts if run is not None and a.key == run.key]
+        # An alert of no run (lmtop's own error) is every run's.
+        shown = [a for a in self.alerts if run is not None and a.key in (run.key, "")]
         if not shown:
             self.notify("no alerts in this run", timeout=2)
             return
