@@ -201,7 +201,12 @@ def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None
 
 @given(
     st.integers(1024, 6000),
-    st.lists(st.tuples(st.integers(0, 5999), st.sampled_from([math.nan, math.inf, -math.inf]))),
+    st.lists(
+        st.tuples(
+            st.integers(0, 5999),
+            st.sampled_from([math.nan, math.inf, -math.inf, 1.7e308, -1.7e308, 0.0, -0.0]),
+        )
+    ),
     st.integers(0, 70),
     st.booleans(),
 )
@@ -212,7 +217,8 @@ def test_a_long_extend_summarises_its_blocks_as_point_by_point(
     """A history's worth of points added at once (its full blocks summarised together) gives
     the pyramid, bit for bit, and the picture that adding them one at a time gives: NaN and
     infinities left out of every block's min, max, sum and count, a block of nothing but NaN
-    included."""
+    included, the first of 0.0 and -0.0 kept, and finite points that sum past the float range
+    (which math.fsum raised for, stopping the viewer's poll thread) summed to an infinity."""
     values = [math.sin(i * 0.37) * (1 + i % 7) for i in range(count)]
     for index, value in odd:
         if index < count:
@@ -238,3 +244,43 @@ def test_a_long_extend_summarises_its_blocks_as_point_by_point(
     assert at_once.nonfinite == one_by_one.nonfinite
     for ncols in (7, 80):
         assert repr(at_once.columns(0, count, ncols)) == repr(one_by_one.columns(0, count, ncols))
+
+
+def test_a_file_whose_lines_hold_an_integer_reads_as_fast_as_line_by_line(
+    tmp_path: Path,
+) -> None:
+    """Lines that are plain but for one value (a metric logged as an int, a NaN on every line
+    of a diverged run) take the general path one by one: the bulk read must not look at the
+    rest of the chunk again for each (it took 36 s for 8,000 such lines, 0.06 s line by line)."""
+    import time
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    text = _lines(["plain"] * 500 + ["int"] * 4000 + ["nan"] * 2000 + ["plain"] * 500)
+    (run_dir / "rank-0.jsonl").write_bytes(text)
+    started = time.process_time()
+    bulk_read = _bulk(run_dir)
+    bulk_seconds = time.process_time() - started
+    started = time.process_time()
+    general = _general(run_dir)
+    general_seconds = time.process_time() - started
+    assert bulk_read == general
+    assert bulk_seconds < 3 * general_seconds + 0.1
+
+
+def test_a_long_extend_keeps_the_first_of_two_zeros_as_one_block_alone_does() -> None:
+    """Blocks whose min or max is a zero: 0.0 then -0.0 (and -0.0 then 0.0) give the same bits
+    whether summarised together or one point at a time (numpy picked either zero)."""
+    values = [1.0] * 2048
+    values[5], values[9] = 0.0, -0.0
+    values[70], values[75] = -0.0, 0.0
+    values[130], values[140] = -0.0, -1.0  # a zero as the max
+    values[200], values[210] = 0.0, -0.0
+    values[200:264] = [-v if v else v for v in values[200:264]]
+    steps, times = list(range(2048)), [T0 + i for i in range(2048)]
+    at_once, one_by_one = Series(), Series()
+    at_once.extend(steps, times, values)
+    for i in range(2048):
+        one_by_one.extend(steps[i : i + 1], times[i : i + 1], values[i : i + 1])
+    for got, want in zip(at_once.b1, one_by_one.b1):
+        assert got.tobytes() == want.tobytes()

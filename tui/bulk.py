@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Callable
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -47,9 +46,17 @@ def parse(lines: list[bytes]) -> list[Any]:
         return docs
 
 
-def take_plain(run: Run, rank: RankState, docs: list[Any], start: int, store: Store) -> int:
+def take_plain(
+    run: Run,
+    rank: RankState,
+    docs: list[Any],
+    start: int,
+    store: Store,
+    before: list[tuple[str, schema.Message]] | None = None,
+) -> int:
     """Applies the plain metrics lines from ``docs[start]`` on, as the general path would;
-    returns the index of the first line not taken (``start`` when that line is not plain)."""
+    returns the index of the first line not taken (``start`` when that line is not plain).
+    ``before``: messages of earlier lines, applied but not in the store yet (they go first)."""
     first = docs[start]
     pace = rank.pace
     if (
@@ -76,6 +83,7 @@ def take_plain(run: Run, rank: RankState, docs: list[Any], start: int, store: St
     ):
         return start
     names = tuple(metrics)
+    floats = (float,) * len(names)
     number, seq = rank.rank, rank.file_seq + 1
     last_step = pace.step if pace.step is not None else 0
     steps: list[int] = []
@@ -108,23 +116,23 @@ def take_plain(run: Run, rank: RankState, docs: list[Any], start: int, store: St
                 break
         except KeyError:
             break
+        row = tuple(values.values())
+        if tuple(map(type, row)) != floats:  # an integer, a "nan" token: the run ends here
+            break
         steps.append(step)
         times.append(t)
-        rows.append(tuple(values.values()))
+        rows.append(row)
         last_step = step
         seq += 1
         end += 1
-    # Values are checked together (one pass in C); a run holding a value that is not a float
-    # (an integer, a "nan" token) ends before the line that holds it.
-    if set(map(type, chain.from_iterable(rows))) - {float}:
-        good = next(i for i, row in enumerate(rows) if not all(type(v) is float for v in row))
-        del steps[good:], times[good:], rows[good:]
-        end = start + good
     if end == start:
         return start
     _apply(run, rank, steps, times, world)
     matrix = np.array(rows, dtype=np.float64)  # transposed in C, copied once per column below
     columns = [array("d", matrix[:, column].tobytes()) for column in range(len(names))]
+    if before:
+        store.add(before)
+        before.clear()
     store.add_columns(run.key, number, names, array("q", steps), array("d", times), columns)
     return end
 
@@ -169,22 +177,38 @@ def read_chunk(
     lines: list[bytes],
     store: Store,
     decode: Callable[[list[bytes]], list[schema.Message]],
-    take: Callable[[list[schema.Message]], None],
+    take: Callable[[list[schema.Message]], list[tuple[str, schema.Message]]],
 ) -> None:
     """Applies one chunk of a rank file's lines: plain runs here, the rest by ``take`` (the
-    follower's general path, given the messages ``decode`` makes of lines)."""
+    follower's general path, given the messages ``decode`` makes of lines, returning those it
+    applied), into ``store`` in file order."""
     docs = parse(lines)
     index, count = 0, len(lines)
+    pending: list[tuple[str, schema.Message]] = []  # applied, for the store
     while index < count:
-        after = take_plain(run, rank, docs, index, store)
+        after = take_plain(run, rank, docs, index, store, pending)
         if after > index:
             index = after
             continue
-        messages = decode([lines[index]])
-        if messages and messages[0].seq != rank.file_seq + 1:
-            # Out of sequence: whether it is the rank's depends on the lines after it, which the
-            # general path reads together (``Follower._take``).
-            take(messages + decode(lines[index + 1 :]))
-            return
-        take(messages)
-        index += 1
+        # The lines up to the next that may start a plain run go to the general path together.
+        stop = index + 1
+        while stop < count and not _may_start(docs[stop]):
+            stop += 1
+        messages = decode(lines[index:stop])
+        expected = rank.file_seq + 1
+        if any(message.seq != expected + k for k, message in enumerate(messages)):
+            # Out of sequence: whether a line is the rank's depends on the lines after it,
+            # which the general path reads together (``Follower._take``).
+            pending += take(messages + decode(lines[stop:]))
+            break
+        pending += take(messages)
+        index = stop
+    store.add(pending)
+
+
+def _may_start(doc: Any) -> bool:
+    """Whether a line may start a plain run (a cheap look: take_plain decides)."""
+    if type(doc) is not dict or len(doc) != _FIELDS or doc.get("kind") != schema.METRICS:
+        return False
+    values = doc.get("m")
+    return type(values) is dict and tuple(map(type, values.values())) == (float,) * len(values)

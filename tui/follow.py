@@ -53,6 +53,7 @@ REMOTE_SILENT_SECONDS = 300.0
 READ_BUDGET = 2 << 20
 MIN_READ = 16 << 10
 LIVE_DRAIN_FRAMES = 2000
+LIVE_FILE_SECONDS = 1.0  # how often the file of a rank heard live is read (see Follower._apply)
 # Live frames arriving within this of the first are one poll (one store update per series, one
 # snapshot, one screen message): 16 ranks at 40 steps/s cost the viewer 25-28 % of a core at
 # 0.05 s, 20-21 % at 0.2 s. Charts are redrawn every 0.5 s at best, so nothing shows later.
@@ -117,9 +118,11 @@ class Follower:
         self._readers: Readers | None = None
         if readers > 0:
             readers_ready()
-            if self._uncached_history():  # they start (~0.4 s) while the screen is set up
-                self._readers = Readers(readers)
-                self._readers.warm()
+            uncached = self._uncached_history()
+            if uncached:  # they start (~0.4 s) while the screen is set up
+                self._readers = self._pool()
+                if self._readers is not None:
+                    self._readers.warm(uncached)
         self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
     @property
@@ -161,18 +164,26 @@ class Follower:
 
     # -- the columnar cache ---------------------------------------------------------------------
 
-    def _uncached_history(self) -> bool:
-        """Whether a run directory named on the command line holds a rank file long enough for
-        a worker and no cache beside it (a first open of a long history)."""
+    def _uncached_history(self) -> int:
+        """How many rank files of the run directories named on the command line are long
+        enough for a worker and have no cache beside them (a first open of a long history)."""
+        count = 0
         for run_dir in self._run_dirs:
             for number in discovery.ranks(run_dir):
                 try:
                     long = os.stat(discovery.rank_file(run_dir, number)).st_size >= WORKER_BYTES
                 except OSError:
                     continue
-                if long and not (run_dir / cache.cache_name(number)).exists():
-                    return True
-        return False
+                count += long and not (run_dir / cache.cache_name(number)).exists()
+        return count
+
+    def _pool(self) -> Readers | None:
+        """Worker processes, or None (reads in this process) where they cannot be had."""
+        try:
+            return Readers(self._workers)
+        except OSError:  # no temporary directory to write in
+            self._workers = 0
+            return None
 
     def _restore(self, run: Run, rank: RankState, file: RankFile, run_dir: Path) -> bool:
         """Starts a rank from its cache, if it has a valid one (looked for once), else hands a
@@ -194,7 +205,9 @@ class Follower:
         except OSError:
             return False
         if self._readers is None:
-            self._readers = Readers(self._workers)
+            self._readers = self._pool()
+            if self._readers is None:
+                return False
         self._reading[key] = self._readers.submit(run_dir, rank.rank)
         return True
 
@@ -277,12 +290,11 @@ class Follower:
         file = self._file(run, rank)
         if file is None:
             return run, rank, None
-        out: list[Keyed] = []
 
-        def take(messages: list[schema.Message]) -> None:
+        def take(messages: list[schema.Message]) -> list[Keyed]:
+            out: list[Keyed] = []
             self._take(run, rank, messages, out)
-            store.add(out)  # before the next plain run: the store takes points in file order
-            out.clear()
+            return out
 
         more = True
         while more and not (stop is not None and stop()):
@@ -503,32 +515,44 @@ class Follower:
 
     # -- applying messages ----------------------------------------------------------------------
 
-    def _apply(self, run: Run, rank: RankState, message: schema.Message, out: list[Keyed]) -> None:
+    def _apply(
+        self,
+        run: Run,
+        rank: RankState,
+        message: schema.Message,
+        out: list[Keyed],
+        live: bool = False,
+    ) -> None:
         if self.book.apply(run, rank, message):
             out.append((run.key, message))
-            self._idle.pop((run.key, rank.rank), None)  # it speaks: read it at the full pace
+            key = (run.key, rank.rank)
+            if not live:
+                self._idle.pop(key, None)  # it speaks: read it at the full pace
+            elif self._idle.get(key, (0.0, 0.0))[0] <= time.monotonic():
+                # Its file repeats its frames: read it (for a frame the live path lost, a
+                # process gone) every LIVE_FILE_SECONDS, not at every scan.
+                self._idle[key] = (time.monotonic() + LIVE_FILE_SECONDS, LIVE_FILE_SECONDS)
             if rank.done and self._live is not None and rank.endpoint:
                 self._live.disconnect(rank.endpoint)
 
     def _drain_live(self, out: list[Keyed], wait: float) -> None:
-        """Takes the live frames waiting, for at most LIVE_DRAIN_SECONDS. Idle (``wait`` > 0),
-        it waits for one, then for those arriving within LIVE_DRAIN_SECONDS of it: 16 ranks
-        send a frame every 1.5 ms, and one poll per frame cost most of a core."""
+        """Takes the live frames waiting. Idle (``wait`` > 0), it waits for one, lets those of
+        the next LIVE_DRAIN_SECONDS gather in their sockets, then takes them all: 16 ranks send
+        a frame every 1.5 ms, and waking for each cost the viewer more than all else it does
+        with them. At most LIVE_DRAIN_SECONDS of taking, LIVE_DRAIN_FRAMES frames."""
         assert self._live is not None
-        gather = wait > 0
+        received = self._live.receive(wait)
+        if received is None:
+            return
+        if wait > 0:
+            time.sleep(LIVE_DRAIN_SECONDS)  # the sockets hold what comes meanwhile (RCVHWM)
         deadline = time.monotonic() + LIVE_DRAIN_SECONDS
-        for count in range(LIVE_DRAIN_FRAMES):
-            received = self._live.receive(wait)
-            if received is None:
-                return
+        for _ in range(LIVE_DRAIN_FRAMES):
             (key, number), frame = received
             self._apply_frame(key, number, frame, out)
-            now = time.monotonic()
-            if gather and count == 0:  # counted from the first frame
-                deadline = now + LIVE_DRAIN_SECONDS
-            if now > deadline:
+            received = self._live.receive(0.0)
+            if received is None or time.monotonic() > deadline:
                 return
-            wait = deadline - now if gather else 0.0
 
     def _apply_frame(self, key: str, number: int, frame: bytes, out: list[Keyed]) -> None:
         run = self.runs.get(key)
@@ -549,7 +573,7 @@ class Follower:
             if message.seq > rank.applied + 1:
                 while self._read(run, rank, out):  # the file holds everything before it
                     pass
-            self._apply(run, rank, message, out)
+            self._apply(run, rank, message, out, live=True)
 
 
 class _LiveSockets:

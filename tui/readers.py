@@ -18,6 +18,7 @@ import gc
 import io
 import os
 import tempfile
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,18 +31,22 @@ WORKER_BYTES = 1 << 20
 
 
 # Set in a worker when it starts: a file of the viewer's that is there while it wants reads
-# (a path, not a semaphore: a worker still starting when the viewer quits must not fail).
+# (a path, not a semaphore: a worker still starting when the viewer quits must not fail), and
+# the viewer's process id.
 _wanted: str | None = None
+_viewer = 0
 
 
-def _started(wanted: str) -> None:
-    global _wanted
-    _wanted = wanted
+def _started(wanted: str, viewer: int) -> None:
+    global _wanted, _viewer
+    _wanted, _viewer = wanted, viewer
 
 
 def _stopped() -> bool:
-    """Whether the viewer stopped the reads (its file is gone)."""
-    return _wanted is not None and not os.path.exists(_wanted)
+    """Whether the viewer stopped the reads (its file is gone) or is gone itself."""
+    if _wanted is None:
+        return False
+    return not os.path.exists(_wanted) or os.getppid() != _viewer
 
 
 def read_rank(run_dir: str, number: int) -> bytes | None:
@@ -93,17 +98,23 @@ class Readers:
     """A pool of worker processes reading rank files; results are taken as they come."""
 
     def __init__(self, workers: int) -> None:
+        """Raises OSError when the file that tells workers to go on cannot be made."""
         self._workers = workers
         fd, self._wanted = tempfile.mkstemp(prefix="lmtop-readers-")  # private: mode 0600
         os.close(fd)
+        # Removed when the pool is dropped unclosed too (a viewer that failed to start).
+        self._remove = weakref.finalize(self, _remove, self._wanted)
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_started, initargs=(self._wanted,)
+            workers,
+            mp_context=get_context("spawn"),
+            initializer=_started,
+            initargs=(self._wanted, os.getpid()),
         )
 
-    def warm(self) -> None:
-        """Starts every worker now, each importing what a read needs, so that the first reads
-        do not wait for them."""
-        for _ in range(self._workers):
+    def warm(self, count: int) -> None:
+        """Starts ``count`` workers now (at most the pool's), each importing what a read needs,
+        so that the first reads do not wait for them."""
+        for _ in range(min(count, self._workers)):
             self._pool.submit(_warm)
 
     def submit(self, run_dir: Path, number: int) -> Future[bytes | None]:
@@ -127,6 +138,10 @@ class Readers:
         worker sees its file gone and gives up within one read budget (~10 ms); it is never
         killed, since one killed while it hands back a result leaves half a message in the
         pool's pipe, and the interpreter's exit then waits for the rest forever."""
-        with contextlib.suppress(OSError):
-            os.unlink(self._wanted)
+        self._remove()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -27,6 +27,15 @@ INF = math.inf
 MANY_BLOCKS = 16
 
 
+def fsum(values: Iterable[float]) -> float:
+    """``math.fsum``, or ±inf where finite values sum beyond the float range (two points of
+    1.7e308 in a block), which ``math.fsum`` raises for."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return sum(values)
+
+
 @dataclass(slots=True)
 class Columns:
     """One series decimated to terminal columns; a column with no finite value is left out."""
@@ -133,12 +142,12 @@ class Series:
         if block < len(mins):
             mins[block] = min(mins[block], min(values))
             maxs[block] = max(maxs[block], max(values))
-            sums[block] = math.fsum(self.values[block * B1 : end])
+            sums[block] = fsum(self.values[block * B1 : end])
             counts[block] += len(values)
         else:
             mins.append(min(values))
             maxs.append(max(values))
-            sums.append(math.fsum(values))
+            sums.append(fsum(values))
             counts.append(float(len(values)))
         top = block // B1  # its level-2 block, and where that block's level-1 blocks begin
         first = top * B1
@@ -166,16 +175,21 @@ class Series:
         if finite.all():
             mins, maxs = blocks.min(axis=1), blocks.max(axis=1)
             counts = np.full(stop - first, float(B1))
-            sums = list(map(math.fsum, rows))
+            sums = list(map(fsum, rows))
         else:
             mins = np.where(finite, blocks, INF).min(axis=1)
             maxs = np.where(finite, blocks, -INF).max(axis=1)
             counts = finite.sum(axis=1).astype(np.float64)
             whole = [bool(ok) for ok in np.all(finite, axis=1).tolist()]
             sums = [
-                math.fsum(row) if ok else math.fsum(v for v in row if v - v == 0.0)
+                fsum(row) if ok else fsum([v for v in row if v - v == 0.0])
                 for row, ok in zip(rows, whole)
             ]
+        # numpy's min and max pick either zero of 0.0 and -0.0; Python's keep the first, as a
+        # block summarised on its own does: blocks with a zero at either end are taken again.
+        for row in np.flatnonzero((mins == 0.0) | (maxs == 0.0)).tolist():
+            finite_row = [v for v in rows[row] if v - v == 0.0]
+            mins[row], maxs[row] = min(finite_row), max(finite_row)
         for column, summary in zip(self.b1, (mins, maxs, sums, counts)):
             del column[first:]
             column.extend(
@@ -200,7 +214,7 @@ class Series:
             values = array("d", (v for v in values if v - v == 0.0))
         if not values:
             return INF, -INF, 0.0, 0.0
-        return min(values), max(values), math.fsum(values), float(len(values))
+        return min(values), max(values), fsum(values), float(len(values))
 
     def _summary(self, lo: int, hi: int, size: int) -> tuple[float, float, float, float]:
         """Finite min, max, sum and count of points ``[lo, hi)``, both multiples of ``size``."""
@@ -298,13 +312,16 @@ class Store:
     def add(self, batch: Iterable[tuple[str, schema.Message]]) -> int:
         """Adds the metrics messages of a batch of (run key, message); returns points added.
 
-        Consecutive messages of one rank with the same metric names (the usual case) are added
-        as one group: one list of steps and times shared by its series, one list per metric.
+        A rank's messages in a row (in the batch's order once the ranks are put apart) with the
+        same metric names, the usual case, are added as one group: one list of steps and times
+        shared by its series, one list per metric.
         """
         added = 0
         group: list[schema.Message] = []
         group_key = ""
-        for key, message in batch:
+        # Live frames come round robin over the ranks: each rank's messages are put together
+        # (in their order), so that a poll is one group a rank, not one a message.
+        for key, message in sorted(batch, key=_run_and_rank):
             if message.kind != schema.METRICS or message.step is None or not message.m:
                 continue
             if group and not (
@@ -343,6 +360,8 @@ class Store:
         """Adds points of one rank given as columns: ``columns[i][j]`` is metric ``names[i]``
         at ``steps[j]`` and ``times[j]`` (steps non-decreasing), exactly as :meth:`add` adds
         the messages they came from; returns points added."""
+        if not len(steps):
+            return 0
         self.last_step[(run, rank)] = max(steps[-1], self.last_step.get((run, rank), steps[-1]))
         added = 0
         group_key = (run, rank, names)
@@ -468,6 +487,10 @@ class Store:
             self.last_step[(run, rank)] = meta["last_step"]
         self.points += added
         return added
+
+
+def _run_and_rank(pair: tuple[str, schema.Message]) -> tuple[str, int]:
+    return pair[0], pair[1].rank
 
 
 _PARTS = ("min", "max", "sum", "count")  # a pyramid level's columns, by name in the cache
