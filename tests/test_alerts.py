@@ -603,3 +603,8 @@ def test_an_error_in_the_engine_stops_alerts_not_the_viewer(
     assert alerting.feed_batch([("k", message)]) == []
     crash = rank_health.Crash("k", 0, 7)
     assert [a.type for a in alerting.tick([crash])] == ["crashed"]
+    # A failure judging crashes says its own error, not the metrics' one.
+    monkeypatch.setattr(AlertEngine, "tick", lambda self, episodes: 1 / 0)
+    (told,) = alerting.tick([crash])
+    assert "crash" in told.message and "division by zero" in told.message
+    assert "float division" not in told.message

@@ -423,3 +423,35 @@ def test_only_a_backlog_worth_it_is_replayed_and_the_alerts_are_the_same(
     while not plain.done:
         expected += [a for _, a in plain_alerting.feed_batch(plain.poll(0))]
     assert told == sorted((a.type, a.rank, a.metric, a.step) for a in expected)
+
+
+_VIEWER_WITH_A_READ = """
+import sys, time
+from lmtop.tui.readers import Readers
+
+readers = Readers(1)
+reading = readers.submit(sys.argv[1], 0)
+while not reading.running():
+    time.sleep(0.01)
+print(*readers._pool._processes, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path) -> None:
+    """kill -9 of the viewer while a worker reads: the worker stops reading and exits (it held
+    both ends of the pool's pipe and waited on it for ever, 44 MB each)."""
+    run_dir = write_run(tmp_path, "long", ranks=1, steps=20_000)
+    viewer = subprocess.Popen(
+        [sys.executable, "-c", _VIEWER_WITH_A_READ, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert viewer.stdout is not None
+    (pid,) = map(int, viewer.stdout.readline().split())
+    viewer.kill()
+    viewer.wait()
+    deadline = time.monotonic() + 20
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid)

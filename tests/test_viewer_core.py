@@ -6,12 +6,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lmtop.hooks import registry, schema
+from lmtop.tui import follow
 from lmtop.tui.follow import Follower
 from lmtop.tui.runfile import RankFile
 
@@ -249,3 +252,77 @@ def test_a_long_history_reads_as_catching_up_from_the_other_thread_too(tmp_path:
     assert len(got) == 60_000
     assert len(seen_during_reads) >= 4
     assert all(seen_during_reads[1:]), seen_during_reads  # the first read starts the backlog
+
+
+def _follow_demo_ranks(
+    lmtop_env: dict[str, str], ranks: int, seconds: float
+) -> tuple[Follower, dict[int, int], list[Any]]:
+    """Follows ``ranks`` of ``lmtop demo``'s simulated ranks (40 steps a second each, through
+    the real hook) live for ``seconds``; returns the follower, each rank's last seq in its file
+    when it stopped, and the processes (stopped)."""
+    from lmtop.tui.demo import start_ranks, stop
+
+    procs = start_ranks(ranks, 10_000_000, 1.0, lmtop_env["LMTOP_DIR"])
+    follower = Follower()
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            follower.poll(0.1)
+        written = {}
+        for run in follower.runs.values():
+            for number in run.ranks:
+                assert run.dir is not None
+                last = (run.dir / f"rank-{number}.jsonl").read_bytes().rsplit(b"\n", 2)[-2]
+                written[number] = orjson.loads(last)["seq"]
+    finally:
+        stop(procs)
+    return follower, written, procs
+
+
+def test_a_rank_heard_live_still_has_its_file_read_and_its_process_checked(
+    lmtop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a rank's frames keep coming, its file is still read (for a frame the live path
+    lost) and its process checked (for a crash) every 1-2 s: a frame must not put the read off
+    for ever (then a pause read everything written since the viewer started at once)."""
+    checked: list[int] = []
+    check = Follower._check_alive
+
+    def counting(self: Follower, run: Any, rank: Any, out: Any, now: float) -> None:
+        checked.append(rank.rank)
+        check(self, run, rank, out, now)
+
+    monkeypatch.setattr(Follower, "_check_alive", counting)
+    follower, _, _ = _follow_demo_ranks(lmtop_env, 2, 7.0)
+    follower.close()
+    assert checked.count(0) >= 3 and checked.count(1) >= 3
+
+
+def test_live_frames_beyond_one_polls_limit_are_taken_and_none_is_dropped(
+    lmtop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll takes at most LIVE_DRAIN_FRAMES frames; when more wait (thousands of ranks), the
+    next polls take them at once instead of gathering again, so the sockets' queues do not
+    grow; and every frame taken from a socket is applied (the one taken last was dropped)."""
+    monkeypatch.setattr(follow, "LIVE_DRAIN_FRAMES", 2)  # 4 ranks x 40 frames/s is then a lot
+    received: list[bytes] = []
+    applied: list[bytes] = []
+    receive, apply = follow._LiveSockets.receive, Follower._apply_frame
+
+    def receiving(self: Any, wait: float) -> Any:
+        got = receive(self, wait)
+        if got is not None:
+            received.append(got[1])
+        return got
+
+    def applying(self: Follower, key: str, number: int, frame: bytes, out: Any) -> None:
+        applied.append(frame)
+        apply(self, key, number, frame, out)
+
+    monkeypatch.setattr(follow._LiveSockets, "receive", receiving)
+    monkeypatch.setattr(Follower, "_apply_frame", applying)
+    follower, written, _ = _follow_demo_ranks(lmtop_env, 4, 6.0)
+    follower.close()
+    lines = sum(frame.count(b"\n") + 1 for frame in received)
+    assert applied == received
+    assert lines >= 0.8 * sum(written.values()), (lines, written)  # taken as fast as sent

@@ -232,7 +232,7 @@ class Alerting:
             told = self.engine.feed_batch(batch)
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
             self.failed = f"{type(exc).__name__}: {exc}"
-            return [(len(batch) - 1, self._failure("alerts on metrics stopped"))]
+            return [(len(batch) - 1, self._failure("alerts on metrics stopped", self.failed))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
             return told
@@ -257,14 +257,13 @@ class Alerting:
             return self._act(self.engine.tick(episodes))
         except Exception as exc:
             self.tick_failed = f"{type(exc).__name__}: {exc}"
-            return [self._failure("crash, stall and straggler alerts stopped")]
+            return [self._failure("crash, stall and straggler alerts stopped", self.tick_failed)]
 
-    def _failure(self, what: str) -> Alert:
+    def _failure(self, what: str, error: str) -> Alert:
         """Alerts stop after an error in the engine (a bug of lmtop's, not of the run): the
         charts and the tables go on, and the alert says so once, for every run (it has no run
         of its own), to ``--on-alert`` too. Crashes and stalls are judged apart from metrics:
         one stopping leaves the other."""
-        error = self.failed or self.tick_failed or ""
         alert = Alert(
             type="internal",
             severity=WARNING,

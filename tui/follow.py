@@ -107,6 +107,7 @@ class Follower:
         self._limit = READ_BUDGET  # bytes per rank file per read (see READ_BUDGET)
         self._scanned_once = False
         self._live = _LiveSockets() if follow and live else None
+        self._live_behind = False  # the last drain left frames waiting
         self.bad_live = 0  # live frames that were not messages (they name no run to blame)
         # The columnar cache (cache.py): ranks taken from it, for the store, and the offset
         # each rank's cache covers (0: looked for, none).
@@ -142,7 +143,8 @@ class Follower:
         if not out and self._reading:  # only workers' reads wait: for them, not in a spin
             futures.wait(self._reading.values(), min(timeout, SCAN_SECONDS), FIRST_COMPLETED)
         if self._live is not None:
-            wait = 0.0 if (out or self._backlog) else min(timeout, SCAN_SECONDS)
+            behind = out or self._backlog or self._live_behind
+            wait = 0.0 if behind else min(timeout, SCAN_SECONDS)
             self._drain_live(out, wait)
         elif not out and not self._backlog and timeout > 0:
             time.sleep(min(timeout, SCAN_SECONDS))
@@ -528,9 +530,10 @@ class Follower:
             key = (run.key, rank.rank)
             if not live:
                 self._idle.pop(key, None)  # it speaks: read it at the full pace
-            elif self._idle.get(key, (0.0, 0.0))[0] <= time.monotonic():
+            elif self._idle.get(key, (0.0, 0.0))[1] < LIVE_FILE_SECONDS:
                 # Its file repeats its frames: read it (for a frame the live path lost, a
-                # process gone) every LIVE_FILE_SECONDS, not at every scan.
+                # process gone) every LIVE_FILE_SECONDS, then every IDLE_SECONDS while it holds
+                # nothing new, not at every scan. A frame never moves a read already planned.
                 self._idle[key] = (time.monotonic() + LIVE_FILE_SECONDS, LIVE_FILE_SECONDS)
             if rank.done and self._live is not None and rank.endpoint:
                 self._live.disconnect(rank.endpoint)
@@ -543,15 +546,24 @@ class Follower:
         assert self._live is not None
         received = self._live.receive(wait)
         if received is None:
+            self._live_behind = False
             return
         if wait > 0:
             time.sleep(LIVE_DRAIN_SECONDS)  # the sockets hold what comes meanwhile (RCVHWM)
         deadline = time.monotonic() + LIVE_DRAIN_SECONDS
-        for _ in range(LIVE_DRAIN_FRAMES):
+        taken = 0
+        while True:
             (key, number), frame = received
             self._apply_frame(key, number, frame, out)
+            taken += 1
+            if taken >= LIVE_DRAIN_FRAMES or time.monotonic() > deadline:
+                # Stopped by a limit (more than ~10,000 frames a second): the next poll takes
+                # what waits at once, with no wait, until it has caught up.
+                self._live_behind = True
+                return
             received = self._live.receive(0.0)
-            if received is None or time.monotonic() > deadline:
+            if received is None:
+                self._live_behind = False
                 return
 
     def _apply_frame(self, key: str, number: int, frame: bytes, out: list[Keyed]) -> None:

@@ -18,6 +18,8 @@ import gc
 import io
 import os
 import tempfile
+import threading
+import time
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
@@ -40,6 +42,15 @@ _viewer = 0
 def _started(wanted: str, viewer: int) -> None:
     global _wanted, _viewer
     _wanted, _viewer = wanted, viewer
+    # A worker whose viewer died (kill -9) would wait on the pool's pipe forever: it holds
+    # both of its ends. It goes once its parent is not the viewer any more.
+    threading.Thread(target=_exit_when_orphaned, daemon=True, name="orphan-watch").start()
+
+
+def _exit_when_orphaned() -> None:
+    while os.getppid() == _viewer:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _stopped() -> bool:
