@@ -251,9 +251,14 @@ def test_a_file_whose_lines_hold_an_integer_reads_as_fast_as_line_by_line(
 ) -> None:
     """Lines that are plain but for one value (a metric logged as an int, a NaN on every line
     of a diverged run) take the general path one by one: the bulk read must not look at the
-    rest of the chunk again for each (it took 36 s for 8,000 such lines, 0.06 s line by line)."""
+    rest of the chunk again for each (it took 36 s for 8,000 such lines, 0.06 s line by line).
+    A ratio measured in one run, with a wide margin: timing on a shared machine varies."""
     import time
 
+    warm = tmp_path / "warm"  # first calls' costs (imports, numpy) out of the timing
+    warm.mkdir()
+    (warm / "rank-0.jsonl").write_bytes(_lines(["plain"] * 100 + ["int"] * 100))
+    _bulk(warm), _general(warm)
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     text = _lines(["plain"] * 500 + ["int"] * 4000 + ["nan"] * 2000 + ["plain"] * 500)
@@ -265,7 +270,8 @@ def test_a_file_whose_lines_hold_an_integer_reads_as_fast_as_line_by_line(
     general = _general(run_dir)
     general_seconds = time.process_time() - started
     assert bulk_read == general
-    assert bulk_seconds < 3 * general_seconds + 0.1
+    # ~1.5x here; scanning the rest of the chunk per line was ~400x (24 s against 0.06 s).
+    assert bulk_seconds < 10 * general_seconds + 0.5
 
 
 def test_a_long_extend_keeps_the_first_of_two_zeros_as_one_block_alone_does() -> None:
