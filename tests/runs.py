@@ -14,6 +14,11 @@ T0 = 1_790_000_000.0
 def line(
     run: str, rank: int, world: int, seq: int, kind: str, step: int | None, t: float, **fields: Any
 ) -> bytes:
+    if isinstance(fields.get("m"), dict):  # NaN and infinities as the hook writes them
+        fields["m"] = {
+            k: schema.finite_or_token(v) if isinstance(v, float) else v
+            for k, v in fields["m"].items()
+        }
     return schema.encode(
         {
             "v": 1,

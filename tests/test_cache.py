@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lmtop.hooks import registry
 from lmtop.tui import follow, replay
 from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings
@@ -298,19 +299,12 @@ def test_closing_the_readers_stops_a_read_under_way(tmp_path: Path) -> None:
     while not reading.running() and time.monotonic() < deadline:  # handed to the worker
         time.sleep(0.01)
     (pid,) = list(readers._pool._processes)  # type: ignore[union-attr]
+    started = registry.process_start_ticks(pid)
     readers.close()
     assert reading.result(timeout=30) is None  # given up, not read to its end
-    while _running(pid) and time.monotonic() < deadline:
+    while registry.pid_alive(pid, started) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _running(pid), "the worker exits once told to stop"
-
-
-def _running(pid: int) -> bool:
-    """Whether a process is alive (not gone, not a zombie)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
+    assert not registry.pid_alive(pid, started), "the worker exits once told to stop"
 
 
 _QUIT_WHILE_READING = """
@@ -449,9 +443,10 @@ def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path) -> None:
     )
     assert viewer.stdout is not None
     (pid,) = map(int, viewer.stdout.readline().split())
+    started = registry.process_start_ticks(pid)
     viewer.kill()
     viewer.wait()
     deadline = time.monotonic() + 20
-    while _running(pid) and time.monotonic() < deadline:
+    while registry.pid_alive(pid, started) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _running(pid)
+    assert not registry.pid_alive(pid, started)
