@@ -54,10 +54,9 @@ def _exit_when_orphaned() -> None:
 
 
 def _stopped() -> bool:
-    """Whether the viewer stopped the reads (its file is gone) or is gone itself."""
-    if _wanted is None:
-        return False
-    return not os.path.exists(_wanted) or os.getppid() != _viewer
+    """Whether the viewer stopped the reads (its file is gone; a viewer that is gone itself
+    is the orphan watch's: the worker exits)."""
+    return _wanted is not None and not os.path.exists(_wanted)
 
 
 def read_rank(run_dir: str, number: int) -> bytes | None:
