@@ -17,6 +17,7 @@ from lmtop.tui.alert_actions import Alerting
 from lmtop.tui.alert_settings import AlertSettings, DivergenceSettings, SettingsError
 from lmtop.tui.alerts import AlertEngine
 from lmtop.tui.detectors import DivergenceDetector, Finding, RollingWindow, median
+from lmtop.tui.learning_curve import LearningCurve
 from lmtop.tui.metrics import EVAL_LOSS, GRAD_NORM, LOSS, LR, OTHER, classify
 from lmtop.tui.runbook import RunBook
 
@@ -277,6 +278,62 @@ def test_periodic_evaluation_gaps_raise_nothing_and_the_diagnosis_follows_the_cu
     assert [a.message.split(":")[0] for a in verdicts] == ["underfitting", "fitting well"]
 
 
+_LOSSES = st.one_of(
+    st.floats(0.0, 10.0),
+    st.sampled_from([0.0, 1e-300, 5e-324, 1.0, 2.0, 1e300]),
+)
+
+
+def _rel(value: float, reference: float) -> float:
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return math.nan
+    return (value - reference) / abs(reference)
+
+
+def _verdict_as_documented(evals: list[tuple[float, float]], min_rise: float) -> str:
+    """The verdict restated from the raw curves: ``evals`` is (eval loss, training loss's
+    rolling median then) per evaluation; the best is the first of the lowest."""
+    if len(evals) < 3:
+        return "not enough data"
+    best = min(range(len(evals)), key=lambda i: (evals[i][0], i))
+    (last_eval, last_train), (best_eval, best_train) = evals[-1], evals[best]
+    if (
+        best != len(evals) - 1
+        and _rel(last_eval, best_eval) >= min_rise
+        and not _rel(last_train, best_train) > 0
+    ):
+        return "overfitting"
+    if -_rel(last_eval, evals[-3][0]) > 0.02 and not _rel(last_eval, last_train) > 0.1:
+        return "underfitting"
+    return "fitting well"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(_LOSSES, max_size=4), _LOSSES), min_size=1, max_size=40))
+def test_the_verdict_at_each_evaluation_is_the_documented_one(
+    steps: list[tuple[list[float], float]],
+) -> None:
+    """Overfitting: the eval loss min_rise above its best while the training loss did not rise
+    since; underfitting: eval loss still falling > 2 % over two evaluations, within 10 % of the
+    training loss; fitting well otherwise. Whatever the curves (zeros, denormals, no training
+    loss yet, ties with the best), the label the rule reads at every evaluation and the
+    diagnosis shown with its reason say that."""
+    s = AlertSettings().overfitting
+    curve = LearningCurve(s)
+    trains: list[float] = []
+    evals: list[tuple[float, float]] = []
+    for step, (train, eval_loss) in enumerate(steps):
+        for loss in train:
+            curve.train(loss)
+        trains += train
+        curve.evaluate(eval_loss, step)
+        evals.append((eval_loss, median(trains[-25:]) if trains else math.nan))
+        expected = _verdict_as_documented(evals, s.min_rise)
+        assert curve.label() == expected
+        diagnosis = curve.diagnose()
+        assert diagnosis.label == expected and diagnosis.reason
+
+
 def test_a_verdict_on_the_line_between_two_is_not_told_at_every_flip() -> None:
     # A flat eval loss evaluated every step, wandering 3 % above its best and back every 8
     # evaluations: "overfitting" and "fitting well" in turn, 50 flips. Told at each flip it
@@ -327,6 +384,17 @@ def test_memory_above_95_percent_of_a_known_total_alerts_once() -> None:
     assert [(a.type, a.step) for a in alerts] == [("memory", 50), ("memory", 80)]
     assert feed({"memory_allocated": used}) == []  # total unknown
     assert feed({"gpu_mem_percent": [50.0, 99.0, 99.0]})[0].step == 1
+
+
+def test_memory_total_from_the_config_follows_a_new_start() -> None:
+    """The total a run's config names is used, and a resumed run's start with another total
+    (another device) replaces it from its next step on."""
+    engine = AlertEngine()
+    alerts = feed({"memory_allocated": [60.0] * 20}, engine, config={"memory_total": 100.0})
+    assert alerts == []
+    alerts = engine.feed(RUN, start({"memory_total": 62.0}))
+    alerts += engine.feed(RUN, message(20, {"memory_allocated": 60.0}))
+    assert [(a.type, a.step, round(a.value, 3)) for a in alerts] == [("memory", 20, 0.968)]
 
 
 # -- time: stalls and stragglers ----------------------------------------------------------------

@@ -209,13 +209,21 @@ def _word_learning_rate(s: AlertSettings, name: str, step: int, f: Finding) -> s
 def _memory(s: AlertSettings, ctx: RankContext, name: str) -> Detector:
     latch = Latch(s.memory.fraction, s.memory.rearm_fraction)
     percent = metrics.classify(name) == metrics.MEM_PERCENT
+    # The config's total, looked up again only when a start message brings a new config.
+    config: dict[str, Any] | None = None
+    config_total: float | None = None
 
     def update(value: float, step: int) -> Finding | None:
-        total = (
-            100.0
-            if percent
-            else ctx.memory_total or metrics.config_number(ctx.config, metrics.MEMORY_TOTAL_KEYS)
-        )
+        nonlocal config, config_total
+        if percent:
+            total: float | None = 100.0
+        elif ctx.memory_total:
+            total = ctx.memory_total
+        else:
+            if ctx.config is not config:
+                config = ctx.config
+                config_total = metrics.config_number(config, metrics.MEMORY_TOTAL_KEYS)
+            total = config_total
         if not total or total <= 0:
             return None
         fraction = value / total

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .alert_settings import OverfittingSettings
@@ -118,55 +117,51 @@ class LearningCurve:
 
     def diagnose(self) -> Diagnosis:
         """Underfitting, overfitting, fitting well, or not enough data, with the reason."""
-        label, reason = self._verdict()
-        return Diagnosis(label, reason())
+        label = self.label()
+        return Diagnosis(label, self._reason(label))
 
     def label(self) -> str:
-        """The verdict's label alone: asked at every evaluation, so the reason is not written."""
-        return self._verdict()[0]
-
-    def _verdict(self) -> tuple[str, Callable[[], str]]:
-        """The label, and how to say why (written only when it is told)."""
-        count = len(self.evals)
-        if count < MIN_EVALS or self.best is None or self.first is None:
-            return (
-                NOT_ENOUGH_DATA,
-                lambda: f"{count} evaluation{'s' * (count != 1)} so far, {MIN_EVALS} needed",
-            )
-        last = self.evals[-1]
+        """The verdict's label alone. Asked at every evaluation (the learning-curve rule), so it
+        computes no more than the label needs; :meth:`_reason` says why, when it is told."""
+        evals = self.evals
         best = self.best
+        if len(evals) < MIN_EVALS or best is None or self.first is None:
+            return NOT_ENOUGH_DATA
+        last = evals[-1]
+        if (
+            best is not last
+            and _relative(last.eval_loss, best.eval_loss) >= self.s.min_rise
+            and not _relative(last.train_loss, best.train_loss) > 0
+        ):
+            return OVERFITTING
+        eval_drop = -_relative(last.eval_loss, evals[-MIN_EVALS].eval_loss)
+        if eval_drop > 0.02 and not _relative(last.eval_loss, last.train_loss) > 0.1:
+            return UNDERFITTING
+        return FITTING_WELL
+
+    def _reason(self, label: str) -> str:
+        """Why the curves earn ``label`` (the one :meth:`label` gave)."""
+        if label == NOT_ENOUGH_DATA:
+            count = len(self.evals)
+            return f"{count} evaluation{'s' * (count != 1)} so far, {MIN_EVALS} needed"
+        last, best = self.evals[-1], self.best
+        assert best is not None
         rise = _relative(last.eval_loss, best.eval_loss)
-        if best is not last and rise >= self.s.min_rise:
+        if label == OVERFITTING:
             train_change = _relative(last.train_loss, best.train_loss)
-            if not train_change > 0:
-                fell = (
-                    ""
-                    if math.isnan(train_change)
-                    else f" while training loss fell {-train_change:.0%}"
-                )
-                return (
-                    OVERFITTING,
-                    lambda: f"eval loss {rise:.0%} above its best (step {best.step}){fell}",
-                )
-        earlier = self.evals[-MIN_EVALS]
-        eval_drop = -_relative(last.eval_loss, earlier.eval_loss)
-        gap = _relative(last.eval_loss, last.train_loss)
-        improving = eval_drop > 0.02
-        if improving and not gap > 0.1:
-            return (
-                UNDERFITTING,
-                lambda: (
-                    f"eval loss still falling ({eval_drop:.0%} over the last {MIN_EVALS - 1} "
-                    "evaluations) with training loss close to it: train longer or add capacity"
-                ),
+            fell = (
+                "" if math.isnan(train_change) else f" while training loss fell {-train_change:.0%}"
             )
+            return f"eval loss {rise:.0%} above its best (step {best.step}){fell}"
+        if label == UNDERFITTING:
+            eval_drop = -_relative(last.eval_loss, self.evals[-MIN_EVALS].eval_loss)
+            return (
+                f"eval loss still falling ({eval_drop:.0%} over the last {MIN_EVALS - 1} "
+                "evaluations) with training loss close to it: train longer or add capacity"
+            )
+        gap = _relative(last.eval_loss, last.train_loss)
         gap_text = "" if math.isnan(gap) else f", eval {gap:+.0%} against training loss"
-        return (
-            FITTING_WELL,
-            lambda: (
-                f"eval loss {last.eval_loss:.4g} within {max(rise, 0.0):.1%} of its best{gap_text}"
-            ),
-        )
+        return f"eval loss {last.eval_loss:.4g} within {max(rise, 0.0):.1%} of its best{gap_text}"
 
 
 def _relative(value: float, reference: float) -> float:
