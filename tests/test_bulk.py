@@ -1,15 +1,17 @@
-"""A worker's bulk read of a rank file ends exactly where the general path ends."""
+"""Plain lines taken in bulk (a worker's read, a poll) end exactly where the general path ends."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lmtop.tui import bulk, readers
+from lmtop.tui import bulk, follow, readers
 from lmtop.tui.follow import Follower
 from lmtop.tui.runbook import RankState
 from lmtop.tui.store import B1, Series, Store
@@ -134,12 +136,35 @@ def _series(store: Store) -> dict[Any, Any]:
     return out
 
 
-def _general(run_dir: Path) -> tuple[dict[str, Any], dict[Any, Any], int]:
-    """The general path: a follower polled to the end, its messages added to a store."""
+@contextlib.contextmanager
+def _line_by_line() -> Iterator[None]:
+    """The follower's polls take every line by the general path (the reference)."""
+    follow.PLAIN_RUNS = False
+    try:
+        yield
+    finally:
+        follow.PLAIN_RUNS = True
+
+
+def _polled(run_dir: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any], int]:
+    """A follower polled to the end: each message it gave (every field), the rank's state."""
     follower = Follower([str(run_dir)], follow=False, live=False)
-    store = Store()
+    messages = []
     while not follower.done:
-        store.add(follower.poll(0))
+        for key, m in follower.poll(0):
+            data = orjson.dumps(m.data)
+            messages.append((key, m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, m.m, data))
+    (run,) = follower.runs.values()
+    return messages, _state(run.ranks[0]), run.world
+
+
+def _general(run_dir: Path) -> tuple[dict[str, Any], dict[Any, Any], int]:
+    """The general path: a follower polled to the end line by line, into a store."""
+    with _line_by_line():
+        follower = Follower([str(run_dir)], follow=False, live=False)
+        store = Store()
+        while not follower.done:
+            store.add(follower.poll(0))
     (run,) = follower.runs.values()
     return _state(run.ranks[0]), _series(store), run.world
 
@@ -152,29 +177,53 @@ def _bulk(run_dir: Path) -> tuple[dict[str, Any], dict[Any, Any], int]:
     return _state(rank), _series(store), run.world
 
 
-@given(
+# A rank file: mostly plain lines, with odd ones; whether a line half written ends it.
+FILES = (
     st.lists(
         st.one_of(st.just("plain"), st.just("plain"), st.just("plain"), st.sampled_from(ODD)),
         max_size=120,
     ),
     st.booleans(),
 )
-@settings(
+EXAMPLES = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-def test_a_bulk_read_ends_where_the_general_path_ends(
-    tmp_path_factory: Any, kinds: list[str], torn: bool
-) -> None:
-    """Whatever a rank file holds, reading it in bulk leaves the rank's state (counters, gaps,
-    bad lines, pace) and every series (points and pyramid, bit for bit) as reading it line by
-    line does."""
+
+
+def _write(tmp_path_factory: Any, kinds: list[str], torn: bool) -> Path:
     run_dir = tmp_path_factory.mktemp("bulk") / "r"
     run_dir.mkdir()
     text = _lines(kinds)
     if torn:  # a line half written at the end
         text += b'{"v":1,"run":"r","rank":0'
     (run_dir / "rank-0.jsonl").write_bytes(text)
+    return run_dir
+
+
+@given(*FILES)
+@EXAMPLES
+def test_a_bulk_read_ends_where_the_general_path_ends(
+    tmp_path_factory: Any, kinds: list[str], torn: bool
+) -> None:
+    """Whatever a rank file holds, reading it in bulk leaves the rank's state (counters, gaps,
+    bad lines, pace) and every series (points and pyramid, bit for bit) as reading it line by
+    line does."""
+    run_dir = _write(tmp_path_factory, kinds, torn)
     assert _bulk(run_dir) == _general(run_dir)
+
+
+@given(*FILES)
+@EXAMPLES
+def test_a_poll_gives_the_messages_the_general_path_gives(
+    tmp_path_factory: Any, kinds: list[str], torn: bool
+) -> None:
+    """The follower's polls (headless output, the alert engine, the app's live path) give
+    each message with every field, in order, and leave the rank's state as reading the file
+    line by line does, whatever the file holds."""
+    run_dir = _write(tmp_path_factory, kinds, torn)
+    bulk_polls = _polled(run_dir)
+    with _line_by_line():
+        assert bulk_polls == _polled(run_dir)
 
 
 def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None:
@@ -195,6 +244,9 @@ def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None
     state, series, _ = _bulk(run_dir)
     assert (state, series) == _general(run_dir)[:2]
     assert len(state["pace"][2]) == 256
+    # A poll takes the same plain lines in bulk, to the same messages and state.
+    messages, polled_state, _ = _polled(run_dir)
+    assert len(messages) == 3000 and polled_state == state
     payload = readers.read_rank(str(run_dir), 0)
     assert payload is not None and len(payload) > 3000 * len(NAMES) * 8
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmtop.hooks import registry, schema
 
-from . import cache, discovery, tensorboard_events, trainer_state
+from . import bulk, cache, discovery, tensorboard_events, trainer_state
 from .alert_settings import StallSettings, StragglerSettings
 from .readers import WORKER_BYTES, Readers, readers_ready
 from .runbook import RankState, Run, RunBook
@@ -53,6 +53,9 @@ REMOTE_SILENT_SECONDS = 300.0
 READ_BUDGET = 2 << 20
 MIN_READ = 16 << 10
 LIVE_DRAIN_FRAMES = 2000
+# Runs of plain metrics lines read from files are taken in bulk (see Follower._take_lines);
+# off, every line takes the general path (the tests' reference).
+PLAIN_RUNS = True
 LIVE_FILE_SECONDS = 1.0  # how often the file of a rank heard live is read (see Follower._apply)
 # Live frames arriving within this of the first are one poll (one store update per series, one
 # snapshot, one screen message): 16 ranks at 40 steps/s cost the viewer 25-28 % of a core at
@@ -285,23 +288,27 @@ class Follower:
     ) -> tuple[Run, RankState, RankFile | None]:
         """Reads one rank's file to its end into ``store`` (what a worker process does), or
         until ``stop()`` says so."""
-        from . import bulk  # numpy: only where a history is read whole, not in headless mode
-
         run = self._add_run_dir(run_dir)
         rank = self.book.rank(run, number)
         file = self._file(run, rank)
         if file is None:
             return run, rank, None
+        pending: list[Keyed] = []  # applied by the general path, for the store
 
-        def take(messages: list[schema.Message]) -> list[Keyed]:
-            out: list[Keyed] = []
-            self._take(run, rank, messages, out)
-            return out
+        def take(messages: list[schema.Message]) -> None:
+            self._take(run, rank, messages, pending)
+
+        def take_plain(plain: bulk.PlainRun) -> None:
+            store.add(pending)  # the store takes each rank's points in file order
+            pending.clear()
+            plain.to_store(run.key, rank.rank, store)
 
         more = True
         while more and not (stop is not None and stop()):
             lines, more = file.read_lines(self._limit)
-            bulk.read_chunk(run, rank, lines, store, file.decode_lines, take)
+            bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_plain)
+            store.add(pending)
+            pending.clear()
             rank.bad_lines = file.bad_lines
         return run, rank, file
 
@@ -458,10 +465,30 @@ class Follower:
             and self._restore(run, rank, file, run.dir)
         ):
             return True  # a worker reads it
-        messages, more = file.read(self._limit)
-        self._take(run, rank, messages, out)
+        lines, more = file.read_lines(self._limit)
+        self._take_lines(run, rank, file, lines, out)
         rank.bad_lines = file.bad_lines
         return more
+
+    def _take_lines(
+        self, run: Run, rank: RankState, file: RankFile, lines: list[bytes], out: list[Keyed]
+    ) -> None:
+        """Applies lines read from the rank's file: runs of plain metrics lines (almost all of
+        a history) in bulk, :mod:`.bulk`, to the same end as the general path, which takes the
+        rest."""
+        if not PLAIN_RUNS:
+            self._take(run, rank, file.decode_lines(lines), out)
+            return
+        key = run.key
+
+        def take(messages: list[schema.Message]) -> None:
+            self._take(run, rank, messages, out)
+
+        def take_plain(plain: bulk.PlainRun) -> None:
+            out.extend([(key, message) for message in plain.messages(rank.rank)])
+            self._idle.pop((key, rank.rank), None)  # as _apply does: it speaks
+
+        bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_plain)
 
     def _take(
         self, run: Run, rank: RankState, messages: list[schema.Message], out: list[Keyed]
