@@ -179,6 +179,12 @@ def decode(line: bytes | str) -> Message:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise BadMessage(f"not JSON: {exc}") from None
+    return validate(data)
+
+
+def validate(data: Any) -> Message:
+    """Validates one message already parsed from JSON (see :func:`decode`); ``data`` becomes
+    the message's ``data`` and may be changed (an integer ``t`` made a float, say)."""
     if type(data) is not dict:
         raise BadMessage("not a JSON object")
     version = data.get("v")

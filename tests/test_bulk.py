@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ NAMES = ("loss", "grad_norm", "learning_rate")
 ODD = (
     "nan",  # a value written as its "nan" token
     "int",  # an integer value
+    "int-metric",  # an integer metric besides the floats, from here on (tokens_seen)
+    "big-int",  # an integer past 2**63: a float of its own in the store
     "bool",  # a boolean value: dropped from the message by the general path
     "event",
     "start",
@@ -51,15 +54,21 @@ def _lines(kinds: list[str], rank: int = 0) -> bytes:
     """A rank file: mostly plain metrics lines, with the odd ones asked for."""
     out = []
     seq, step, t = -1, 0, T0
+    ints = False  # every line from here on has an integer metric too
     for index, kind in enumerate(kinds):
         seq, step, t = seq + 1, step + (index % 3 != 0), t + 0.5
         metrics: dict[str, Any] = {name: 1.0 + index / (i + 1) for i, name in enumerate(NAMES)}
+        if ints or kind == "int-metric":
+            ints = True
+            metrics["tokens_seen"] = 4096 * index
         fields: dict[str, Any] = {"m": metrics}
         message_kind, message_step, message_rank, world, version = "metrics", step, rank, 2, 1
         if kind == "nan":
             metrics["loss"] = float("nan")
         elif kind == "int":
             metrics["grad_norm"] = 7
+        elif kind == "big-int":
+            metrics["grad_norm"] = 2**63 + 12345
         elif kind == "bool":
             metrics["grad_norm"] = True
         elif kind == "event":
@@ -226,6 +235,74 @@ def test_a_poll_gives_the_messages_the_general_path_gives(
         assert bulk_polls == _polled(run_dir)
 
 
+# What happens to a rank file while it is followed: lines appended (count), live frames of the
+# next lines applied (the hook publishes, then writes: frames run ahead of the file; some are
+# lost), and a read of what the file holds, in chunks of some bytes.
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 30)),
+        st.tuples(st.just("frames"), st.lists(st.booleans(), min_size=1, max_size=6)),
+        st.tuples(st.just("read"), st.sampled_from([40, 300, 2000, 1 << 20])),
+    ),
+    max_size=25,
+)
+
+
+def _followed(
+    run_dir: Path, lines: list[bytes], actions: list[tuple[Any, Any]]
+) -> list[tuple[Any, ...]]:
+    """Each action's messages and the rank's state after it (the pace's whole window, the
+    reads planned, whether the rank was seen during it), then the rest of the file's."""
+    path = run_dir / "rank-0.jsonl"
+    path.write_bytes(b"")
+    follower = Follower([str(run_dir)], follow=False, live=False)
+    follower.poll(0)
+    (run,) = follower.runs.values()
+    rank = run.ranks[0]
+    written = framed = 0
+    steps = []
+    for action, arg in [*actions, ("append", len(lines)), ("read", 1 << 20)]:
+        out: list[Any] = []
+        before = time.monotonic()
+        if action == "append":
+            with path.open("ab") as file:
+                file.write(b"".join(line + b"\n" for line in lines[written : written + arg]))
+            written = min(len(lines), written + arg)
+        elif action == "frames":
+            for sent in arg:
+                if framed < min(len(lines), written + 3):
+                    if sent:
+                        follower._apply_frame(run.key, 0, lines[framed], out)
+                    framed += 1
+        else:
+            follower._limit = arg
+            while follower._read(run, rank, out):
+                pass
+        messages = [
+            (m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, m.m, orjson.dumps(m.data))
+            for _, m in out
+        ]
+        window = (list(rank.pace.intervals._order), rank.pace.stalled_at)
+        planned = sorted(follower._idle)
+        steps.append((messages, _state(rank), window, planned, rank.last_seen >= before))
+    return steps
+
+
+@given(*FILES, ACTIONS)
+@EXAMPLES
+def test_a_followed_file_gives_what_the_general_path_gives(
+    tmp_path_factory: Any, kinds: list[str], torn: bool, actions: list[tuple[Any, Any]]
+) -> None:
+    """A file read as it grows, in chunks of any size, with live frames ahead of it or lost:
+    each read gives the messages, and leaves the rank's state, as reading every line by the
+    general path does."""
+    run_dir = _write(tmp_path_factory, kinds, torn)
+    lines = (run_dir / "rank-0.jsonl").read_bytes().split(b"\n")[:-1]
+    bulk_reads = _followed(run_dir, lines, actions)
+    with _line_by_line():
+        assert bulk_reads == _followed(run_dir, lines, actions)
+
+
 def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None:
     """Thousands of plain lines are taken as one run (so the test above compares the bulk
     path, not the general one twice), the pace keeps the last intervals, and the worker's
@@ -239,7 +316,9 @@ def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None
     rank = follower.book.rank(run, 0)
     store = Store()
     docs = bulk.parse(path.read_bytes().splitlines())
-    assert bulk.take_plain(run, rank, docs, 0, store) == 3000
+    plain = bulk.plain_run(run, rank, docs, 0)
+    assert plain is not None and len(plain.docs) == 3000
+    plain.to_store(run.key, 0, store)
     assert store.points == 3000 * len(NAMES) and rank.applied == 2999
     state, series, _ = _bulk(run_dir)
     assert (state, series) == _general(run_dir)[:2]

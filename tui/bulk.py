@@ -55,11 +55,8 @@ def plain_run(run: Run, rank: RankState, docs: list[Any], start: int) -> PlainRu
     first = docs[start]
     pace = rank.pace
     if (
-        rank.done
-        or not 0 <= rank.rank < schema.MAX_RANK
+        not _ready(rank)
         or rank.file_seq + len(docs) >= schema.MAX_STEP
-        or rank.jump is not None
-        or rank.applied != rank.file_seq
         or type(first) is not dict
         or len(first) != _FIELDS
         or first.get("kind") != schema.METRICS
@@ -78,13 +75,16 @@ def plain_run(run: Run, rank: RankState, docs: list[Any], start: int) -> PlainRu
     ):
         return None
     names = tuple(metrics)
-    floats = (float,) * len(names)
+    kinds = tuple(map(type, metrics.values()))  # every line of a run: the same (see _numbers)
+    if not _numbers(kinds):
+        return None
     number, seq = rank.rank, rank.file_seq + 1
     last_step = pace.step if pace.step is not None else 0
     steps: list[int] = []
     times: list[float] = []
     end = start
-    for doc in docs[start:]:
+    for index in range(start, len(docs)):  # not docs[start:]: a copy of the rest, each run
+        doc = docs[index]
         try:
             if not (type(doc) is dict and len(doc) == _FIELDS):
                 break
@@ -110,7 +110,7 @@ def plain_run(run: Run, rank: RankState, docs: list[Any], start: int) -> PlainRu
                 break
         except KeyError:
             break
-        if tuple(map(type, values.values())) != floats:  # an integer, a "nan" token: it ends
+        if tuple(map(type, values.values())) != kinds:  # a "nan" token, an int now: it ends
             break
         steps.append(step)
         times.append(t)
@@ -154,28 +154,6 @@ class PlainRun(NamedTuple):
         )
 
 
-def take_plain(
-    run: Run,
-    rank: RankState,
-    docs: list[Any],
-    start: int,
-    store: Store,
-    before: list[tuple[str, schema.Message]] | None = None,
-) -> int:
-    """Applies the plain metrics lines from ``docs[start]`` on, as the general path would, into
-    ``store``; returns the index of the first line not taken (``start`` when that line is not
-    plain). ``before``: messages of earlier lines, applied but not in the store yet (they go
-    first)."""
-    plain = plain_run(run, rank, docs, start)
-    if plain is None:
-        return start
-    if before:
-        store.add(before)
-        before.clear()
-    plain.to_store(run.key, rank.rank, store)
-    return start + len(plain.docs)
-
-
 def _apply(run: Run, rank: RankState, steps: list[int], times: list[float], world: int) -> None:
     """What ``RunBook.apply`` does for each of these messages (contiguous seqs, steps that do
     not go back, no pace step above the first), done once for all of them."""
@@ -214,39 +192,71 @@ def read_chunk(
     run: Run,
     rank: RankState,
     lines: list[bytes],
-    decode: Callable[[list[bytes]], list[schema.Message]],
+    decode: Callable[[list[bytes], list[Any]], list[schema.Message]],
     take: Callable[[list[schema.Message]], None],
-    take_plain: Callable[[PlainRun], None],
+    take_run: Callable[[PlainRun], None],
 ) -> None:
     """Applies one chunk of a rank file's lines in file order: plain runs here, each then
-    handed to ``take_plain``, the rest by ``take`` (the follower's general path, given the
-    messages ``decode`` makes of lines)."""
+    handed to ``take_run``, the rest by ``take`` (the follower's general path, given the
+    messages ``decode`` makes of lines and their parsed JSON values)."""
     docs = parse(lines)
     index, count = 0, len(lines)
     while index < count:
-        plain = plain_run(run, rank, docs, index)
+        ready = _ready(rank)
+        plain = plain_run(run, rank, docs, index) if ready and _may_start(docs, index) else None
         if plain is not None:
-            take_plain(plain)
+            take_run(plain)
             index += len(plain.docs)
             continue
-        # The lines up to the next that may start a plain run go to the general path together.
-        stop = index + 1
-        while stop < count and not _may_start(docs[stop]):
+        # The lines up to the next that may start a plain run go to the general path together:
+        # all of them while the rank takes none (live frames ahead of its file, say).
+        stop = index + 1 if ready else count
+        while stop < count and not _may_start(docs, stop):
             stop += 1
-        messages = decode(lines[index:stop])
+        messages = decode(lines[index:stop], docs[index:stop])
         expected = rank.file_seq + 1
         if any(message.seq != expected + k for k, message in enumerate(messages)):
             # Out of sequence: whether a line is the rank's depends on the lines after it,
             # which the general path reads together (``Follower._take``).
-            take(messages + decode(lines[stop:]))
+            take(messages + decode(lines[stop:], docs[stop:]))
             break
         take(messages)
         index = stop
 
 
-def _may_start(doc: Any) -> bool:
-    """Whether a line may start a plain run (a cheap look: take_plain decides)."""
+def _ready(rank: RankState) -> bool:
+    """Whether the rank takes plain runs now: not done, no seq jump to confirm, its file's
+    messages not behind what was applied from live frames."""
+    return (
+        not rank.done
+        and 0 <= rank.rank < schema.MAX_RANK
+        and rank.jump is None
+        and rank.applied == rank.file_seq
+    )
+
+
+def _may_start(docs: list[Any], index: int) -> bool:
+    """Whether a plain run may start at ``docs[index]`` (a cheap look: plain_run decides): a
+    metrics line of numbers, followed by one with the same names. A run of one line costs
+    more in bulk than on the general path (a file whose lines alternate two sets of names)."""
+    doc = docs[index]
     if type(doc) is not dict or len(doc) != _FIELDS or doc.get("kind") != schema.METRICS:
         return False
     values = doc.get("m")
-    return type(values) is dict and tuple(map(type, values.values())) == (float,) * len(values)
+    after = docs[index + 1] if index + 1 < len(docs) else None
+    return (
+        type(values) is dict
+        and type(after) is dict
+        and type(after.get("m")) is dict
+        and after["m"].keys() == values.keys()
+        and _numbers(tuple(map(type, values.values())))
+    )
+
+
+def _numbers(kinds: tuple[type, ...]) -> bool:
+    """Whether values of these types are all numbers a metric keeps as they are: floats and
+    integers (the hook writes an integer metric, ``tokens_seen``, as one), not booleans."""
+    return _NUMBERS.issuperset(kinds)
+
+
+_NUMBERS = frozenset((float, int))

@@ -298,7 +298,7 @@ class Follower:
         def take(messages: list[schema.Message]) -> None:
             self._take(run, rank, messages, pending)
 
-        def take_plain(plain: bulk.PlainRun) -> None:
+        def take_run(plain: bulk.PlainRun) -> None:
             store.add(pending)  # the store takes each rank's points in file order
             pending.clear()
             plain.to_store(run.key, rank.rank, store)
@@ -306,7 +306,7 @@ class Follower:
         more = True
         while more and not (stop is not None and stop()):
             lines, more = file.read_lines(self._limit)
-            bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_plain)
+            bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_run)
             store.add(pending)
             pending.clear()
             rank.bad_lines = file.bad_lines
@@ -484,11 +484,11 @@ class Follower:
         def take(messages: list[schema.Message]) -> None:
             self._take(run, rank, messages, out)
 
-        def take_plain(plain: bulk.PlainRun) -> None:
+        def take_run(plain: bulk.PlainRun) -> None:
             out.extend([(key, message) for message in plain.messages(rank.rank)])
             self._idle.pop((key, rank.rank), None)  # as _apply does: it speaks
 
-        bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_plain)
+        bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_run)
 
     def _take(
         self, run: Run, rank: RankState, messages: list[schema.Message], out: list[Keyed]

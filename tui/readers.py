@@ -91,7 +91,9 @@ def read_rank(run_dir: str, number: int) -> bytes | None:
 
 
 def _warm() -> None:
-    """Imports, in a worker, what :func:`read_rank` needs."""
+    """Imports, in a worker, what :func:`read_rank` needs (numpy: the bulk read's columns)."""
+    import numpy  # noqa: F401
+
     from . import bulk, follow  # noqa: F401
 
 

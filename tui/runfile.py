@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from lmtop.hooks import schema
 
@@ -106,14 +107,22 @@ class RankFile:
             self._partial, self._skipping = b"", True
         return lines
 
-    def decode_lines(self, lines: list[bytes]) -> list[schema.Message]:
-        """Decodes complete lines, skipping and counting those that are not messages."""
+    def decode_lines(
+        self, lines: list[bytes], docs: list[Any] | None = None
+    ) -> list[schema.Message]:
+        """Decodes complete lines, skipping and counting those that are not messages; ``docs``:
+        each line's JSON value, already parsed (None where it is not JSON), not parsed again."""
         messages = []
-        for line in lines:
+        for index, line in enumerate(lines):
             if not line or line.isspace():
                 continue
             try:
-                message = schema.decode(line)
+                if docs is None:
+                    message = schema.decode(line)
+                elif docs[index] is None:  # not JSON, or the JSON null: no message either way
+                    raise schema.BadMessage("not JSON")
+                else:
+                    message = schema.validate(docs[index])
             except schema.UnsupportedVersion as exc:
                 self.bad_lines += 1
                 self.unsupported = self.unsupported or str(exc)
