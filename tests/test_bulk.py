@@ -47,6 +47,7 @@ ODD = (
     "not-json",
     "blank",
     "list",
+    "null",  # the JSON null: parsed, and no message
 )
 
 
@@ -105,8 +106,10 @@ def _lines(kinds: list[str], rank: int = 0) -> bytes:
             fields["note"] = {"a": [1, 2]}
         elif kind == "version-2":
             version = 2
-        elif kind in ("not-json", "blank", "list"):
-            out.append({"not-json": b"{nope", "blank": b"  ", "list": b"[1, 2]"}[kind])
+        elif kind in ("not-json", "blank", "list", "null"):
+            out.append(
+                {"not-json": b"{nope", "blank": b"  ", "list": b"[1, 2]", "null": b"null"}[kind]
+            )
             continue
         encoded = line("r", message_rank, world, seq, message_kind, message_step, t, **fields)
         encoded = encoded.strip()  # lines are joined below
@@ -162,7 +165,8 @@ def _polled(run_dir: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any], int]:
     while not follower.done:
         for key, m in follower.poll(0):
             data = orjson.dumps(m.data)
-            messages.append((key, m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, m.m, data))
+            values = orjson.dumps(m.m)  # an int is not a float here (7 == 7.0)
+            messages.append((key, m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, values, data))
     (run,) = follower.runs.values()
     return messages, _state(run.ranks[0]), run.world
 
@@ -279,7 +283,17 @@ def _followed(
             while follower._read(run, rank, out):
                 pass
         messages = [
-            (m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, m.m, orjson.dumps(m.data))
+            (
+                m.run,
+                m.rank,
+                m.world,
+                m.seq,
+                m.t,
+                m.kind,
+                m.step,
+                orjson.dumps(m.m),
+                orjson.dumps(m.data),
+            )
             for _, m in out
         ]
         window = (list(rank.pace.intervals._order), rank.pace.stalled_at)

@@ -135,7 +135,9 @@ class PlainRun(NamedTuple):
     times: list[float]
 
     def messages(self, rank: int) -> list[schema.Message]:
-        """The messages ``schema.decode`` makes of these lines (each its own JSON object)."""
+        """The messages ``schema.decode`` makes of these lines (each its own JSON object). A
+        message's ``m`` is its ``data["m"]``, as decode's for float values (for integers it
+        copies ``m``): nothing changes either after decoding."""
         message, run, world, metrics = schema.Message, self.run_name, self.world, schema.METRICS
         return [
             message(run, rank, world, doc["seq"], doc["t"], metrics, doc["step"], doc["m"], doc)
