@@ -647,11 +647,11 @@ def test_an_error_in_the_engine_stops_alerts_not_the_viewer(
     calls = {"n": 0}
     feed = AlertEngine.feed_batch
 
-    def failing(self: AlertEngine, batch: Any) -> Any:
+    def failing(self: AlertEngine, batch: Any, known: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise ZeroDivisionError("float division by zero")
-        return feed(self, batch)
+        return feed(self, batch, known)
 
     monkeypatch.setattr(AlertEngine, "feed_batch", failing)
     out = io.BytesIO()

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from lmtop.hooks import schema
@@ -25,6 +25,9 @@ from .alert_settings import AlertSettings
 from .alerts import CRITICAL, WARNING, Alert, AlertEngine
 from .learning_curve import Diagnosis
 from .owned import create_new, owned_dir_fd
+
+if TYPE_CHECKING:
+    from .alert_workers import AlertWorkers
 
 SNAPSHOT_STEPS = 50
 MAX_RUNNING = 4
@@ -224,12 +227,15 @@ class Alerting:
         """The alerts ``message`` raised, after starting their commands and snapshots."""
         return [alert for _, alert in self.feed_batch([(key, message)])]
 
-    def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
-        """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots."""
+    def feed_batch(
+        self, batch: list[tuple[str, schema.Message]], workers: AlertWorkers | None = None
+    ) -> list[tuple[int, Alert]]:
+        """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots; with
+        ``workers``, the alerts of the ranks they read are theirs (waited for here)."""
         if self.failed is not None:
             return []
         try:
-            told = self.engine.feed_batch(batch)
+            told = self.engine.feed_batch(batch, workers.ready(batch) if workers else None)
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
             self.failed = f"{type(exc).__name__}: {exc}"
             return [(len(batch) - 1, self._failure("alerts on metrics stopped", self.failed))]

@@ -18,7 +18,7 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmtop.hooks import schema
 
@@ -87,6 +87,14 @@ class Alert:
         }
 
 
+class Known(NamedTuple):
+    """Alerts computed elsewhere (see AlertEngine.feed_batch): the (run key, rank) pairs whose
+    messages they cover, and what each message raised, by (run key, rank, seq); taken once."""
+
+    covered: frozenset[tuple[str, int]]
+    alerts: dict[tuple[str, int, int], list[Alert]]
+
+
 @dataclass(slots=True)
 class _Rank:
     """Detector state of one rank."""
@@ -138,21 +146,35 @@ class AlertEngine:
             self._once.add(0, alert)
         return [alert for _, alert in self._tell()]
 
-    def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
+    def feed_batch(
+        self, batch: Sequence[tuple[str, schema.Message]], known: Known | None = None
+    ) -> list[tuple[int, Alert]]:
         """The alerts a batch of (run key, message) raised, each with the index of the last
         message it stands for: one event seen by several ranks (a NaN, an all-reduced grad
-        norm's spike) is one alert naming the ranks, and is not told again in a later batch."""
+        norm's spike) is one alert naming the ranks, and is not told again in a later batch.
+
+        ``known``: the alerts of some ranks' messages, computed elsewhere (alert workers,
+        :mod:`.alert_workers`); this engine takes the other ranks' messages itself."""
         if not self.settings.enabled:
             return []
         once, feed = self._once, self._feed
+        covered, computed = known if known is not None else ((), {})
         raised = False
         for index, (key, message) in enumerate(batch):
-            alerts = feed(key, message)
+            if covered and (key, message.rank) in covered:
+                alerts = computed.pop((key, message.rank, message.seq), _NONE)
+            else:
+                alerts = feed(key, message)
             if alerts:  # rare: most messages raise nothing, and pay for nothing more
                 raised = True
                 for alert in alerts:
                     once.add(index, alert)
         return self._tell() if raised else []
+
+    def raised(self, key: str, message: schema.Message) -> list[Alert]:
+        """The alerts one message raised on its own rank, before the merge across ranks and
+        unrecorded (what an alert worker sends its parent)."""
+        return self._feed(key, message) if self.settings.enabled else []
 
     def _tell(self) -> list[tuple[int, Alert]]:
         """The alerts gathered in ``_once`` since the last call, recorded."""

@@ -259,6 +259,17 @@ class Follower:
         worker reads counts whole)."""
         return sum(max(0, file.size - file.offset) for file in self._files.values())
 
+    def read_offset(self, key: str, rank: int) -> int:
+        """How far the rank's file was read, in bytes (0 before its first read)."""
+        file = self._files.get((key, rank))
+        return file.offset if file is not None else 0
+
+    def read_rank(self, run_dir: Path, number: int, out: list[Keyed]) -> bool:
+        """Applies the next chunk of one rank's file, as a poll reads it, into ``out``; True
+        while more waits (an alert worker's read, :mod:`.alert_workers`)."""
+        run = self.runs.get(str(run_dir)) or self._add_run_dir(run_dir)
+        return self._read(run, self.book.rank(run, number), out)
+
     def replayable(self, key: str) -> bool:
         """Whether the messages of run ``key`` can be read again from files."""
         run = self.runs.get(key)

@@ -3,7 +3,8 @@
 Alert records (``{"kind": "alert", "type", "severity", "run", "dir", "rank", "metric", "step",
 "value", "baseline", "message", "t"}``) follow the message that raised them; a rank whose process
 is gone without an end message is a critical ``crashed`` alert. The exit status is 2 when a
-critical alert fired, 1 when ``--no-follow`` found nothing to read, 0 otherwise.
+critical alert fired, 1 when ``--no-follow`` found nothing to read, 0 otherwise. A finished
+history's alerts are computed by worker processes (:mod:`.alert_workers`), to the same output.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import BinaryIO
 
 import orjson
 
+from . import alert_workers
 from .alert_actions import Alerting
 from .alert_settings import AlertSettings
+from .alert_workers import AlertWorkers
 from .alerts import Alert
 from .follow import Follower
 
@@ -42,12 +45,18 @@ def run(
     alerting = Alerting(settings, follower.runs)
     started = time.monotonic()
     told_waiting = False
+    workers: AlertWorkers | None = None
+    planned = follow  # whether workers were considered (a finished history's, once found)
 
     try:
         while True:
             batch = follower.poll(0.25)
+            if batch and not planned:
+                planned = True
+                workers = alert_workers.start(follower, settings, os.cpu_count() or 1)
             chunks: list[bytes] = []
-            told = alerting.feed_batch(batch)  # (index of the last message it stands for, alert)
+            # (index of the last message it stands for, alert)
+            told = alerting.feed_batch(batch, workers)
             after: dict[int, list[Alert]] = {}
             for index, alert in told:
                 after.setdefault(index, []).append(alert)
@@ -79,6 +88,8 @@ def run(
     except KeyboardInterrupt:
         return 130
     finally:
+        if workers is not None:
+            workers.close()
         follower.close()
         alerting.close()
     _report(follower)

@@ -1,0 +1,209 @@
+"""Alerts over a finished history, computed in worker processes (``lmtop --headless --no-follow``).
+
+The alert engine costs several microseconds a message and keeps its state per rank, in order:
+over an 8-rank history of 100,000 steps it is most of headless mode's time, on one core. Each
+rank's alerts depend on that rank's messages alone, so workers can compute them, a group of
+ranks each, while this process reads the files as before for the output. What stays here is
+what needs every rank: the output in per-rank order, the merge of one event seen by several
+ranks into one alert (``OnceAcrossRanks``, batch by batch as before), the snapshots and
+``--on-alert``. So the output is the serial one, line for line.
+
+A worker reads its ranks' files as the follower does (same reader, same run book) and feeds an
+engine of its own; it sends, per chunk read, how far it read the rank's file and the alerts
+its messages raised, keyed by their ``seq``. Before the engine here takes a message of such a
+rank, :meth:`AlertWorkers.raised` waits until its worker has read that rank's file at least as
+far as the follower here has, and gives the alerts of that ``seq``.
+
+Only for runs whose every rank file ends with the rank's end message: a file that may still
+grow could be read further here than by its worker. A run's ranks all get the config of their
+own start message (the engine on one process took the last one any rank sent; a job's ranks
+send the same one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+from lmtop.hooks import schema
+
+from .alert_settings import AlertSettings
+from .alerts import Alert, AlertEngine, Known
+from .follow import Follower, Keyed
+from .runbook import Run
+
+# A history at least this long (bytes of rank files not read yet) has its alerts computed by
+# workers: below, starting them (~0.4 s each) costs more than it saves.
+MIN_BYTES = 8 << 20
+TAIL = 4096  # bytes read from a rank file's end to find its last line
+_TOKENS = {schema.NAN: math.nan, schema.POS_INF: math.inf, schema.NEG_INF: -math.inf}
+
+
+class WorkerFailed(RuntimeError):
+    """A worker exited, or sent what it should not, before giving what was waited for."""
+
+
+def start(follower: Follower, settings: AlertSettings, workers: int) -> AlertWorkers | None:
+    """Workers for the finished runs ``follower`` found (after its first poll), or None when
+    they would not pay: alerts off, fewer than 2 workers, a short history, a run not finished."""
+    if not settings.enabled or workers < 2 or follower.unread_bytes() < MIN_BYTES:
+        return None
+    ranks = [(run, number) for run in follower.runs.values() for number in sorted(run.ranks)]
+    if not ranks or not all(_finished(run, number) for run, number in ranks):
+        return None
+    return AlertWorkers(follower, settings, ranks, min(workers, len(ranks)))
+
+
+def _finished(run: Run, number: int) -> bool:
+    """Whether the rank's file ends with its end message (and so will not grow)."""
+    if run.dir is None:
+        return False
+    try:
+        with open(run.dir / schema.rank_file(number), "rb") as file:
+            file.seek(max(0, os.fstat(file.fileno()).st_size - TAIL))
+            lines = file.read().rstrip(b"\n").rsplit(b"\n", 1)
+        return schema.decode(lines[-1]).kind == schema.END
+    except (OSError, schema.BadMessage):
+        return False
+
+
+class AlertWorkers:
+    """Worker processes computing the alerts of groups of ranks; see the module's docstring."""
+
+    def __init__(
+        self,
+        follower: Follower,
+        settings: AlertSettings,
+        ranks: list[tuple[Run, int]],
+        workers: int,
+    ) -> None:
+        self._follower = follower
+        context = get_context("spawn")  # not forked: the caller may have threads
+        groups: list[list[tuple[Run, int]]] = [ranks[i::workers] for i in range(workers)]
+        self._workers: list[tuple[Any, Connection]] = []
+        # (run key, rank) -> its worker's index, how far that worker read the rank's file
+        self._owner: dict[tuple[str, int], int] = {}
+        self._read: dict[tuple[str, int], int] = {}
+        self._done = [False] * workers
+        # The alerts the workers sent, until the engine here takes them.
+        self.known = Known(frozenset(), {})
+        self._keys: list[dict[tuple[str, int], str]] = []  # per worker: its (dir, rank) -> key
+        for index, group in enumerate(groups):
+            receiver, sender = context.Pipe(duplex=False)
+            jobs = [(str(run.dir), number) for run, number in group]
+            process = context.Process(
+                target=_work, args=(jobs, settings, sender), daemon=True, name="lmtop-alerts"
+            )
+            process.start()
+            sender.close()  # the worker's end: its exit closes the pipe
+            self._workers.append((process, receiver))
+            self._keys.append({(str(run.dir), number): run.key for run, number in group})
+            for run, number in group:
+                self._owner[(run.key, number)] = index
+                self._read[(run.key, number)] = 0
+        self.known = Known(frozenset(self._owner), {})
+
+    def ready(self, batch: list[Keyed]) -> Known:
+        """The alerts the workers computed, once each has read its ranks' files as far as the
+        follower here has, for ``batch`` (what the follower last gave): waits for them.
+
+        Raises:
+            WorkerFailed: a worker exited or failed before reading as far.
+        """
+        offset, owner, done = self._follower.read_offset, self._owner, self._read
+        for rank in {(key, message.rank) for key, message in batch}:
+            worker = owner.get(rank)
+            if worker is not None:
+                wanted = offset(*rank)
+                while done[rank] < wanted:
+                    self._receive(worker)
+        return self.known
+
+    def _receive(self, worker: int) -> None:
+        process, receiver = self._workers[worker]
+        if self._done[worker]:
+            raise WorkerFailed(f"an alert worker finished before the files' end ({process.name})")
+        try:
+            record = orjson.loads(receiver.recv_bytes())
+        except (EOFError, OSError, orjson.JSONDecodeError) as exc:
+            why = f"an alert worker stopped (exit code {process.exitcode}): {exc}"
+            raise WorkerFailed(why) from None
+        if record == "done":
+            self._done[worker] = True
+            return
+        if type(record) is not dict or "error" in record:
+            raise WorkerFailed(f"an alert worker failed: {record.get('error', record)!r}")
+        key = self._keys[worker][(record["dir"], record["rank"])]
+        self._read[(key, record["rank"])] = record["offset"]
+        for seq, fields in record["alerts"]:
+            self.known.alerts.setdefault((key, record["rank"], seq), []).append(_alert(key, fields))
+
+    def close(self) -> None:
+        """Stops the workers (they may still be reading when the output stopped early)."""
+        for process, receiver in self._workers:
+            receiver.close()
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=5.0)
+
+
+def _work(jobs: list[tuple[str, int]], settings: AlertSettings, sender: Connection) -> None:
+    """A worker: reads its ranks' files a chunk at a time in turn, each into the engine."""
+    try:
+        follower = Follower([directory for directory, _ in jobs], follow=False, live=False)
+        engine = AlertEngine(settings)
+        reading = list(jobs)
+        while reading:
+            for job in list(reading):
+                directory, number = job
+                out: list[Keyed] = []
+                more = follower.read_rank(Path(directory), number, out)
+                alerts = [
+                    (message.seq, _fields(alert))
+                    for key, message in out
+                    for alert in engine.raised(key, message)
+                ]
+                offset = follower.read_offset(str(Path(directory)), number)
+                record = {"dir": directory, "rank": number, "offset": offset, "alerts": alerts}
+                sender.send_bytes(orjson.dumps(record))
+                if not more:
+                    reading.remove(job)
+        sender.send_bytes(orjson.dumps("done"))
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass  # the viewer is gone, or stopped us
+    except Exception as exc:  # told to the viewer, whose alerts stop with a note
+        try:
+            sender.send_bytes(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        except OSError:
+            pass
+
+
+def _fields(alert: Alert) -> list[Any]:
+    """An alert of one rank as JSON (its run key is the parent's to give)."""
+    number = schema.finite_or_token
+    return [
+        alert.type, alert.severity, alert.run, alert.rank, alert.metric, alert.step,
+        None if alert.value is None else number(float(alert.value)),
+        None if alert.baseline is None else number(float(alert.baseline)),
+        alert.message, alert.t,
+    ]  # fmt: skip
+
+
+def _alert(key: str, fields: list[Any]) -> Alert:
+    type_, severity, run, rank, metric, step, value, baseline, message, t = fields
+    return Alert(
+        type=type_, severity=severity, run=run, key=key, rank=rank, metric=metric, step=step,
+        value=_number(value), baseline=_number(baseline), message=message, t=t,
+    )  # fmt: skip
+
+
+def _number(value: float | str | None) -> float | None:
+    """A value as ``_fields`` wrote it: a float, a non-finite one's token, or None."""
+    if value is None or type(value) is float:
+        return value
+    return _TOKENS.get(value, math.nan) if type(value) is str else float(value)
