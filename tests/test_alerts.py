@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmtop.hooks import schema
 from lmtop.tui import alert_settings, rank_health
-from lmtop.tui.alert_actions import Alerting
+from lmtop.tui.alert_actions import Alerting, Snapshots
 from lmtop.tui.alert_settings import AlertSettings, DivergenceSettings, SettingsError
 from lmtop.tui.alerts import AlertEngine
 from lmtop.tui.detectors import DivergenceDetector, Finding, RollingWindow, median
@@ -676,3 +676,47 @@ def test_an_error_in_the_engine_stops_alerts_not_the_viewer(
     (told,) = alerting.tick([crash])
     assert "crash" in told.message and "division by zero" in told.message
     assert "float division" not in told.message
+
+
+_OBSERVED = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b"]),  # run key
+        st.integers(0, 2),  # rank
+        st.sampled_from(["metrics", "metrics", "metrics", "end", "event", "no-step"]),
+        st.integers(1, 4),  # world
+    ),
+    max_size=700,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_OBSERVED, max_size=4))
+def test_snapshots_see_a_batch_whole_as_they_see_its_messages_one_by_one(
+    batches: list[list[tuple[str, int, str, int]]],
+) -> None:
+    """A batch that raised no alert is taken whole (each rank's last messages kept): every rank
+    keeps the same last messages, run worlds and ended ranks as when each message is observed."""
+    one_by_one, whole = Snapshots(), Snapshots()
+    seq = 0
+    long = [("a", 0, "metrics", 2)] * 450 + [("a", 1, "metrics", 2)] * 150  # past the ring
+    for batch in [long, *batches]:
+        messages = []
+        for key, rank, kind, world in batch:
+            seq += 1
+            step = None if kind == "no-step" else seq
+            kind = "metrics" if kind == "no-step" else kind
+            data = {"m": {"loss": 1.0}} if kind == "metrics" else {}
+            messages.append(
+                (key, schema.Message(key, rank, world, seq, 0.0, kind, step, {"loss": 1.0}, data))
+            )
+        for key, message in messages:
+            one_by_one.observe(key, message)
+        whole.observe_batch(messages)
+        for snapshots in (one_by_one, whole):
+            assert not snapshots._pending
+
+    def state(s: Snapshots) -> Any:
+        recent = {rank: [m.seq for m in ring] for rank, ring in s._recent.items() if ring}
+        return recent, s._world, s._ended
+
+    assert state(whole) == state(one_by_one)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +109,38 @@ class Snapshots:
             if alert.key == key and abs(message.step - (alert.step or 0)) <= SNAPSHOT_STEPS:
                 lines.append(message)
         self._flush(done=False)
+
+    def observe_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> None:
+        """:meth:`observe` for each message of ``batch``, in order. While no snapshot waits for
+        its steps after, only each rank's last messages can still matter (the ring keeps
+        4 × SNAPSHOT_STEPS): a history's batch of thousands costs a look at each, no more."""
+        if self._pending:
+            for key, message in batch:
+                self.observe(key, message)
+            return
+        keep = 4 * SNAPSHOT_STEPS
+        taken: dict[tuple[str, int], int] = {}
+        tail: list[tuple[tuple[str, int], schema.Message]] = []
+        worlds = self._world
+        for key, message in reversed(batch):
+            kind = message.kind
+            if kind == schema.END:
+                self._ended.add((key, message.rank))
+                continue
+            if kind != schema.METRICS or message.step is None:
+                continue
+            if message.world > worlds.get(key, 0):
+                worlds[key] = message.world
+            rank = (key, message.rank)
+            count = taken.get(rank, 0)
+            if count < keep:
+                taken[rank] = count + 1
+                tail.append((rank, message))
+        for rank, message in reversed(tail):
+            recent = self._recent.get(rank)
+            if recent is None:
+                recent = self._recent[rank] = deque(maxlen=keep)
+            recent.append(message)
 
     def alert(self, alert: Alert, run_dir: Path | None) -> None:
         """Starts a snapshot for a critical alert of a run with a directory."""
@@ -241,6 +273,9 @@ class Alerting:
             return [(len(batch) - 1, self._failure("alerts on metrics stopped", self.failed))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
+            return told
+        if not told:
+            self.snapshots.observe_batch(batch)
             return told
         # Each alert acts once the snapshots have seen the messages up to the one that raised
         # it, not the whole batch: a long history's batch would push its 50 steps before out.
