@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import orjson
 import pytest
 from lmtop.tui import alert_workers, headless
 from lmtop.tui.alert_settings import AlertSettings
+from lmtop.tui.runbook import RunBook
 from runs import write_run
 
 # Every rank at once (one event: one alert naming the ranks), from a few hundred steps in.
@@ -39,6 +42,7 @@ def _headless(folder: Path, monkeypatch: pytest.MonkeyPatch, workers: bool) -> t
 
     monkeypatch.setattr(alert_workers, "start", watched)
     monkeypatch.setattr(alert_workers, "MIN_BYTES", 0 if workers else 1 << 62)
+    monkeypatch.setattr(alert_workers, "cores", lambda: 2)  # a CI box may lend one core
     out = io.BytesIO()
     status = headless.run(
         [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False)
@@ -61,6 +65,12 @@ def test_workers_give_the_serial_output_line_for_line(
     serial, none = _headless(folder, monkeypatch, workers=False)
     assert workers is not None and none is None
     assert parallel == serial
+    # The workers' alerts were the ones told: each covered rank's file read to its end by its
+    # worker, and every alert it sent taken by the engine here.
+    covered = sorted(rank for _, rank in workers.known.covered)
+    assert covered == [0, 0, 1, 2, 3] and not workers.known.alerts
+    for (key, rank), offset in workers._read.items():
+        assert offset == (Path(key) / f"rank-{rank}.jsonl").stat().st_size
     alerts = _alerts(parallel)
     merged = [(a["type"], a["metric"], a["step"], a["ranks"]) for a in alerts if a["run"] == "big"]
     for step, metric in ((600, "grad_norm"), (900, "loss"), (1300, "loss")):
@@ -95,6 +105,7 @@ def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
 
     monkeypatch.setattr(alert_workers, "start", killed)
     monkeypatch.setattr(alert_workers, "MIN_BYTES", 0)
+    monkeypatch.setattr(alert_workers, "cores", lambda: 2)
     out = io.BytesIO()
     headless.run([str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False))
     lines = out.getvalue().splitlines()
@@ -102,3 +113,53 @@ def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
     assert messages == [line for line in serial.splitlines() if b'"kind":"alert"' not in line]
     internal = [r for r in _alerts(out.getvalue()) if r["type"] == "internal"]
     assert len(internal) == 1 and "alert worker" in internal[0]["message"]
+
+
+def _without_config(run_dir: Path, rank: int) -> None:
+    """Rewrites the rank's start message without its config (a rank the script did not give
+    one: ``hooks.init(config=...)`` on rank 0 only)."""
+    path = run_dir / f"rank-{rank}.jsonl"
+    first, rest = path.read_bytes().split(b"\n", 1)
+    start = orjson.loads(first)
+    del start["info"]["config"]
+    path.write_bytes(orjson.dumps(start) + b"\n" + rest)
+
+
+def test_ranks_started_with_different_configs_are_read_on_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine on one process lends a run's config (max_grad_norm, warm-up) to all its
+    ranks; workers would see only their own ranks': no workers, the serial alerts."""
+    folder = _history(tmp_path)
+    for rank in (1, 2, 3):
+        _without_config(folder / "big", rank)
+    _, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is None
+
+
+def test_a_rank_file_that_is_a_fifo_is_not_waited_on(tmp_path: Path) -> None:
+    """A neighbour's FIFO in a rank file's place (swapped in after the first read): looking
+    at its last line neither blocks nor reads without end; the run is not called finished."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / "rank-0.jsonl")
+    (run_dir / "rank-1.jsonl").symlink_to("/dev/zero")
+    run = RunBook().run(str(run_dir), "r", run_dir)
+    assert not alert_workers._finished(run, 0)
+    assert not alert_workers._finished(run, 1)
+
+
+def test_workers_that_cannot_start_leave_the_alerts_to_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process or file limit (EAGAIN, EMFILE on a shared box): the serial output, no error."""
+    folder = _history(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+
+    class Limited:
+        def Pipe(self, duplex: bool) -> Any:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(alert_workers, "get_context", lambda method: Limited())
+    output, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is None and output == serial

@@ -10,20 +10,24 @@ ranks into one alert (``OnceAcrossRanks``, batch by batch as before), the snapsh
 
 A worker reads its ranks' files as the follower does (same reader, same run book) and feeds an
 engine of its own; it sends, per chunk read, how far it read the rank's file and the alerts
-its messages raised, keyed by their ``seq``. Before the engine here takes a message of such a
-rank, :meth:`AlertWorkers.raised` waits until its worker has read that rank's file at least as
-far as the follower here has, and gives the alerts of that ``seq``.
+its messages raised, keyed by their ``seq``. Before the engine here takes a batch,
+:meth:`AlertWorkers.ready` waits until each worker has read its ranks' files at least as far
+as the follower here has, and the engine takes those ranks' alerts by ``seq``.
 
-Only for runs whose every rank file ends with the rank's end message: a file that may still
-grow could be read further here than by its worker. A run's ranks all get the config of their
-own start message (the engine on one process took the last one any rank sent; a job's ranks
-send the same one).
+Only where that gives the serial alerts (see :func:`start`): runs whose every rank file ends
+with the rank's end message (a file that may still grow could be read further here than by
+its worker), whose ranks started with the same config (the engine on one process lends a
+run's config to all its ranks), and that are not also a Trainer's output directory. One case
+is left: a line whose ``seq`` jumps ahead (a corrupt or planted line, never the hook's) is
+judged by the line after it, and where a read ends there the two reads may judge it apart;
+the serial output itself then depends on where its reads end.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -37,9 +41,11 @@ from .alerts import Alert, AlertEngine, Known
 from .follow import Follower, Keyed
 from .runbook import Run
 
-# A history at least this long (bytes of rank files not read yet) has its alerts computed by
-# workers: below, starting them (~0.4 s each) costs more than it saves.
-MIN_BYTES = 8 << 20
+# A history at least this long (bytes of rank files not read yet after the first read) has its
+# alerts computed by workers: below, starting them (~0.4 s of CPU each) costs more than they
+# save (on 2 cores: slower at 11 MB, even at 23 MB, faster at 58 MB).
+MIN_BYTES = 32 << 20
+MAX_WORKERS = 8  # each holds ~35 MB; a box's cores are its training's data loaders' too
 TAIL = 4096  # bytes read from a rank file's end to find its last line
 _TOKENS = {schema.NAN: math.nan, schema.POS_INF: math.inf, schema.NEG_INF: -math.inf}
 
@@ -48,28 +54,60 @@ class WorkerFailed(RuntimeError):
     """A worker exited, or sent what it should not, before giving what was waited for."""
 
 
-def start(follower: Follower, settings: AlertSettings, workers: int) -> AlertWorkers | None:
+def cores() -> int:
+    """The CPUs this process may run on (its affinity: a job's cgroup or taskset share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def start(follower: Follower, settings: AlertSettings) -> AlertWorkers | None:
     """Workers for the finished runs ``follower`` found (after its first poll), or None when
-    they would not pay: alerts off, fewer than 2 workers, a short history, a run not finished."""
-    if not settings.enabled or workers < 2 or follower.unread_bytes() < MIN_BYTES:
+    they would not pay or would not give the serial alerts: alerts off, one core, a short
+    history, a run not finished, ranks started with different configs (the engine on one
+    process lends a run's config to all its ranks), a Trainer's own files beside the ranks'.
+    Workers that cannot start (a process limit) leave the alerts to this process."""
+    count = min(cores(), MAX_WORKERS)
+    if not settings.enabled or count < 2 or follower.unread_bytes() < MIN_BYTES:
         return None
     ranks = [(run, number) for run in follower.runs.values() for number in sorted(run.ranks)]
     if not ranks or not all(_finished(run, number) for run, number in ranks):
         return None
-    return AlertWorkers(follower, settings, ranks, min(workers, len(ranks)))
+    for run in follower.runs.values():
+        configs = [_config(state.info) for state in run.ranks.values()]
+        if any(config != configs[0] for config in configs) or follower.has_trainer(run.key):
+            return None
+    try:
+        return AlertWorkers(follower, settings, ranks, min(count, len(ranks)))
+    except OSError:
+        return None
+
+
+def _config(info: dict[str, Any] | None) -> Any:
+    return info.get("config") if isinstance(info, dict) else None
 
 
 def _finished(run: Run, number: int) -> bool:
-    """Whether the rank's file ends with its end message (and so will not grow)."""
+    """Whether the rank's file ends with its end message (and so will not grow). Read as the
+    follower reads: a regular file only, never waiting on a FIFO, at most TAIL bytes."""
     if run.dir is None:
         return False
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     try:
-        with open(run.dir / schema.rank_file(number), "rb") as file:
-            file.seek(max(0, os.fstat(file.fileno()).st_size - TAIL))
-            lines = file.read().rstrip(b"\n").rsplit(b"\n", 1)
-        return schema.decode(lines[-1]).kind == schema.END
+        fd = os.open(run.dir / schema.rank_file(number), flags)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        tail = os.pread(fd, TAIL, max(0, info.st_size - TAIL))
+        return schema.decode(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]).kind == schema.END
     except (OSError, schema.BadMessage):
         return False
+    finally:
+        os.close(fd)
 
 
 class AlertWorkers:
@@ -94,12 +132,16 @@ class AlertWorkers:
         self.known = Known(frozenset(), {})
         self._keys: list[dict[tuple[str, int], str]] = []  # per worker: its (dir, rank) -> key
         for index, group in enumerate(groups):
-            receiver, sender = context.Pipe(duplex=False)
             jobs = [(str(run.dir), number) for run, number in group]
-            process = context.Process(
-                target=_work, args=(jobs, settings, sender), daemon=True, name="lmtop-alerts"
-            )
-            process.start()
+            try:
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_work, args=(jobs, settings, sender), daemon=True, name="lmtop-alerts"
+                )
+                process.start()
+            except OSError:  # a process or file limit: none of them, then
+                self.close()
+                raise
             sender.close()  # the worker's end: its exit closes the pipe
             self._workers.append((process, receiver))
             self._keys.append({(str(run.dir), number): run.key for run, number in group})
@@ -131,13 +173,14 @@ class AlertWorkers:
         try:
             record = orjson.loads(receiver.recv_bytes())
         except (EOFError, OSError, orjson.JSONDecodeError) as exc:
-            why = f"an alert worker stopped (exit code {process.exitcode}): {exc}"
-            raise WorkerFailed(why) from None
+            stopped = f"an alert worker stopped (exit code {process.exitcode}): {exc}"
+            raise WorkerFailed(stopped) from None
         if record == "done":
             self._done[worker] = True
             return
         if type(record) is not dict or "error" in record:
-            raise WorkerFailed(f"an alert worker failed: {record.get('error', record)!r}")
+            why = record.get("error") if type(record) is dict else record
+            raise WorkerFailed(f"an alert worker failed: {why!r}")
         key = self._keys[worker][(record["dir"], record["rank"])]
         self._read[(key, record["rank"])] = record["offset"]
         for seq, fields in record["alerts"]:

@@ -259,6 +259,10 @@ class Follower:
         worker reads counts whole)."""
         return sum(max(0, file.size - file.offset) for file in self._files.values())
 
+    def has_trainer(self, key: str) -> bool:
+        """Whether run ``key``'s directory is also a Trainer's (its state file is read too)."""
+        return key in self._trainers
+
     def read_offset(self, key: str, rank: int) -> int:
         """How far the rank's file was read, in bytes (0 before its first read)."""
         file = self._files.get((key, rank))

@@ -53,7 +53,7 @@ def run(
             batch = follower.poll(0.25)
             if batch and not planned:
                 planned = True
-                workers = alert_workers.start(follower, settings, os.cpu_count() or 1)
+                workers = alert_workers.start(follower, settings)
             chunks: list[bytes] = []
             # (index of the last message it stands for, alert)
             told = alerting.feed_batch(batch, workers)
