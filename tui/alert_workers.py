@@ -17,10 +17,10 @@ as the follower here has, and the engine takes those ranks' alerts by ``seq``.
 Only where that gives the serial alerts (see :func:`start`): runs whose every rank file ends
 with the rank's end message (a file that may still grow could be read further here than by
 its worker), whose ranks started with the same config (the engine on one process lends a
-run's config to all its ranks), and that are not also a Trainer's output directory. One case
-is left: a line whose ``seq`` jumps ahead (a corrupt or planted line, never the hook's) is
-judged by the line after it, and where a read ends there the two reads may judge it apart;
-the serial output itself then depends on where its reads end.
+run's config to all its ranks), and that are not also a Trainer's output directory. The two
+reads end in other places (a worker reads 2 MB a time, the follower here less): what a file
+gives does not depend on that (``Follower._take`` judges a line whose ``seq`` jumps ahead by
+the line after it, in the next read if need be).
 """
 
 from __future__ import annotations

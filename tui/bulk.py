@@ -227,12 +227,14 @@ def read_chunk(
 
 
 def _ready(rank: RankState) -> bool:
-    """Whether the rank takes plain runs now: not done, no seq jump to confirm, its file's
-    messages not behind what was applied from live frames."""
+    """Whether the rank takes plain runs now: not done, no seq jump to confirm or to judge (a
+    line held from the read before), its file's messages not behind what was applied from live
+    frames."""
     return (
         not rank.done
         and 0 <= rank.rank < schema.MAX_RANK
         and rank.jump is None
+        and rank.held is None
         and rank.applied == rank.file_seq
     )
 

@@ -131,6 +131,8 @@ def rank_state(run: Run, rank: RankState, file: RankFile) -> dict[str, Any] | No
     (nothing applied from elsewhere, no line half read, no jump in doubt); else None."""
     if rank.applied != rank.file_seq or rank.jump is not None or file.has_partial:
         return None
+    if rank.held is not None:  # a line read but not judged yet
+        return None
     if rank.status is not None and not rank.ended:
         # Judged by this viewer (crashed, unknown), not said by the file: a later viewer judges
         # again (and raises the crash alert a plain read raises).

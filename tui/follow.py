@@ -310,18 +310,21 @@ class Follower:
             return run, rank, None
         pending: list[Keyed] = []  # applied by the general path, for the store
 
+        more = True
+
         def take(messages: list[schema.Message]) -> None:
-            self._take(run, rank, messages, pending)
+            self._take(run, rank, messages, pending, more)
 
         def take_run(plain: bulk.PlainRun) -> None:
             store.add(pending)  # the store takes each rank's points in file order
             pending.clear()
             plain.to_store(run.key, rank.rank, store)
 
-        more = True
         while more and not (stop is not None and stop()):
             lines, more = file.read_lines(self._limit)
             bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_run)
+            if not more and rank.held is not None:
+                self._take(run, rank, [], pending)  # the file's last line: nothing after it
             store.add(pending)
             pending.clear()
             rank.bad_lines = file.bad_lines
@@ -481,23 +484,31 @@ class Follower:
         ):
             return True  # a worker reads it
         lines, more = file.read_lines(self._limit)
-        self._take_lines(run, rank, file, lines, out)
+        self._take_lines(run, rank, file, lines, out, more)
+        if not more and rank.held is not None:
+            self._take(run, rank, [], out)  # the file's last line so far: nothing after it
         rank.bad_lines = file.bad_lines
         return more
 
     def _take_lines(
-        self, run: Run, rank: RankState, file: RankFile, lines: list[bytes], out: list[Keyed]
+        self,
+        run: Run,
+        rank: RankState,
+        file: RankFile,
+        lines: list[bytes],
+        out: list[Keyed],
+        more: bool,
     ) -> None:
         """Applies lines read from the rank's file: runs of plain metrics lines (almost all of
         a history) in bulk, :mod:`.bulk`, to the same end as the general path, which takes the
-        rest."""
+        rest. ``more``: the file holds more than these lines."""
         if not PLAIN_RUNS:
-            self._take(run, rank, file.decode_lines(lines), out)
+            self._take(run, rank, file.decode_lines(lines), out, more)
             return
         key = run.key
 
         def take(messages: list[schema.Message]) -> None:
-            self._take(run, rank, messages, out)
+            self._take(run, rank, messages, out, more)
 
         def take_run(plain: bulk.PlainRun) -> None:
             out.extend([(key, message) for message in plain.messages(rank.rank)])
@@ -506,9 +517,18 @@ class Follower:
         bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_run)
 
     def _take(
-        self, run: Run, rank: RankState, messages: list[schema.Message], out: list[Keyed]
+        self,
+        run: Run,
+        rank: RankState,
+        messages: list[schema.Message],
+        out: list[Keyed],
+        more: bool = False,
     ) -> None:
-        """Applies messages read from the rank's file, in file order."""
+        """Applies messages read from the rank's file, in file order; ``more``: the file holds
+        more than was read (the last message's successor may be there)."""
+        if rank.held is not None:  # the last line of the read before: judged by this one's
+            messages = [rank.held, *messages]
+            rank.held = None
         for index, message in enumerate(messages):
             # The hook writes each seq once, in order: a seq the file already had (a repeated
             # or rewritten line, whatever its content) is not the rank's; count it. Only the
@@ -519,6 +539,11 @@ class Follower:
                 continue
             after = messages[index + 1] if index + 1 < len(messages) else None
             expected = rank.file_seq + 1
+            if message.seq > expected and after is None and more:
+                # A jump is judged by the line after it, which the next read brings: so what
+                # a file gives does not depend on where reads end (a worker's, a poll's).
+                rank.held = message
+                break
             if message.seq > expected and after is not None and after.seq == expected:
                 rank.bad_seq += 1  # a jump the next line does not follow: not the rank's
                 continue

@@ -61,6 +61,9 @@ class RankState:
     bad_seq: int = 0  # messages whose seq jumped ahead of the rank's own sequence
     jump: tuple[int, int] | None = None  # (from, to) of the last forward jump, until confirmed
     file_seq: int = -1  # seq of the last line read from its file (the reader keeps it)
+    # The last line of a read, whose seq jumps ahead: judged by the line after it, in the next
+    # read (the reader keeps it).
+    held: schema.Message | None = None
     ended: bool = False  # its status came from its own end line (not from the viewer's judgement)
     unreachable: bool = False  # another node's rank whose link to node 0 is down (registry)
     relayed: bool = False  # another node's rank, relayed to this one: its process is not here
