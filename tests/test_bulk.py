@@ -272,6 +272,22 @@ def test_what_a_finished_file_gives_does_not_depend_on_how_it_is_read(
         assert _polled(run_dir) == whole
 
 
+def test_a_planted_seq_is_judged_alike_wherever_a_read_ends(tmp_path: Path) -> None:
+    """A line far ahead in seq that the next line does not follow, and a real gap (a relay
+    writes one for the messages it lost), each at every place a read can end: the same
+    messages and state as one read (the property test above finds this 1 time in 12)."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    kinds = ["plain"] * 3 + ["seq-planted"] + ["plain"] * 3 + ["seq-jump"] + ["plain"] * 3
+    (run_dir / "rank-0.jsonl").write_bytes(_lines(kinds))
+    whole = _polled(run_dir)
+    assert [m[4] for m in whole[0]] == [0, 1, 2, 3, 4, 5, 9, 10, 11, 12]  # 503 is not the rank's
+    assert (whole[1]["bad_seq"], whole[1]["gaps"]) == (1, 3)
+    for size in range(100, 1200, 7):
+        with _reads_of(size):
+            assert _polled(run_dir) == whole, size
+
+
 # What happens to a rank file while it is followed: lines appended (count), live frames of the
 # next lines applied (the hook publishes, then writes: frames run ahead of the file; some are
 # lost), and a read of what the file holds, in chunks of some bytes.
