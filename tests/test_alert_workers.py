@@ -156,10 +156,23 @@ def test_workers_that_cannot_start_leave_the_alerts_to_one_process(
     folder = _history(tmp_path)
     serial, _ = _headless(folder, monkeypatch, workers=False)
 
+    real = alert_workers.get_context("spawn")
+    opened: list[Any] = []
+
     class Limited:
+        """Pipes open; the second process cannot start."""
+
         def Pipe(self, duplex: bool) -> Any:
-            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            ends = real.Pipe(duplex=duplex)
+            opened.extend(ends)
+            return ends
+
+        def Process(self, **kwargs: Any) -> Any:
+            if len(opened) > 2:
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            return real.Process(**kwargs)
 
     monkeypatch.setattr(alert_workers, "get_context", lambda method: Limited())
     output, workers = _headless(folder, monkeypatch, workers=True)
     assert workers is None and output == serial
+    assert len(opened) == 4 and all(end.closed for end in opened)  # no pipe left open

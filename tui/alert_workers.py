@@ -133,13 +133,16 @@ class AlertWorkers:
         self._keys: list[dict[tuple[str, int], str]] = []  # per worker: its (dir, rank) -> key
         for index, group in enumerate(groups):
             jobs = [(str(run.dir), number) for run, number in group]
+            ends: tuple[Connection, ...] = ()
             try:
-                receiver, sender = context.Pipe(duplex=False)
+                ends = receiver, sender = context.Pipe(duplex=False)
                 process = context.Process(
                     target=_work, args=(jobs, settings, sender), daemon=True, name="lmtop-alerts"
                 )
                 process.start()
             except OSError:  # a process or file limit: none of them, then
+                for end in ends:
+                    end.close()
                 self.close()
                 raise
             sender.close()  # the worker's end: its exit closes the pipe
