@@ -91,7 +91,7 @@ def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed mid-way (an OOM killer, say): every message is still printed, the alerts stop
-    with one 'internal' warning, and nothing waits for ever."""
+    with one critical 'internal' notice, and nothing waits for ever."""
     folder = _history(tmp_path)
     serial, _ = _headless(folder, monkeypatch, workers=False)
     start = alert_workers.start
@@ -107,12 +107,17 @@ def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
     monkeypatch.setattr(alert_workers, "MIN_BYTES", 0)
     monkeypatch.setattr(alert_workers, "cores", lambda: 2)
     out = io.BytesIO()
-    headless.run([str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False))
+    status = headless.run(
+        [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False)
+    )
     lines = out.getvalue().splitlines()
     messages = [line for line in lines if b'"kind":"alert"' not in line]
     assert messages == [line for line in serial.splitlines() if b'"kind":"alert"' not in line]
     internal = [r for r in _alerts(out.getvalue()) if r["type"] == "internal"]
     assert len(internal) == 1 and "alert worker" in internal[0]["message"]
+    # The NaN the lost worker would have judged is not there to make the exit status 2: the
+    # notice itself is critical, so a script still sees the history was not judged whole.
+    assert internal[0]["severity"] == "critical" and status == 2
 
 
 def _without_config(run_dir: Path, rank: int) -> None:

@@ -22,6 +22,7 @@ from lmtop.hooks import schema
 
 from . import rank_health
 from .alert_settings import AlertSettings
+from .alert_workers import WorkerFailed
 from .alerts import CRITICAL, WARNING, Alert, AlertEngine
 from .learning_curve import Diagnosis
 from .owned import create_new, owned_dir_fd
@@ -249,11 +250,12 @@ class Alerting:
         self._runs = runs
         self.failed: str | None = None  # the engine's error on metrics, once it raised one
         self.tick_failed: str | None = None  # its error judging crashes and stalls
+        self._critical_notice = False  # an alert worker lost: part of the history unjudged
 
     @property
     def critical(self) -> bool:
-        """Whether any critical alert fired."""
-        return self.engine.critical
+        """Whether any critical alert fired (the engine's, or a critical notice of ours)."""
+        return self.engine.critical or self._critical_notice
 
     def feed(self, key: str, message: schema.Message) -> list[Alert]:
         """The alerts ``message`` raised, after starting their commands and snapshots."""
@@ -268,9 +270,15 @@ class Alerting:
             return []
         try:
             told = self.engine.feed_batch(batch, workers.ready(batch) if workers else None)
+        except WorkerFailed as exc:  # killed (the OOM killer, say): the rest goes unjudged,
+            # which is as grave as what it may hide (a NaN): critical, so the exit status says so
+            self.failed = str(exc)
+            text = f"alerts on metrics stopped: {exc}; the rest of the history was not judged"
+            return [(max(0, len(batch) - 1), self._failure(text, CRITICAL))]
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
             self.failed = f"{type(exc).__name__}: {exc}"
-            return [(len(batch) - 1, self._failure("alerts on metrics stopped", self.failed))]
+            text = f"alerts on metrics stopped by an error in lmtop ({self.failed[:200]}); charts go on"
+            return [(len(batch) - 1, self._failure(text))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
             return told
@@ -298,16 +306,20 @@ class Alerting:
             return self._act(self.engine.tick(episodes))
         except Exception as exc:
             self.tick_failed = f"{type(exc).__name__}: {exc}"
-            return [self._failure("crash, stall and straggler alerts stopped", self.tick_failed)]
+            text = (
+                "crash, stall and straggler alerts stopped by an error in lmtop "
+                f"({self.tick_failed[:200]}); charts go on"
+            )
+            return [self._failure(text)]
 
-    def _failure(self, what: str, error: str) -> Alert:
-        """Alerts stop after an error in the engine (a bug of lmtop's, not of the run): the
-        charts and the tables go on, and the alert says so once, for every run (it has no run
-        of its own), to ``--on-alert`` too. Crashes and stalls are judged apart from metrics:
-        one stopping leaves the other."""
+    def _failure(self, text: str, severity: str = WARNING) -> Alert:
+        """Alerts stop after an error in the engine (a bug of lmtop's, not of the run) or an
+        alert worker lost: the charts and the tables go on, and the alert says so once, for
+        every run (it has no run of its own), to ``--on-alert`` too. Crashes and stalls are
+        judged apart from metrics: one stopping leaves the other."""
         alert = Alert(
             type="internal",
-            severity=WARNING,
+            severity=severity,
             run="lmtop",
             key="",
             rank=0,
@@ -315,8 +327,9 @@ class Alerting:
             step=None,
             value=None,
             baseline=None,
-            message=f"{what} by an error in lmtop ({error[:200]}); charts go on",
+            message=text,
         )
+        self._critical_notice = self._critical_notice or severity == CRITICAL
         return self._act([alert])[0]
 
     def diagnose(self, key: str) -> Diagnosis:

@@ -128,8 +128,6 @@ class AlertWorkers:
         self._owner: dict[tuple[str, int], int] = {}
         self._read: dict[tuple[str, int], int] = {}
         self._done = [False] * workers
-        # The alerts the workers sent, until the engine here takes them.
-        self.known = Known(frozenset(), {})
         self._keys: list[dict[tuple[str, int], str]] = []  # per worker: its (dir, rank) -> key
         for index, group in enumerate(groups):
             jobs = [(str(run.dir), number) for run, number in group]
@@ -151,6 +149,7 @@ class AlertWorkers:
             for run, number in group:
                 self._owner[(run.key, number)] = index
                 self._read[(run.key, number)] = 0
+        # The alerts the workers sent, until the engine here takes them.
         self.known = Known(frozenset(self._owner), {})
 
     def ready(self, batch: list[Keyed]) -> Known:
@@ -195,6 +194,7 @@ class AlertWorkers:
             receiver.close()
             if process.is_alive():
                 process.terminate()
+        for process, _ in self._workers:  # all told first: a slow exit is not waited on twice
             process.join(timeout=5.0)
 
 

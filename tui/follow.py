@@ -53,8 +53,9 @@ REMOTE_SILENT_SECONDS = 300.0
 READ_BUDGET = 2 << 20
 MIN_READ = 16 << 10
 LIVE_DRAIN_FRAMES = 2000
-# Runs of plain metrics lines read from files are taken in bulk (see Follower._take_lines);
-# off, every line takes the general path (the tests' reference).
+# Runs of plain metrics lines a poll reads from files are taken in bulk (Follower._take_lines);
+# off, every line a poll reads takes the general path (the tests' reference; a worker's whole
+# read, read_whole, is always in bulk, and tests compare it with polls made with this off).
 PLAIN_RUNS = True
 LIVE_FILE_SECONDS = 1.0  # how often the file of a rank heard live is read (see Follower._apply)
 # Live frames arriving within this of the first are one poll (one store update per series, one
@@ -117,7 +118,8 @@ class Follower:
         self._cache = cache
         self._restored: list[Restored] = []
         self._cached_at: dict[tuple[str, int], int] = {}
-        # Worker processes reading long rank files (readers.py), started when first needed.
+        # Worker processes reading long rank files (readers.py): started here for a history
+        # with no cache (they start while the screen is set up), else when first needed.
         self._workers = readers
         self._readers: Readers | None = None
         if readers > 0:
