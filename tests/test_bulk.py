@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -49,6 +51,8 @@ ODD = (
     "blank",
     "list",
     "null",  # the JSON null: parsed, and no message
+    "spaced",  # a plain line as another writer spaces it out (json.dumps' separators)
+    "crlf",  # a plain line ending in a carriage return
 )
 
 
@@ -122,6 +126,10 @@ def _lines(kinds: list[str], rank: int = 0) -> bytes:
             encoded = encoded.replace(orjson.dumps(t), str(int(t)).encode())
         if version != 1:
             encoded = encoded.replace(b'"v":1', b'"v":2')
+        if kind == "spaced":
+            encoded = json.dumps(orjson.loads(encoded)).encode()
+        elif kind == "crlf":
+            encoded += b"\r"
         out.append(encoded)
     return b"\n".join(out) + b"\n"
 
@@ -171,7 +179,10 @@ def _polled(run_dir: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any], int]:
         for key, m in follower.poll(0):
             data = orjson.dumps(m.data)
             values = orjson.dumps(m.m)  # an int is not a float here (7 == 7.0)
-            messages.append((key, m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, values, data))
+            line = orjson.loads(m.encode())  # as headless mode prints it
+            messages.append(
+                (key, m.run, m.rank, m.world, m.seq, m.t, m.kind, m.step, values, data, line)
+            )
     (run,) = follower.runs.values()
     return messages, _state(run.ranks[0]), run.world
 
@@ -342,6 +353,7 @@ def _followed(
                 m.step,
                 orjson.dumps(m.m),
                 orjson.dumps(m.data),
+                orjson.loads(m.encode()),
             )
             for _, m in out
         ]
@@ -378,8 +390,8 @@ def test_a_plain_file_is_taken_in_bulk_and_its_pace_kept(tmp_path: Path) -> None
     run = follower.book.run(str(run_dir), "r", run_dir)
     rank = follower.book.rank(run, 0)
     store = Store()
-    docs = bulk.parse(path.read_bytes().splitlines())
-    plain = bulk.plain_run(run, rank, docs, 0)
+    lines = path.read_bytes().splitlines()
+    plain = bulk.plain_run(run, rank, lines, bulk.parse(lines), 0)
     assert plain is not None and len(plain.docs) == 3000
     plain.to_store(run.key, 0, store)
     assert store.points == 3000 * len(NAMES) and rank.applied == 2999
@@ -484,3 +496,33 @@ def test_a_long_extend_keeps_the_first_of_two_zeros_as_one_block_alone_does() ->
         one_by_one.extend(steps[i : i + 1], times[i : i + 1], values[i : i + 1])
     for got, want in zip(at_once.b1, one_by_one.b1):
         assert got.tobytes() == want.tobytes()
+
+
+def test_headless_prints_each_plain_line_as_its_file_holds_it(tmp_path: Path) -> None:
+    """``lmtop --headless`` prints a plain line as read, not re-encoded: the hook's lines come
+    out byte for byte as re-encoding them gives, a line another writer spaced out comes out as
+    written, and every line is the JSON value the general path prints (no carriage return)."""
+    from lmtop.tui import headless
+    from lmtop.tui.alert_settings import AlertSettings
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    kinds = ["plain"] * 40 + ["spaced"] * 4 + ["crlf"] * 3 + ["plain"] * 9 + ["int", "plain"]
+    text = _lines(["start", *kinds, "end"])
+    (run_dir / "rank-0.jsonl").write_bytes(text)
+
+    def printed() -> list[bytes]:
+        out = io.BytesIO()
+        quiet = AlertSettings(enabled=False)
+        assert headless.run([str(run_dir)], follow=False, out=out, settings=quiet) == 0
+        return out.getvalue().split(b"\n")[:-1]
+
+    in_bulk = printed()
+    with _line_by_line():
+        one_by_one = printed()
+    assert [orjson.loads(x) for x in in_bulk] == [orjson.loads(x) for x in one_by_one]
+    assert len(in_bulk) == len(kinds) + 2 and not any(b"\r" in x for x in in_bulk)
+    spaced = [x for x in text.split(b"\n") if b'": ' in x]
+    assert len(spaced) == 4 and [x for x in in_bulk if b'": ' in x] == spaced
+    changed = [(a, b) for a, b in zip(in_bulk, one_by_one) if a != b]
+    assert [a for a, _ in changed] == spaced

@@ -46,11 +46,12 @@ def _headless_peak_rss(run: Path) -> int:
 
 
 def test_headless_memory_does_not_grow_with_history(tmp_path: Path) -> None:
-    """Headless is a stream: ten times the history (23 MB of files) costs no more memory."""
-    short = write_run(tmp_path, "short", ranks=2, steps=4_000)
+    """Headless is a stream: four times the history (23 MB of files against 5.8 MB, each more
+    than one poll reads) costs no more memory (51 and 52 MB, 2026-11-30)."""
+    short = write_run(tmp_path, "short", ranks=2, steps=10_000)
     long = write_run(tmp_path, "long", ranks=2, steps=40_000)
     small, big = _headless_peak_rss(short), _headless_peak_rss(long)
-    assert big / small < 1.25, (small >> 10, big >> 10)
+    assert big / small < 1.1, (small >> 10, big >> 10)
 
 
 _NAME_SETS = (("loss", "lr"), ("loss", "lr", "grad_norm"), ("eval_loss",), ("lr", "loss"))
