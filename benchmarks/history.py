@@ -99,12 +99,14 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
     if cold:
         for path in run.glob("rank-*.cols"):
             path.unlink()
+    from lmtop.tui import collector
     from lmtop.tui.alert_actions import Alerting
     from lmtop.tui.alert_settings import AlertSettings
     from lmtop.tui.app import LmtopApp
     from lmtop.tui.follow import Follower
     from lmtop.tui.widgets import Chart
 
+    collector.settle()  # as the lmtop command does once it has imported the app
     last = max(
         int(line.split(b'"step":')[1].split(b",")[0])
         for f in run.glob("rank-*.jsonl")

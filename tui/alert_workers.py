@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from lmtop.hooks import schema
 
+from . import collector
 from .alert_settings import AlertSettings
 from .alerts import Alert, AlertEngine, Known
 from .follow import Follower, Keyed
@@ -200,6 +201,7 @@ class AlertWorkers:
 
 def _work(jobs: list[tuple[str, int]], settings: AlertSettings, sender: Connection) -> None:
     """A worker: reads its ranks' files a chunk at a time in turn, each into the engine."""
+    collector.settle()
     try:
         follower = Follower([directory for directory, _ in jobs], follow=False, live=False)
         engine = AlertEngine(settings)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmtop.hooks import __version__, schema
 
-from . import alert_settings
+from . import alert_settings, collector
 from .alert_settings import AlertSettings
 
 
@@ -103,9 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.headless:
         from . import headless
 
+        collector.settle()
         return headless.run(args.paths, follow=args.follow, settings=settings)
     from .app import run_app
 
+    collector.settle()
     return run_app(args.paths, follow=args.follow, refresh_hz=args.refresh, settings=settings)
 
 
