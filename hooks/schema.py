@@ -137,14 +137,14 @@ class Message:
     step: int | None
     m: dict[str, float]
     data: dict[str, Any] = field(repr=False)
-    # The line it was read from, without its newline, where that line is ``data`` as it stands
-    # (a rank file's plain metrics line, see lmtop.tui.bulk): encode() gives it as it is.
+    # The line it was read from, without its newline, where that line stands for ``data``
+    # (a rank file's plain metrics line, see lmtop.tui.bulk.PlainRun): encode() gives it.
     line: bytes | None = field(default=None, repr=False, compare=False)
 
     def encode(self) -> bytes:
         """The message as a JSON line, non-finite values as their string tokens: the line it
-        was read from when there is one (the hook's lines are what re-encoding gives, byte for
-        byte; another writer's spacing is kept), else ``data`` encoded."""
+        was read from when there is one (the hook's lines are what encoding gives, byte for
+        byte), else ``data`` encoded."""
         line = self.line
         return line + b"\n" if line is not None else encode(self.data)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, NamedTuple
 
 import orjson
@@ -32,7 +33,8 @@ from .store import Store
 # The fields of a metrics message as the hook writes them; a line with any other field (or
 # fewer) is not plain and takes the general path.
 _FIELDS = 9
-_BRACE = ord("}")  # a line that is one JSON object, with nothing after it, ends in this
+# orjson reads an integer past 64 bits as a float: from this magnitude on a float may be one.
+_INT_BOUND = 2.0**63
 
 
 def parse(lines: list[bytes]) -> list[Any]:
@@ -142,17 +144,33 @@ class PlainRun(NamedTuple):
     def messages(self, rank: int) -> list[schema.Message]:
         """The messages ``schema.decode`` makes of these lines (each its own JSON object). A
         message's ``m`` is its ``data["m"]``, as decode's for float values (for integers it
-        copies ``m``): nothing changes either after decoding. So each keeps its line, which
-        ``Message.encode`` gives as it is (headless mode prints 800k of them in 0.1 s, not 1.9 s
-        re-encoded): a line that ends in whitespace (a carriage return) is encoded afresh."""
+        copies ``m``): nothing changes either after decoding. Where the lines can stand for
+        them (:meth:`as_encoded`), each message keeps its line, which ``Message.encode`` gives
+        as it is: headless mode prints 800k lines ~1 s faster so."""
         message, run, world, metrics = schema.Message, self.run_name, self.world, schema.METRICS
+        lines = self.lines if self.as_encoded() else [None] * len(self.docs)
         return [
-            message(
-                run, rank, world, doc["seq"], doc["t"], metrics, doc["step"], doc["m"], doc,
-                line if line[-1] == _BRACE else None,
-            )
-            for line, doc in zip(self.lines, self.docs)
+            message(run, rank, world, doc["seq"], doc["t"], metrics, doc["step"], doc["m"], doc, line)
+            for line, doc in zip(lines, self.docs)
         ]  # fmt: skip
+
+    def as_encoded(self) -> bool:
+        """Whether the lines can stand for their messages as they are, looked at once for all
+        (0.8 µs a line, against 2.7 to encode one). The hook's lines are byte for byte what
+        encoding gives; another writer's are kept only without whitespace (spacing, a carriage
+        return that a terminal would act on), with one colon a field (a field twice, which
+        parsers read alike but ``grep`` does not, or a colon in a name, makes more: without
+        whitespace each field has its own) and without an integer orjson read as a float for
+        being past 64 bits (no value that large). Its spelling of the same numbers and strings
+        (``1E5``, ``\\u0072``) is kept."""
+        joined = b"\n".join(self.lines)
+        if b" " in joined or b"\t" in joined or b"\r" in joined:
+            return False
+        if joined.count(b":") != len(self.lines) * (_FIELDS + len(self.names)):
+            return False
+        values = list(chain.from_iterable(map(dict.values, [doc["m"] for doc in self.docs])))
+        values += (min(self.times), max(self.times))
+        return min(values) > -_INT_BOUND and max(values) < _INT_BOUND
 
     def to_store(self, key: str, rank: int, store: Store) -> None:
         """Adds the lines' values to ``store`` as columns."""
