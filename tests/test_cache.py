@@ -252,6 +252,50 @@ def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
     assert max(store.series[(str(run_dir), 2, "loss")].values) == 30.0
 
 
+def _waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every wait the follower starts (a sleep, a wait for a worker's read), from now on."""
+    waits: list[float] = []
+    sleep, wait = time.sleep, follow.futures.wait
+
+    def sleeping(seconds: float) -> None:
+        waits.append(seconds)
+        sleep(seconds)
+
+    def waiting(*args: Any, **kwargs: Any) -> Any:
+        waits.append(args[1] if len(args) > 1 else kwargs.get("timeout", math.inf))
+        return wait(*args, **kwargs)
+
+    monkeypatch.setattr(follow.time, "sleep", sleeping)
+    monkeypatch.setattr(follow.futures, "wait", waiting)
+    return waits
+
+
+def test_a_poll_hands_on_the_ranks_it_took_whole_without_waiting(
+    cached_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank taken whole, from its cache or from a worker's read, goes to the screen with the
+    poll that took it: the poll does not wait for live frames or the next worker first
+    (0.1 s a rank of the first frame, the last one's included)."""
+    follower = Follower([str(cached_run)], follow=True, live=False, cache=True)
+    waits = _waits(monkeypatch)
+    follower.poll(1.0)
+    assert len(follower.take_restored()) == 2 and waits == []
+    follower.close()
+
+    monkeypatch.setattr(follow, "WORKER_BYTES", 0)  # every rank file goes to a worker
+    run_dir = write_run(tmp_path, "workers", ranks=4, steps=STEPS)
+    follower = Follower([str(run_dir)], follow=False, live=False, cache=True, readers=2)
+    taken, deadline = 0, time.monotonic() + 30
+    while taken < 4 and time.monotonic() < deadline:
+        before = len(waits)
+        follower.poll(1.0)
+        restored = len(follower.take_restored())
+        assert not restored or len(waits) == before, "the poll waited after taking a rank"
+        taken += restored
+    assert taken == 4
+    follower.close()
+
+
 _APP_WITH_WORKERS = """
 import asyncio, sys
 from lmtop.tui import follow, replay

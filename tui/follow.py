@@ -143,15 +143,18 @@ class Follower:
         waiting at most ``timeout`` seconds for live ones when there is nothing to read."""
         out: list[Keyed] = []
         now = time.monotonic()
+        restored = len(self._restored)
         if self._backlog or now - self._last_scan >= SCAN_SECONDS:
             self._scan(out, now)
-        if not out and self._reading:  # only workers' reads wait: for them, not in a spin
+        # Ranks taken whole (a cache, a worker's read) go on with this poll, not after a wait.
+        taken = bool(out) or len(self._restored) > restored
+        if not taken and self._reading:  # only workers' reads wait: for them, not in a spin
             futures.wait(self._reading.values(), min(timeout, SCAN_SECONDS), FIRST_COMPLETED)
         if self._live is not None:
-            behind = out or self._backlog or self._live_behind
+            behind = taken or self._backlog or self._live_behind
             wait = 0.0 if behind else min(timeout, SCAN_SECONDS)
             self._drain_live(out, wait)
-        elif not out and not self._backlog and timeout > 0:
+        elif not taken and not self._backlog and timeout > 0:
             time.sleep(min(timeout, SCAN_SECONDS))
         return out
 
