@@ -186,7 +186,7 @@ def _line_by_line() -> Iterator[None]:
 
 def _polled(run_dir: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any], int]:
     """A follower polled to the end: each message it gave (every field), the rank's state."""
-    follower = Follower([str(run_dir)], follow=False, live=False)
+    follower = Follower([str(run_dir)], follow=False, live=False, lines=True)
     messages = []
     while not follower.done:
         for key, m in follower.poll(0):
@@ -332,7 +332,7 @@ def _followed(
     reads planned, whether the rank was seen during it), then the rest of the file's."""
     path = run_dir / "rank-0.jsonl"
     path.write_bytes(b"")
-    follower = Follower([str(run_dir)], follow=False, live=False)
+    follower = Follower([str(run_dir)], follow=False, live=False, lines=True)
     follower.poll(0)
     (run,) = follower.runs.values()
     rank = run.ranks[0]
@@ -540,6 +540,9 @@ def test_headless_prints_the_hook_s_lines_as_read_and_every_line_as_re_encoded(
         assert in_bulk == printed()
     assert in_bulk.count(b"\n") == 52 + len(kinds) + 2 and b"\r" not in in_bulk
     # The hook's lines were taken as read: the polls' messages carry them.
-    follower = Follower([str(run_dir)], follow=False, live=False)
+    follower = Follower([str(run_dir)], follow=False, live=False, lines=True)
     read_as_is = [m.line for _, m in follower.poll(0) if m.line is not None]
     assert sorted(read_as_is) == sorted(text.split(b"\n")[1:51])
+    # Others (the app, alert workers) do not pay for the look: they print nothing.
+    quiet = Follower([str(run_dir)], follow=False, live=False)
+    assert all(m.line is None for _, m in quiet.poll(0))

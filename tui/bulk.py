@@ -141,14 +141,15 @@ class PlainRun(NamedTuple):
     steps: list[int]
     times: list[float]
 
-    def messages(self, rank: int) -> list[schema.Message]:
+    def messages(self, rank: int, keep_lines: bool = False) -> list[schema.Message]:
         """The messages ``schema.decode`` makes of these lines (each its own JSON object). A
         message's ``m`` is its ``data["m"]``, as decode's for float values (for integers it
-        copies ``m``): nothing changes either after decoding. Where the lines can stand for
-        them (:meth:`as_encoded`), each message keeps its line, which ``Message.encode`` gives
-        as it is: headless mode prints 800k lines ~1 s faster so."""
+        copies ``m``): nothing changes either after decoding. With ``keep_lines``, where the
+        lines can stand for them (:meth:`as_encoded`), each message keeps its line, which
+        ``Message.encode`` gives as it is: headless mode prints 800k lines ~1 s faster so."""
         message, run, world, metrics = schema.Message, self.run_name, self.world, schema.METRICS
-        lines = self.lines if self.as_encoded() else [None] * len(self.docs)
+        kept = keep_lines and self.as_encoded()
+        lines = self.lines if kept else [None] * len(self.docs)
         return [
             message(run, rank, world, doc["seq"], doc["t"], metrics, doc["step"], doc["m"], doc, line)
             for line, doc in zip(lines, self.docs)

@@ -91,8 +91,12 @@ class Follower:
         straggler: StragglerSettings | None = None,
         cache: bool = False,
         readers: int = 0,
+        lines: bool = False,
     ) -> None:
         self.follow = follow
+        # Messages of plain lines keep their line where it stands for them, so that
+        # Message.encode gives it as it is (headless mode prints every message): bulk.PlainRun.
+        self.lines = lines
         self.paths = list(paths)  # as the person wrote them, for messages
         self.book = RunBook(stall, straggler)
         self._use_registry = not paths
@@ -516,7 +520,7 @@ class Follower:
             self._take(run, rank, messages, out, more)
 
         def take_run(plain: bulk.PlainRun) -> None:
-            out.extend([(key, message) for message in plain.messages(rank.rank)])
+            out.extend([(key, message) for message in plain.messages(rank.rank, self.lines)])
             self._idle.pop((key, rank.rank), None)  # as _apply does: it speaks
 
         bulk.read_chunk(run, rank, lines, file.decode_lines, take, take_run)

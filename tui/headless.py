@@ -41,7 +41,9 @@ def run(
     """
     stream = out if out is not None else sys.stdout.buffer
     settings = settings if settings is not None else AlertSettings()
-    follower = Follower(paths, follow=follow, stall=settings.stall, straggler=settings.straggler)
+    follower = Follower(
+        paths, follow=follow, stall=settings.stall, straggler=settings.straggler, lines=True
+    )
     alerting = Alerting(settings, follower.runs)
     started = time.monotonic()
     told_waiting = False
