@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary:
         from . import summary
 
+        collector.settle()
         return summary.run(args.paths, as_json=args.headless, settings=settings)
     if args.headless:
         from . import headless

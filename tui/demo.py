@@ -19,6 +19,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from . import collector
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -159,9 +161,11 @@ def main(argv: Sequence[str]) -> int:
         if options.headless:
             from . import headless
 
+            collector.settle()  # as lmtop's viewer does (the ranks are other processes)
             return headless.run([folder])
         from .app import run_app
 
+        collector.settle()
         return run_app([folder])
     finally:
         stop(procs)
