@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lmtop.tui import app as app_module
 from lmtop.tui.app import LmtopApp
 from lmtop.tui.follow import Follower
 from lmtop.tui.screens import HelpScreen, PickScreen, TextScreen
@@ -81,6 +82,25 @@ async def test_q_quits_and_the_receiving_thread_ends(run_dir: Path) -> None:
     assert not app.is_running
     assert closed_in and closed_in[0] in worker_threads
     assert closed_in[0] != threading.main_thread().name
+
+
+async def test_a_screen_taken_down_under_the_app_raises_nothing(run_dir: Path) -> None:
+    """Its widgets removed while its timer and the workers still run (a shutdown under way:
+    Textual's test harness takes the screen down before it stops the app's timers), the app
+    draws nothing and raises nothing: the frame timer's ``query_one(Header)`` raised
+    ``NoMatches`` and failed the app, seen once in sixteen benchmark runs."""
+    from lmtop.tui.system import SystemView
+    from lmtop.tui.widgets import SystemPanel
+
+    app = app_for(run_dir, follow=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        await app.screen.query("*").remove()
+        app.dirty = True
+        app.post_message(app_module.Sampled(SystemView(2, None, None, None, None)))
+        await pilot.pause(0.3)  # six ticks of the frame timer, the sample taken
+        assert not app.query(Header) and not app.query(SystemPanel)
+    assert app.return_code in (None, 0)
 
 
 async def test_screen_shows_header_charts_and_ranks(run_dir: Path) -> None:

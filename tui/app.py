@@ -20,6 +20,7 @@ from typing import Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Footer
 from textual.worker import get_current_worker
@@ -160,9 +161,10 @@ class LmtopApp(Keys):
 
     @on(Sampled)
     def _sampled(self, message: Sampled) -> None:
-        # Its size is fixed (CSS): a new text needs no layout of the screen.
-        panel = self.query_one(SystemPanel)
-        panel.update(frame.system_text(message.view, self.system_rows), layout=False)
+        # Its size is fixed (CSS): a new text needs no layout of the screen. None while the
+        # screen is taken down (a shutdown under way: the sampler still sends).
+        for panel in self.query(SystemPanel):
+            panel.update(frame.system_text(message.view, self.system_rows), layout=False)
 
     # -- the worker: owns the source, the engine and the store's writes -------------------------
 
@@ -265,10 +267,15 @@ class LmtopApp(Keys):
         now = time.monotonic()
         if self.paused:  # the whole picture holds still, clock included, until p again
             return
-        if now - self.drawn_at >= period and self.dirty:
-            self.redraw()
-        elif now - self.clock_at >= CLOCK_SECONDS:
-            self.redraw_clock()
+        try:
+            if now - self.drawn_at >= period and self.dirty:
+                self.redraw()
+            elif now - self.clock_at >= CLOCK_SECONDS:
+                self.redraw_clock()
+        except NoMatches:
+            # The screen's widgets are gone while this timer still runs: a shutdown under way
+            # (Textual's test harness takes the screens down before it stops the timers).
+            pass
 
     def redraw(self, force: bool = False) -> None:
         """Redraws the visible charts, the header and the tables if something changed."""
