@@ -103,6 +103,24 @@ async def test_a_screen_taken_down_under_the_app_raises_nothing(run_dir: Path) -
     assert app.return_code in (None, 0)
 
 
+async def test_following_live_the_app_collects_garbage_as_cpython_does(run_dir: Path) -> None:
+    """Rare collections are for reading a history (``collector``): once it is read and the
+    app follows live, its collector is as it found it (a viewer runs for days)."""
+    import gc
+
+    from lmtop.tui import collector
+
+    usual = gc.get_threshold()
+    collector.reading(True)  # as lmtop starts it
+    app = app_for(run_dir, follow=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(app, pilot)
+        deadline = time.monotonic() + 20
+        while gc.get_threshold() != usual and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert gc.get_threshold() == usual and not app.catching_up
+
+
 async def test_screen_shows_header_charts_and_ranks(run_dir: Path) -> None:
     app = app_for(run_dir)
     async with app.run_test(size=SIZE) as pilot:

@@ -25,7 +25,7 @@ from textual.message import Message
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from . import discovery, frame
+from . import collector, discovery, frame
 from .alert_settings import AlertSettings
 from .alerts import Alert
 from .charts import DEFAULT_CHARTS, ViewOptions
@@ -220,9 +220,11 @@ class LmtopApp(Keys):
                 if batch or alerts or now - posted >= SNAPSHOT_SECONDS:
                     posted = now
                     self.post_message(Polled(book.snapshot(now), alerts, bool(batch)))
+                collector.reading(catching_up or self.alerts_owed)  # a history, or live
                 if not batch and source.done and not self.alerts_owed:
                     time.sleep(0.1)
         finally:
+            collector.reading(False)
             if history is not None:
                 history.close()
             source.close()  # in this thread: the sockets are never used by two threads

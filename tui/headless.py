@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import orjson
 
-from . import alert_workers
+from . import alert_workers, collector
 from .alert_actions import Alerting
 from .alert_settings import AlertSettings
 from .alert_workers import AlertWorkers
@@ -53,6 +53,7 @@ def run(
     try:
         while True:
             batch = follower.poll(0.25)
+            collector.reading(follower.catching_up)
             if batch and not planned:
                 planned = True
                 workers = alert_workers.start(follower, settings)
@@ -90,6 +91,7 @@ def run(
     except KeyboardInterrupt:
         return 130
     finally:
+        collector.reading(False)
         if workers is not None:
             workers.close()
         follower.close()
