@@ -17,7 +17,8 @@ computed (after the frame, from the run files read again). ``--cold`` deletes th
 the cache) and then one from the cache. ``headless`` runs
 ``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
-and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``.
+and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``
+and its resident memory from the first paint on, each minute.
 """
 
 from __future__ import annotations
@@ -238,17 +239,29 @@ def live(ranks: int = 16, seconds: float = 20.0) -> None:
                 except OSError:
                     return
 
+    def rss_mb() -> float:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1024
+
     try:
         drain(time.monotonic() + 5.0)  # start-up and the first paint
         before, started = cpu_seconds(), time.monotonic()
-        drain(started + seconds)
+        resident = [rss_mb()]
+        while time.monotonic() < started + seconds:  # the resident memory each minute
+            drain(min(started + seconds, time.monotonic() + 60.0))
+            resident.append(rss_mb())
         used = (cpu_seconds() - before) / (time.monotonic() - started)
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         stop(procs)
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"live: {ranks} ranks x 40 steps/s, the app uses {used:.0%} of a core", flush=True)
+    print(
+        f"live: {ranks} ranks x 40 steps/s, the app uses {used:.0%} of a core; resident "
+        + " -> ".join(f"{mb:.0f}" for mb in resident)
+        + " MB (each minute)",
+        flush=True,
+    )
 
 
 def main() -> None:
