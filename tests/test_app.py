@@ -86,8 +86,8 @@ async def test_q_quits_and_the_receiving_thread_ends(run_dir: Path) -> None:
 
 async def test_a_screen_taken_down_under_the_app_raises_nothing(run_dir: Path) -> None:
     """Its widgets removed while its timer and the workers still run (a shutdown under way:
-    Textual's test harness takes the screen down before it stops the app's timers), the app
-    draws nothing and raises nothing: the frame timer's ``query_one(Header)`` raised
+    Textual marks the app not running, then takes the screens down, then stops the timers),
+    the app draws nothing and raises nothing: the frame timer's ``query_one(Header)`` raised
     ``NoMatches`` and failed the app, seen once in sixteen benchmark runs."""
     from lmtop.tui.system import SystemView
     from lmtop.tui.widgets import SystemPanel
@@ -95,12 +95,30 @@ async def test_a_screen_taken_down_under_the_app_raises_nothing(run_dir: Path) -
     app = app_for(run_dir, follow=True)
     async with app.run_test(size=SIZE) as pilot:
         await loaded(app, pilot)
-        await app.screen.query("*").remove()
-        app.dirty = True
-        app.post_message(app_module.Sampled(SystemView(2, None, None, None, None)))
-        await pilot.pause(0.3)  # six ticks of the frame timer, the sample taken
-        assert not app.query(Header) and not app.query(SystemPanel)
+        app._running = False  # what Textual's shutdown sets first (App._shutdown)
+        try:
+            await app.screen.query("*").remove()
+            app.dirty = True
+            app.post_message(app_module.Sampled(SystemView(2, None, None, None, None)))
+            await pilot.pause(0.3)  # six ticks of the frame timer, the sample taken
+            assert not app.query(Header) and not app.query(SystemPanel)
+        finally:
+            app._running = True
     assert app.return_code in (None, 0)
+
+
+async def test_a_widget_gone_while_the_app_runs_is_a_fault_that_shows(run_dir: Path) -> None:
+    """Outside a shutdown, a widget the frame needs that is not there (a renamed id, a layout
+    change) fails the app loudly rather than freezing its header and tables unseen."""
+    from textual.css.query import NoMatches
+
+    app = app_for(run_dir, follow=True)
+    with pytest.raises(NoMatches):
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(app, pilot)
+            await app.query_one(Header).remove()
+            app.dirty = True
+            await pilot.pause(0.3)
 
 
 async def test_following_live_the_app_collects_garbage_as_cpython_does(run_dir: Path) -> None:
@@ -112,13 +130,16 @@ async def test_following_live_the_app_collects_garbage_as_cpython_does(run_dir: 
 
     usual = gc.get_threshold()
     collector.reading(True)  # as lmtop starts it
-    app = app_for(run_dir, follow=True)
-    async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
-        deadline = time.monotonic() + 20
-        while gc.get_threshold() != usual and time.monotonic() < deadline:
-            await pilot.pause(0.05)
-        assert gc.get_threshold() == usual and not app.catching_up
+    try:
+        app = app_for(run_dir, follow=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(app, pilot)
+            deadline = time.monotonic() + 20
+            while gc.get_threshold() != usual and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            assert gc.get_threshold() == usual and not app.catching_up
+    finally:
+        collector.reading(False)  # the tests after this one collect as before, whatever happened
 
 
 async def test_screen_shows_header_charts_and_ranks(run_dir: Path) -> None:

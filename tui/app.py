@@ -275,9 +275,11 @@ class LmtopApp(Keys):
             elif now - self.clock_at >= CLOCK_SECONDS:
                 self.redraw_clock()
         except NoMatches:
-            # The screen's widgets are gone while this timer still runs: a shutdown under way
-            # (Textual's test harness takes the screens down before it stops the timers).
-            pass
+            # The screen's widgets gone while this timer still runs is a shutdown under way
+            # (Textual's test harness takes the screens down before it stops the timers);
+            # anywhere else it is a fault, and says so.
+            if self.is_running:
+                raise
 
     def redraw(self, force: bool = False) -> None:
         """Redraws the visible charts, the header and the tables if something changed."""
