@@ -49,3 +49,22 @@ def test_summary_of_a_sweep_as_a_table_and_as_json(tmp_path: Path) -> None:
 def test_summary_of_nothing_says_so(tmp_path: Path) -> None:
     done = summary(str(tmp_path / "nothing"))
     assert done.returncode == 1 and "no runs found" in done.stderr
+
+
+def test_the_summary_counts_the_alerts_headless_mode_prints(tmp_path: Path) -> None:
+    """``--summary`` and ``--headless`` judge a run alike: one event seen by every rank (a NaN,
+    an all-reduced grad norm's spike) is one alert in both, with the gravest severity."""
+    run = write_run(
+        tmp_path, name="shared", ranks=4, steps=300,
+        extra={120: {"grad_norm": 40.0}, 200: {"loss": math.nan}, 250: {"loss": 30.0}},
+    )  # fmt: skip
+    printed = subprocess.run(
+        [sys.executable, "-m", "lmtop", "--headless", "--no-follow", str(run)],
+        capture_output=True,
+        timeout=60,
+    )
+    told = [json.loads(x) for x in printed.stdout.splitlines() if b'"kind":"alert"' in x]
+    (summed,) = [json.loads(x) for x in summary("--headless", str(run)).stdout.splitlines()]
+    assert told and any(len(alert["ranks"]) == 4 for alert in told)
+    assert summed["alerts"] == len(told)
+    assert summed["critical"] == sum(alert["severity"] == "critical" for alert in told) >= 1

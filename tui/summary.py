@@ -54,9 +54,10 @@ def summarise(paths: Sequence[str], settings: AlertSettings | None = None) -> li
         while True:
             batch = follower.poll(0)
             store.add(batch)
-            for key, message in batch:
-                for alert in alerting.feed(key, message):
-                    alerts.setdefault(key, []).append(alert.severity)
+            # A batch at once, as headless mode and the screen take it: one event seen by
+            # several ranks is one alert with the gravest severity any of them gave it.
+            for _, alert in alerting.feed_batch(batch):
+                alerts.setdefault(alert.key, []).append(alert.severity)
             if follower.done:
                 break
     finally:
