@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import orjson
 from lmtop.hooks import schema
 
-from . import collector
+from . import collector, runfile
 from .alert_settings import AlertSettings
 from .alerts import Alert, AlertEngine, Known
 from .follow import Follower, Keyed
@@ -90,25 +89,13 @@ def _config(info: dict[str, Any] | None) -> Any:
 
 
 def _finished(run: Run, number: int) -> bool:
-    """Whether the rank's file ends with its end message (and so will not grow). Read as the
-    follower reads: a regular file only, never waiting on a FIFO, at most TAIL bytes."""
-    if run.dir is None:
-        return False
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    """Whether the rank's file ends with its end message (and so will not grow), its last line
+    read as the follower reads (a regular file only, never waiting on a FIFO, TAIL bytes)."""
+    line = runfile.last_line(run.dir / schema.rank_file(number), TAIL) if run.dir else None
     try:
-        fd = os.open(run.dir / schema.rank_file(number), flags)
-    except OSError:
+        return line is not None and schema.decode(line).kind == schema.END
+    except schema.BadMessage:
         return False
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return False
-        tail = os.pread(fd, TAIL, max(0, info.st_size - TAIL))
-        return schema.decode(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]).kind == schema.END
-    except (OSError, schema.BadMessage):
-        return False
-    finally:
-        os.close(fd)
 
 
 class AlertWorkers:

@@ -25,6 +25,29 @@ READ_CHUNK = 4 << 20
 MAX_PARTIAL = 2 * schema.MAX_MESSAGE_BYTES
 
 
+# Never waits on a FIFO, never becomes a controlling terminal, never outlives an exec.
+_OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def last_line(path: Path, tail: int = 4096) -> bytes | None:
+    """The last line of a rank file, read as :class:`RankFile` reads (a regular file only), at
+    most ``tail`` bytes back; None when it cannot be read or is not a regular file."""
+    try:
+        fd = os.open(path, _OPEN)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        chunk = os.pread(fd, tail, max(0, info.st_size - tail))
+        return chunk.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class RankFile:
     """Incremental reader of one rank's JSON-lines file."""
 
@@ -54,7 +77,7 @@ class RankFile:
         """The complete lines added since the last call, undecoded (as :meth:`read` takes them),
         and whether more bytes are waiting beyond ``limit``."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            fd = os.open(self.path, _OPEN)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a unix socket in the file's place
                 self._refuse()
