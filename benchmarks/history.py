@@ -15,7 +15,7 @@ computed (after the frame, from the run files read again). ``--cold`` deletes th
 ``--readers=N`` sets the worker processes reading long rank files (default 2, 0: none), and
 ``--frame-only`` stops at the first frame. ``all`` measures a cold first frame (which writes
 the cache) and then one from the cache. ``headless`` runs
-``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time and peak RSS.
+``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time, peak RSS (its own, and with its workers) and CPU.
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
 and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``
 and its resident memory from the first paint on, each minute.
@@ -175,6 +175,21 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
     asyncio.run(measure())
 
 
+def _tree_rss_kb(pid: int) -> int:
+    """The resident memory of a process and its children together, in KB (from /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for each in (pid, *map(int, children)):
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:  # gone in between
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
 def headless(run: Path, alerts: bool) -> None:
     """Wall time and peak RSS of ``lmtop --headless --no-follow``."""
     command = [sys.executable, "-m", "lmtop.tui", "--headless", "--no-follow", str(run)]
@@ -182,6 +197,7 @@ def headless(run: Path, alerts: bool) -> None:
         command.insert(-1, "--no-alerts")
     started = time.perf_counter()
     own = 0.0  # the viewer's own CPU seconds, last read from /proc (every 20 ms)
+    together = 0  # the most resident memory of the viewer and its workers at once, in KB
     tick = os.sysconf("SC_CLK_TCK")
     with open(os.devnull, "wb") as devnull:
         proc = subprocess.Popen(command, stdout=devnull)
@@ -193,15 +209,17 @@ def headless(run: Path, alerts: bool) -> None:
             try:
                 fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 own = max(own, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+                together = max(together, _tree_rss_kb(proc.pid))
             except (OSError, IndexError, ValueError):
                 pass
             time.sleep(0.02)
     seconds = time.perf_counter() - started
-    total = usage.ru_utime + usage.ru_stime  # the viewer's and its alert workers'
+    total = usage.ru_utime + usage.ru_stime  # the viewer's and its history workers'
     print(
         f"headless{'' if alerts else ' --no-alerts'}: {seconds:.2f} s, "
-        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB (exit {os.waitstatus_to_exitcode(status)}); "
-        f"CPU {own:.1f} s in the viewer, {max(0.0, total - own):.1f} s in its alert workers",
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, {together / 1024:.0f} MB with its workers "
+        f"(exit {os.waitstatus_to_exitcode(status)}); "
+        f"CPU {own:.1f} s in the viewer, {max(0.0, total - own):.1f} s in its history workers",
         flush=True,
     )
 

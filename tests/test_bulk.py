@@ -286,7 +286,7 @@ def test_what_a_finished_file_gives_does_not_depend_on_how_it_is_read(
 ) -> None:
     """Read in one go or a few bytes at a time, a finished file gives the same messages and
     leaves the same state: a line whose seq jumps ahead is judged by the line after it even
-    when a read ends between them (alert workers and the parent read in other sizes). (What
+    when a read ends between them (history workers and the parent read in other sizes). (What
     follows an end line is not read once the end is taken: it is left out here.)"""
     if "end" in kinds:
         kinds = kinds[: kinds.index("end") + 1]
@@ -544,6 +544,6 @@ def test_headless_prints_the_hook_s_lines_as_read_and_every_line_as_re_encoded(
     follower = Follower([str(run_dir)], follow=False, live=False, lines=True)
     read_as_is = [m.line for _, m in follower.poll(0) if m.line is not None]
     assert sorted(read_as_is) == sorted(text.split(b"\n")[1:51])
-    # Others (the app, alert workers) do not pay for the look: they print nothing.
+    # Others (the app) do not pay for the look: they print nothing.
     quiet = Follower([str(run_dir)], follow=False, live=False)
     assert all(m.line is None for _, m in quiet.poll(0))

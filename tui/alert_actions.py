@@ -13,22 +13,18 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from lmtop.hooks import schema
 
 from . import rank_health
 from .alert_settings import AlertSettings
-from .alert_workers import WorkerFailed
 from .alerts import CRITICAL, WARNING, Alert, AlertEngine
 from .learning_curve import Diagnosis
 from .owned import create_new, owned_dir_fd
-
-if TYPE_CHECKING:
-    from .alert_workers import AlertWorkers
 
 SNAPSHOT_STEPS = 50
 MAX_RUNNING = 4
@@ -182,12 +178,12 @@ class Snapshots:
                 for rank, step in ranks_past
             )
             if done or complete:
-                self._write(alert, run_dir, lines)
+                self.write(alert, run_dir, lines)
             else:
                 keep.append((alert, run_dir, lines))
         self._pending = keep
 
-    def _write(self, alert: Alert, run_dir: Path, lines: list[schema.Message]) -> None:
+    def write(self, alert: Alert, run_dir: Path, lines: list[schema.Message]) -> None:
         """Writes one snapshot into ``<run dir>/alerts/``, never through a symlink.
 
         Only into a run directory of this user, into an ``alerts`` directory that is a real
@@ -250,7 +246,7 @@ class Alerting:
         self._runs = runs
         self.failed: str | None = None  # the engine's error on metrics, once it raised one
         self.tick_failed: str | None = None  # its error judging crashes and stalls
-        self._critical_notice = False  # an alert worker lost: part of the history unjudged
+        self._critical_notice = False  # a history worker lost: part of the history unjudged
 
     @property
     def critical(self) -> bool:
@@ -261,20 +257,12 @@ class Alerting:
         """The alerts ``message`` raised, after starting their commands and snapshots."""
         return [alert for _, alert in self.feed_batch([(key, message)])]
 
-    def feed_batch(
-        self, batch: list[tuple[str, schema.Message]], workers: AlertWorkers | None = None
-    ) -> list[tuple[int, Alert]]:
-        """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots; with
-        ``workers``, the alerts of the ranks they read are theirs (waited for here)."""
+    def feed_batch(self, batch: list[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
+        """``AlertEngine.feed_batch``, after starting the alerts' commands and snapshots."""
         if self.failed is not None:
             return []
         try:
-            told = self.engine.feed_batch(batch, workers.ready(batch) if workers else None)
-        except WorkerFailed as exc:  # killed (the OOM killer, say): the rest goes unjudged,
-            # which is as grave as what it may hide (a NaN): critical, so the exit status says so
-            self.failed = str(exc)
-            text = f"alerts on metrics stopped: {exc}; the rest of the history was not judged"
-            return [(max(0, len(batch) - 1), self._failure(text, CRITICAL))]
+            told = self.engine.feed_batch(batch)
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
             self.failed = f"{type(exc).__name__}: {exc}"
             text = f"alerts on metrics stopped by an error in lmtop ({self.failed[:200]}); charts go on"
@@ -293,6 +281,32 @@ class Alerting:
             while pending and pending[0][0] == index:
                 self._act([pending.pop(0)[1]])
         return told
+
+    def told(self, alerts: list[Alert]) -> list[Alert]:
+        """Alerts merged elsewhere (history workers' ranks, :class:`~.alerts.OnceByStep`),
+        recorded and their commands started; their snapshots are :meth:`snapshot`'s."""
+        for alert in self.engine.record(alerts):
+            self._command(alert)
+        return alerts
+
+    def snapshot(
+        self, alert: Alert, window: Callable[[str, int, int], list[schema.Message]]
+    ) -> None:
+        """Writes a critical alert's snapshot from ``window(run key, first step, last step)``
+        (every rank's metrics messages in those steps, read again from a finished run's files)."""
+        run = self._runs.get(alert.key)
+        if self.snapshots is None or alert.step is None or run is None or run.dir is None:
+            return
+        lines = window(alert.key, alert.step - SNAPSHOT_STEPS, alert.step + SNAPSHOT_STEPS)
+        self.snapshots.write(alert, run.dir, lines)
+
+    def lost(self, why: str) -> Alert:
+        """Alerts stop for good: a history worker was lost and part of the history went
+        unjudged, as grave as what it may hide (a NaN): critical, so the exit status says so."""
+        self.failed = why
+        return self._failure(
+            f"alerts on metrics stopped: {why}; the rest of the history was not judged", CRITICAL
+        )
 
     def tick(self, episodes: list[rank_health.Episode]) -> list[Alert]:
         """Crashes, stalls and stragglers (see ``AlertEngine.tick``)."""
@@ -314,7 +328,7 @@ class Alerting:
 
     def _failure(self, text: str, severity: str = WARNING) -> Alert:
         """Alerts stop after an error in the engine (a bug of lmtop's, not of the run) or an
-        alert worker lost: the charts and the tables go on, and the alert says so once, for
+        history worker lost: the charts and the tables go on, and the alert says so once, for
         every run (it has no run of its own), to ``--on-alert`` too. Crashes and stalls are
         judged apart from metrics: one stopping leaves the other."""
         alert = Alert(
@@ -343,10 +357,13 @@ class Alerting:
         if self.command is not None:
             self.command.close()
 
+    def _command(self, alert: Alert) -> None:
+        if self.command is not None:
+            self.command(alert)
+
     def _act(self, alerts: list[Alert]) -> list[Alert]:
         for alert in alerts:
-            if self.command is not None:
-                self.command(alert)
+            self._command(alert)
             if self.snapshots is not None and alert.severity == CRITICAL:
                 run = self._runs.get(alert.key)
                 self.snapshots.alert(alert, run.dir if run is not None else None)

@@ -18,7 +18,7 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 from lmtop.hooks import schema
 
@@ -87,14 +87,6 @@ class Alert:
         }
 
 
-class Known(NamedTuple):
-    """Alerts computed elsewhere (see AlertEngine.feed_batch): the (run key, rank) pairs whose
-    messages they cover, and what each message raised, by (run key, rank, seq); taken once."""
-
-    covered: frozenset[tuple[str, int]]
-    alerts: dict[tuple[str, int, int], list[Alert]]
-
-
 @dataclass(slots=True)
 class _Rank:
     """Detector state of one rank."""
@@ -146,25 +138,16 @@ class AlertEngine:
             self._once.add(0, alert)
         return [alert for _, alert in self._tell()]
 
-    def feed_batch(
-        self, batch: Sequence[tuple[str, schema.Message]], known: Known | None = None
-    ) -> list[tuple[int, Alert]]:
+    def feed_batch(self, batch: Sequence[tuple[str, schema.Message]]) -> list[tuple[int, Alert]]:
         """The alerts a batch of (run key, message) raised, each with the index of the last
         message it stands for: one event seen by several ranks (a NaN, an all-reduced grad
-        norm's spike) is one alert naming the ranks, and is not told again in a later batch.
-
-        ``known``: the alerts of some ranks' messages, computed elsewhere (alert workers,
-        :mod:`.alert_workers`); this engine takes the other ranks' messages itself."""
+        norm's spike) is one alert naming the ranks, and is not told again in a later batch."""
         if not self.settings.enabled:
             return []
         once, feed = self._once, self._feed
-        covered, computed = known if known is not None else ((), {})
         raised = False
         for index, (key, message) in enumerate(batch):
-            if covered and (key, message.rank) in covered:
-                alerts = computed.pop((key, message.rank, message.seq), _NONE)
-            else:
-                alerts = feed(key, message)
+            alerts = feed(key, message)
             if alerts:  # rare: most messages raise nothing, and pay for nothing more
                 raised = True
                 for alert in alerts:
@@ -173,13 +156,27 @@ class AlertEngine:
 
     def raised(self, key: str, message: schema.Message) -> list[Alert]:
         """The alerts one message raised on its own rank, before the merge across ranks and
-        unrecorded (what an alert worker sends its parent)."""
+        unrecorded (what a history worker sends its parent, which merges and records them)."""
         return self._feed(key, message) if self.settings.enabled else []
+
+    def points(self, key: str, rank: int) -> int:
+        """How many metrics messages of the rank the engine took (the next step of a rank
+        whose messages carry none)."""
+        state = self._ranks.get((key, rank))
+        return state.points if state is not None else 0
+
+    def record(self, alerts: list[Alert]) -> list[Alert]:
+        """Counts alerts merged elsewhere (:class:`OnceByStep`) as told: the critical flag,
+        the recent list."""
+        for alert in alerts:
+            self.recent.append(alert)
+            self.counts[alert.severity] += 1
+        return alerts
 
     def _tell(self) -> list[tuple[int, Alert]]:
         """The alerts gathered in ``_once`` since the last call, recorded."""
         told = self._once.take()
-        self._record([alert for _, alert in told])
+        self.record([alert for _, alert in told])
         return told
 
     def _feed(self, key: str, message: schema.Message) -> list[Alert]:
@@ -301,7 +298,7 @@ class AlertEngine:
                           key=e.run, rank=e.rank, metric=metric, step=e.step, value=value,
                           baseline=baseline, message=text)
                 )  # fmt: skip
-        return self._record(out)
+        return self.record(out)
 
     def diagnose(self, key: str) -> Diagnosis:
         """The run's learning-curve verdict, from the rank with the most evaluations."""
@@ -384,12 +381,6 @@ class AlertEngine:
             )
         )
 
-    def _record(self, alerts: list[Alert]) -> list[Alert]:
-        for alert in alerts:
-            self.recent.append(alert)
-            self.counts[alert.severity] += 1
-        return alerts
-
 
 def _word_episode(e: rank_health.Episode) -> tuple[str, str, str | None, float, float, str]:
     """(type, severity, metric, value, baseline, message) of a crash, a stall or a straggler."""
@@ -443,10 +434,71 @@ class OnceAcrossRanks:
         return [(index, _named(alert)) for index, alert in out]
 
 
+class OnceByStep:
+    """Folds one event seen by several ranks into one alert where the ranks are read apart
+    (history workers, each a few ranks a chunk at a time; see :mod:`.history_workers`).
+
+    An event (run, type, metric, step) is held until every rank of its run has gone past its
+    step or ended, then told once, naming every rank that raised it; so it follows every
+    message that raised it. An event already told is not told again (a rank that restarted
+    its steps). What is held is bounded by the spread of the ranks' steps, not the history.
+    """
+
+    def __init__(self, ranks: dict[str, list[int]], remember: int = 4096) -> None:
+        # run key -> rank -> the last step it went to (inf once ended)
+        self._steps: dict[str, dict[int, float]] = {
+            key: dict.fromkeys(numbers, -math.inf) for key, numbers in ranks.items()
+        }
+        self._held: dict[tuple[str, str, str | None, int | None], Alert] = {}
+        self._told: OrderedDict[tuple[str, str, str | None, int | None], None] = OrderedDict()
+        self._remember = remember
+
+    def add(self, alert: Alert) -> None:
+        """One alert, as one rank raised it."""
+        event = (alert.key, alert.type, alert.metric, alert.step)
+        if event in self._told:
+            return
+        held = self._held.get(event)
+        self._held[event] = alert if held is None else _merged(held, alert)
+
+    def advance(self, key: str, rank: int, step: float | None) -> None:
+        """Rank ``rank`` of run ``key`` has gone to ``step`` (``math.inf``: it ended)."""
+        steps = self._steps.setdefault(key, {})
+        if step is not None and step > steps.get(rank, -math.inf):
+            steps[rank] = step
+
+    def take(self) -> list[Alert]:
+        """The events every rank of their run has gone past, in the order first raised."""
+        if not self._held:
+            return []
+        behind = {key: min(steps.values(), default=math.inf) for key, steps in self._steps.items()}
+        out = []
+        for event, alert in list(self._held.items()):
+            step = event[3]
+            if step is None or behind.get(event[0], math.inf) > step:
+                del self._held[event]
+                self._told[event] = None
+                out.append(_named(alert))
+        while len(self._told) > self._remember:
+            self._told.popitem(last=False)
+        return out
+
+    def rest(self) -> list[Alert]:
+        """Every event still held (the history ended), in the order first raised."""
+        for steps in self._steps.values():
+            for rank in steps:
+                steps[rank] = math.inf
+        return self.take()
+
+
 def _merged(held: Alert, other: Alert) -> Alert:
-    ranks = tuple(sorted({*(held.ranks or (held.rank,)), other.rank}))
+    """One alert for an event two alerts (of one rank or several each) stand for: every rank
+    named, the gravest severity, and the lowest rank's words and values, whichever came first
+    (so they do not depend on how far a read reached in each rank's file)."""
+    ranks = tuple(sorted({*(held.ranks or (held.rank,)), *(other.ranks or (other.rank,))}))
     grave = max(held.severity, other.severity, key=SEVERITIES.index)
-    return replace(held, rank=ranks[0], ranks=ranks, severity=grave)
+    first = other if other.rank < held.rank else held
+    return replace(first, rank=ranks[0], ranks=ranks, severity=grave)
 
 
 def _named(alert: Alert) -> Alert:

@@ -273,15 +273,18 @@ class Follower:
         return key in self._trainers
 
     def read_offset(self, key: str, rank: int) -> int:
-        """How far the rank's file was read, in bytes (0 before its first read)."""
+        """How far the rank's file was given out as lines, in bytes: the end of the last
+        complete line read (0 before the first)."""
         file = self._files.get((key, rank))
-        return file.offset if file is not None else 0
+        return file.lines_end if file is not None else 0
 
-    def read_rank(self, run_dir: Path, number: int, out: list[Keyed]) -> bool:
-        """Applies the next chunk of one rank's file, as a poll reads it, into ``out``; True
-        while more waits (an alert worker's read, :mod:`.alert_workers`)."""
+    def read_rank(
+        self, run_dir: Path, number: int, out: list[Keyed], limit: int = READ_BUDGET
+    ) -> bool:
+        """Applies the next chunk (``limit`` bytes) of one rank's file, as a poll reads it, into
+        ``out``; True while more waits (a history worker's read, :mod:`.history_workers`)."""
         run = self.runs.get(str(run_dir)) or self._add_run_dir(run_dir)
-        return self._read(run, self.book.rank(run, number), out)
+        return self._read(run, self.book.rank(run, number), out, limit)
 
     def replayable(self, key: str) -> bool:
         """Whether the messages of run ``key`` can be read again from files."""
@@ -473,8 +476,9 @@ class Follower:
                 file = self._files[key] = RankFile(path, rank.rank)
         return file
 
-    def _read(self, run: Run, rank: RankState, out: list[Keyed]) -> bool:
-        """Applies what the rank's file holds beyond what was applied; True if more waits."""
+    def _read(self, run: Run, rank: RankState, out: list[Keyed], limit: int = 0) -> bool:
+        """Applies what the rank's file holds beyond what was applied, at most ``limit`` bytes
+        of it (0: a poll's share); True if more waits."""
         file = self._file(run, rank)
         if file is None:
             return False
@@ -492,7 +496,7 @@ class Follower:
             and self._restore(run, rank, file, run.dir)
         ):
             return True  # a worker reads it
-        lines, more = file.read_lines(self._limit)
+        lines, more = file.read_lines(limit or self._limit)
         self._take_lines(run, rank, file, lines, out, more)
         if not more and rank.held is not None:
             self._take(run, rank, [], out)  # the file's last line so far: nothing after it

@@ -3,8 +3,9 @@
 Alert records (``{"kind": "alert", "type", "severity", "run", "dir", "rank", "metric", "step",
 "value", "baseline", "message", "t"}``) follow the message that raised them; a rank whose process
 is gone without an end message is a critical ``crashed`` alert. The exit status is 2 when a
-critical alert fired, 1 when ``--no-follow`` found nothing to read, 0 otherwise. A finished
-history's alerts are computed by worker processes (:mod:`.alert_workers`), to the same output.
+critical alert fired, 1 when ``--no-follow`` found nothing to read, 0 otherwise. A long finished
+history is read, judged and encoded by worker processes (:mod:`.history_workers`), its ranks a
+chunk at a time rather than a poll's share: the same messages in per-rank order, the same alerts.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import BinaryIO
 
 import orjson
 
-from . import alert_workers, collector
+from . import collector, history_workers
 from .alert_actions import Alerting
 from .alert_settings import AlertSettings
-from .alert_workers import AlertWorkers
-from .alerts import Alert
+from .alerts import CRITICAL, Alert, OnceByStep
 from .follow import Follower
+from .history_workers import HistoryWorkers
 
 WAITING_NOTICE_SECONDS = 2.0
 
@@ -47,8 +48,9 @@ def run(
     alerting = Alerting(settings, follower.runs)
     started = time.monotonic()
     told_waiting = False
-    workers: AlertWorkers | None = None
+    workers: HistoryWorkers | None = None
     planned = follow  # whether workers were considered (a finished history's, once found)
+    counts: dict[str, list[int]] | None = None  # the workers' bad lines and gaps, per run
 
     try:
         while True:
@@ -56,10 +58,14 @@ def run(
             collector.reading(follower.catching_up)
             if batch and not planned:
                 planned = True
-                workers = alert_workers.start(follower, settings)
+                workers = history_workers.start(follower, settings)
+                if workers is not None:  # they read every rank from its start: this batch too
+                    _print_worked(workers, alerting, stream)
+                    counts = workers.counts
+                    break
             chunks: list[bytes] = []
             # (index of the last message it stands for, alert)
-            told = alerting.feed_batch(batch, workers)
+            told = alerting.feed_batch(batch)
             after: dict[int, list[Alert]] = {}
             for index, alert in told:
                 after.setdefault(index, []).append(alert)
@@ -96,7 +102,7 @@ def run(
             workers.close()
         follower.close()
         alerting.close()
-    _report(follower)
+    _report(follower, counts)
     if not follow and not follower.runs:
         print(f"lmtop: {_nothing_in(paths)}", file=sys.stderr)
         return 1
@@ -120,13 +126,44 @@ def _lines(alerts: list[Alert]) -> list[bytes]:
     return [orjson.dumps(a.to_record(), option=orjson.OPT_APPEND_NEWLINE) for a in alerts]
 
 
-def _report(follower: Follower) -> None:
+def _print_worked(workers: HistoryWorkers, alerting: Alerting, stream: BinaryIO) -> None:
+    """Prints what the workers read, a chunk at a time, each alert once every rank of its run
+    has gone past its step; then the critical alerts' snapshots, from the files."""
+    merge = OnceByStep(workers.ranks)
+    critical: list[Alert] = []
+    for chunk in workers.chunks():
+        parts = [chunk.data]
+        if alerting.failed is None:
+            if workers.failed is not None:
+                parts.extend(_lines([alerting.lost(workers.failed)]))
+            else:
+                for alert in chunk.alerts:
+                    merge.add(alert)
+                merge.advance(chunk.key, chunk.rank, chunk.step)
+                told = alerting.told(merge.take())
+                parts.extend(_lines(told))
+                critical.extend(alert for alert in told if alert.severity == CRITICAL)
+        stream.write(b"".join(parts))
+    if alerting.failed is None:
+        told = alerting.told(merge.rest())
+        stream.write(b"".join(_lines(told)))
+        critical.extend(alert for alert in told if alert.severity == CRITICAL)
+    stream.flush()
+    for alert in critical:
+        alerting.snapshot(alert, workers.window)
+
+
+def _report(follower: Follower, counts: dict[str, list[int]] | None = None) -> None:
+    """Bad lines and gaps per run on stderr (``counts``: as workers read them, by run key)."""
     for run in follower.book.snapshot():
         notes = []
-        if run.bad_lines:
-            notes.append(f"{run.bad_lines} bad lines skipped")
-        if run.dropped:
-            notes.append(f"{run.dropped} messages missing")
+        bad, dropped = (
+            (run.bad_lines, run.dropped) if counts is None else counts.get(run.key, (0, 0))
+        )
+        if bad:
+            notes.append(f"{bad} bad lines skipped")
+        if dropped:
+            notes.append(f"{dropped} messages missing")
         unsupported = follower.unsupported(run.key)
         if unsupported:
             notes.append(unsupported)

@@ -32,6 +32,14 @@ _OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 def last_line(path: Path, tail: int = 4096) -> bytes | None:
     """The last line of a rank file, read as :class:`RankFile` reads (a regular file only), at
     most ``tail`` bytes back; None when it cannot be read or is not a regular file."""
+    chunk = read_range(path, -tail, None)
+    return None if chunk is None else chunk.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+def read_range(path: Path, start: int, end: int | None) -> bytes | None:
+    """Bytes ``start`` to ``end`` of a rank file (a negative ``start``: that many back from
+    ``end``, None: the file's end), read as :class:`RankFile` reads (a regular file only); None
+    when it cannot be read or is not a regular file."""
     try:
         fd = os.open(path, _OPEN)
     except OSError:
@@ -40,8 +48,9 @@ def last_line(path: Path, tail: int = 4096) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None
-        chunk = os.pread(fd, tail, max(0, info.st_size - tail))
-        return chunk.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        stop = info.st_size if end is None else min(end, info.st_size)
+        begin = max(0, stop + start if start < 0 else start)
+        return os.pread(fd, max(0, stop - begin), begin)
     except OSError:
         return None
     finally:
@@ -61,6 +70,12 @@ class RankFile:
         self.not_regular = False  # the path holds a FIFO, a device, a directory...: not read
         self._partial = b""
         self._skipping = False  # inside an over-long line: drop bytes up to the next newline
+
+    @property
+    def lines_end(self) -> int:
+        """Where the last complete line read ends: bytes up to here were all given out as lines
+        (an incomplete last line waits beyond it)."""
+        return self.offset - len(self._partial)
 
     @property
     def has_partial(self) -> bool:

@@ -1,0 +1,286 @@
+"""A finished history read by worker processes: every message in per-rank order, the serial
+alerts, each after the messages that raised it."""
+
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from lmtop.tui import headless, history_workers
+from lmtop.tui.alert_settings import AlertSettings
+from lmtop.tui.alerts import Alert, OnceByStep
+from lmtop.tui.runbook import RunBook
+from runs import write_run
+
+# Every rank at once (one event: one alert naming the ranks), from a few hundred steps in.
+EVENTS = {
+    600: {"grad_norm": 40.0},
+    900: {"loss": 30.0},
+    1300: {"loss": math.nan},
+}
+
+
+def _history(folder: Path, ended: bool = True) -> Path:
+    """Two finished runs: 4 ranks with events, evaluations and a config, and a lone rank."""
+    write_run(folder, "big", ranks=4, steps=1600, extra=EVENTS, eval_every=25, ended=ended)
+    write_run(folder, "small", ranks=1, steps=300, extra={150: {"grad_norm": 50.0}})
+    return folder
+
+
+def _headless(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, workers: bool, snapshots: bool = False
+) -> tuple[bytes, Any]:
+    """``lmtop --headless --no-follow FOLDER``'s output, and the workers it started (or None).
+    Workers read 32 KB at a time: each rank in a dozen chunks, which the ranks' steps cross."""
+    started: list[Any] = []
+    start = history_workers.start
+
+    def watched(*args: Any) -> Any:
+        started.append(start(*args))
+        return started[-1]
+
+    monkeypatch.setattr(history_workers, "start", watched)
+    monkeypatch.setattr(history_workers, "MIN_BYTES", 0 if workers else 1 << 62)
+    monkeypatch.setattr(history_workers, "CHUNK_BYTES", 32 << 10)
+    monkeypatch.setattr(history_workers, "cores", lambda: 2)  # a CI box may lend one core
+    out = io.BytesIO()
+    status = headless.run(
+        [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=snapshots)
+    )
+    assert status == 2  # the NaN is critical
+    return out.getvalue(), started[0] if started else None
+
+
+def _records(output: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in output.splitlines()]
+
+
+def _alerts(output: bytes) -> list[dict[str, Any]]:
+    return [r for r in _records(output) if r["kind"] == "alert"]
+
+
+def _per_rank(output: bytes) -> dict[tuple[str, int], list[bytes]]:
+    """Each rank's message lines, in the order printed."""
+    ranks: dict[tuple[str, int], list[bytes]] = {}
+    for line in output.splitlines():
+        record = orjson.loads(line)
+        if record["kind"] != "alert":
+            ranks.setdefault((record["run"], record["rank"]), []).append(line)
+    return ranks
+
+
+def test_workers_give_every_message_in_rank_order_and_the_serial_alerts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message once, each rank's in its order, byte for byte; the serial path's alerts,
+    the events seen by the 4 ranks of one run as one alert naming them, each printed after
+    every message that raised it and while the history is still being printed."""
+    folder = _history(tmp_path)
+    parallel, workers = _headless(folder, monkeypatch, workers=True)
+    serial, none = _headless(folder, monkeypatch, workers=False)
+    assert workers is not None and none is None
+    assert _per_rank(parallel) == _per_rank(serial)
+    assert len(parallel.splitlines()) == len(serial.splitlines())
+    sort = orjson.OPT_SORT_KEYS
+    assert sorted(orjson.dumps(a, option=sort) for a in _alerts(parallel)) == sorted(
+        orjson.dumps(a, option=sort) for a in _alerts(serial)
+    )
+    records = _records(parallel)
+    where = {
+        (r["run"], r["rank"], r["step"]): index
+        for index, r in enumerate(records)
+        if r["kind"] == "metrics"
+    }
+    alerts = {
+        (r["run"], r["step"], r["metric"]): (i, r)
+        for i, r in enumerate(records)
+        if r["kind"] == "alert"
+    }
+    for index, alert in alerts.values():
+        assert all(where[(alert["run"], rank, alert["step"])] < index for rank in alert["ranks"])
+    for step, metric in ((600, "grad_norm"), (900, "loss"), (1300, "loss")):
+        index, alert = alerts[("big", step, metric)]
+        assert alert["ranks"] == [0, 1, 2, 3]
+        assert index < where[("big", 0, 1599)]  # told while the history goes on
+    assert ("small", 150, "grad_norm") in alerts
+    # Each rank read to its end by its worker, in many chunks.
+    for (key, rank), offset in workers.read.items():
+        assert offset == (Path(key) / f"rank-{rank}.jsonl").stat().st_size
+    big = [chunks for (key, _), chunks in workers._index.items() if Path(key).name == "big"]
+    assert len(big) == 4 and all(len(chunks) > 5 for chunks in big)
+
+
+def test_workers_write_the_serial_snapshots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A critical alert's snapshot (every rank's metrics 50 steps around the NaN), read again
+    from the files after the history is out: the serial path's alert and lines, and the lines
+    a poll reading far past the alert pushed out of its 200-message window."""
+    shutil.copytree(_history(tmp_path / "a"), tmp_path / "b")
+    _headless(tmp_path / "a", monkeypatch, workers=True, snapshots=True)
+    _headless(tmp_path / "b", monkeypatch, workers=False, snapshots=True)
+    parallel = sorted((tmp_path / "a" / "big" / "alerts").iterdir())
+    serial = sorted((tmp_path / "b" / "big" / "alerts").iterdir())
+    assert (
+        [p.name for p in parallel] == [p.name for p in serial] == ["nonfinite-rank0-step1300.jsonl"]
+    )
+    near = [
+        line
+        for rank in range(4)
+        for line in (tmp_path / "a" / "big" / f"rank-{rank}.jsonl").read_bytes().splitlines()
+        if b'"kind":"metrics"' in line and 1250 <= orjson.loads(line)["step"] <= 1350
+    ]
+    assert len(near) > 4 * 101  # and rank 0's evaluations
+    lines = parallel[0].read_bytes().splitlines()
+    assert sorted(lines[1:]) == sorted(near)  # after the alert's own record
+    told = serial[0].read_bytes().splitlines()
+    assert lines[0].replace(b"/a/big", b"/b/big") == told[0]
+    assert set(told[1:]) < set(lines[1:])
+
+
+def test_a_run_still_written_is_read_on_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank file without its end message may grow while it is read: no workers."""
+    folder = _history(tmp_path, ended=False)
+    _, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is None
+
+
+@pytest.mark.parametrize("after", [0, 5])
+def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """Killed (an OOM killer, say) before it sent anything or after a few chunks: every
+    message is still printed once, in per-rank order (the rest of its ranks read here), the
+    alerts stop with one critical 'internal' notice, and nothing waits for ever."""
+    folder = _history(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+    start = history_workers.start
+
+    def killed(*args: Any) -> Any:
+        workers = start(*args)
+        assert workers is not None
+        process = workers._workers[0][0]
+        receive = workers._receive
+        taken = []
+
+        def receive_then_kill(worker: int) -> Any:
+            if len(taken) == after:
+                process.kill()
+                process.join()
+            taken.append(worker)
+            return receive(worker)
+
+        workers._receive = receive_then_kill
+        return workers
+
+    monkeypatch.setattr(history_workers, "start", killed)
+    monkeypatch.setattr(history_workers, "MIN_BYTES", 0)
+    monkeypatch.setattr(history_workers, "CHUNK_BYTES", 32 << 10)
+    monkeypatch.setattr(history_workers, "cores", lambda: 2)
+    out = io.BytesIO()
+    status = headless.run(
+        [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False)
+    )
+    assert _per_rank(out.getvalue()) == _per_rank(serial)
+    internal = [r for r in _alerts(out.getvalue()) if r["type"] == "internal"]
+    assert len(internal) == 1 and "history worker" in internal[0]["message"]
+    # The NaN the lost worker would have judged is not there to make the exit status 2: the
+    # notice itself is critical, so a script still sees the history was not judged whole.
+    assert internal[0]["severity"] == "critical" and status == 2
+
+
+def _without_config(run_dir: Path, rank: int) -> None:
+    """Rewrites the rank's start message without its config (a rank the script did not give
+    one: ``hooks.init(config=...)`` on rank 0 only)."""
+    path = run_dir / f"rank-{rank}.jsonl"
+    first, rest = path.read_bytes().split(b"\n", 1)
+    start = orjson.loads(first)
+    del start["info"]["config"]
+    path.write_bytes(orjson.dumps(start) + b"\n" + rest)
+
+
+def test_ranks_started_with_different_configs_are_read_on_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine on one process lends a run's config (max_grad_norm, warm-up) to all its
+    ranks; workers would see only their own ranks': no workers, the serial alerts."""
+    folder = _history(tmp_path)
+    for rank in (1, 2, 3):
+        _without_config(folder / "big", rank)
+    _, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is None
+
+
+def test_a_rank_file_that_is_a_fifo_is_not_waited_on(tmp_path: Path) -> None:
+    """A neighbour's FIFO in a rank file's place (swapped in after the first read): looking
+    at its last line neither blocks nor reads without end; the run is not called finished."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / "rank-0.jsonl")
+    (run_dir / "rank-1.jsonl").symlink_to("/dev/zero")
+    run = RunBook().run(str(run_dir), "r", run_dir)
+    assert not history_workers._finished(run, 0)
+    assert not history_workers._finished(run, 1)
+
+
+def test_workers_that_cannot_start_leave_the_alerts_to_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process or file limit (EAGAIN, EMFILE on a shared box): the serial output, no error."""
+    folder = _history(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+
+    real = history_workers.get_context("spawn")
+    opened: list[Any] = []
+
+    class Limited:
+        """Pipes open; the second process cannot start."""
+
+        def Pipe(self, duplex: bool) -> Any:
+            ends = real.Pipe(duplex=duplex)
+            opened.extend(ends)
+            return ends
+
+        def Process(self, **kwargs: Any) -> Any:
+            if len(opened) > 2:
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            return real.Process(**kwargs)
+
+    monkeypatch.setattr(history_workers, "get_context", lambda method: Limited())
+    output, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is None and output == serial
+    assert len(opened) == 4 and all(end.closed for end in opened)  # no pipe left open
+
+
+def _spike(rank: int, step: int, value: float) -> Alert:
+    return Alert(type="spike", severity="warning", run="r", key="/runs/r", rank=rank,
+                 metric="loss", step=step, value=value, baseline=1.0, message="loss spike")  # fmt: skip
+
+
+def test_an_event_is_told_once_every_rank_of_its_run_went_past_it() -> None:
+    """Ranks read apart: an event waits while a rank may still raise it (at or before its
+    step), then is one alert naming every rank, in the lowest rank's words; never again."""
+    merge = OnceByStep({"/runs/r": [0, 1]})
+    merge.add(_spike(1, 10, 9.0))
+    merge.advance("/runs/r", 1, 12)
+    assert merge.take() == []  # rank 0 has not been read that far
+    merge.advance("/runs/r", 0, 10)
+    assert merge.take() == []  # rank 0 is at step 10: its own spike may be in its next line
+    merge.add(_spike(0, 10, 8.0))
+    merge.advance("/runs/r", 0, 11)
+    [told] = merge.take()
+    assert told.ranks == (0, 1) and told.rank == 0 and told.value == 8.0
+    assert told.message == "loss spike (ranks 0-1)"
+    merge.add(_spike(1, 10, 9.0))  # the same event again (a rank that restarted its steps)
+    merge.add(_spike(1, 30, 9.0))
+    assert merge.take() == []
+    assert [a.step for a in merge.rest()] == [30]  # the history ended: what is held is told

@@ -1,0 +1,384 @@
+"""A finished history read, judged and encoded by worker processes (``lmtop --headless
+--no-follow``); this process only merges what they send and prints it.
+
+The alert engine costs several microseconds a message and reading a rank file a few more: over
+an 8-rank history of 100,000 steps that is ~10 s of CPU on one core. Each rank's messages and
+their alerts depend on that rank alone, so workers take them, a group of ranks each: a worker
+reads its ranks' files a chunk at a time in turn (the same reader and run book as the follower
+here), feeds each chunk to an engine of its own and sends the chunk's lines as headless mode
+prints them, with the alerts they raised on their own rank. This process takes one chunk from
+each worker in turn and prints it; what needs every rank stays here: one event seen by several
+ranks is told once, naming them, once every rank of the run has gone past its step
+(:class:`~.alerts.OnceByStep`), after every message that raised it; ``--on-alert``; the counts
+of bad lines; and the critical alerts' snapshots, read from the files once the history is out.
+
+The output holds every message once, in per-rank order, and the alerts the serial path gives
+(tests compare both), though not in the serial path's places: ranks arrive a chunk (2 MB) at a
+time rather than a poll's share. Only where that holds (see :func:`start`): runs whose every
+rank file ends with the rank's end message (it will not grow while it is read), whose ranks
+started with the same config (the engine on one process lends a run's config to all its
+ranks), and that are not also a Trainer's output directory. A worker that dies leaves its
+ranks to this process, which prints the rest of them unjudged; the alerts stop with a critical
+notice, so the exit status says the history was not judged whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import orjson
+from lmtop.hooks import schema
+
+from . import collector, runfile
+from .alert_settings import AlertSettings
+from .alerts import Alert, AlertEngine
+from .follow import READ_BUDGET, Follower, Keyed
+from .runbook import Run
+
+# A history at least this long (bytes of rank files not read yet after the first read) is read
+# by workers: below, starting them (~0.2 s of CPU each) costs more than they save. On 2 cores,
+# 8 ranks, alerts on: 0.9-1.3 against 1.1-1.4 s at 14 MB, 1.7-1.9 against 2.6 s at 28 MB.
+MIN_BYTES = 16 << 20
+# The same with alerts off, where a worker only reads: no faster at 28 and 56 MB (0.7-1.4 s
+# either way), faster at 290 MB (3.6-4.0 against 5.2-6.0 s).
+MIN_BYTES_UNJUDGED = 64 << 20
+MAX_WORKERS = 8  # each holds ~35 MB; a box's cores are its training's data loaders' too
+# Bytes of a rank file a worker reads, judges and sends at a time: what this process holds of
+# it at once, and how far apart the ranks' reads may drift (an alert waits for every rank).
+CHUNK_BYTES = READ_BUDGET
+AHEAD = 4  # chunks of a worker held here at most, while another's turn is waited for
+TAIL = 4096  # bytes read from a rank file's end to find its last line
+_TOKENS = {schema.NAN: math.nan, schema.POS_INF: math.inf, schema.NEG_INF: -math.inf}
+
+
+class WorkerFailed(RuntimeError):
+    """A worker exited, or sent what it should not, before giving what was waited for."""
+
+
+def cores() -> int:
+    """The CPUs this process may run on (its affinity: a job's cgroup or taskset share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def start(follower: Follower, settings: AlertSettings) -> HistoryWorkers | None:
+    """Workers for the finished runs ``follower`` found (after its first poll), or None when
+    they would not pay or would not give the serial output: one core, a short history, a run
+    not finished, a Trainer's own files beside the ranks', or, alerts on, ranks started with
+    different configs (the engine on one process lends a run's config to all its ranks).
+    Workers that cannot start (a process limit) leave it all to this process."""
+    count = min(cores(), MAX_WORKERS)
+    least = MIN_BYTES if settings.enabled else MIN_BYTES_UNJUDGED
+    if count < 2 or follower.unread_bytes() < least:
+        return None
+    ranks = [(run, number) for run in follower.runs.values() for number in sorted(run.ranks)]
+    if not ranks or not all(_finished(run, number) for run, number in ranks):
+        return None
+    for run in follower.runs.values():
+        configs = [_config(state.info) for state in run.ranks.values()]
+        mixed = settings.enabled and any(config != configs[0] for config in configs)
+        if mixed or follower.has_trainer(run.key):
+            return None
+    try:
+        return HistoryWorkers(follower, settings, ranks, min(count, len(ranks)))
+    except OSError:
+        return None
+
+
+def _config(info: dict[str, Any] | None) -> Any:
+    return info.get("config") if isinstance(info, dict) else None
+
+
+def _finished(run: Run, number: int) -> bool:
+    """Whether the rank's file ends with its end message (and so will not grow), its last line
+    read as the follower reads (a regular file only, never waiting on a FIFO, TAIL bytes)."""
+    line = runfile.last_line(run.dir / schema.rank_file(number), TAIL) if run.dir else None
+    try:
+        return line is not None and schema.decode(line).kind == schema.END
+    except schema.BadMessage:
+        return False
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What a worker read of one rank at a time: its messages' lines, as headless mode prints
+    them, and the alerts they raised on that rank alone."""
+
+    key: str  # the run's key here
+    rank: int
+    data: bytes
+    alerts: list[Alert]
+    step: float | None  # the step the rank went to (math.inf: its file is read to the end)
+
+
+class HistoryWorkers:
+    """Worker processes reading, judging and encoding groups of ranks; see the module's
+    docstring. :meth:`chunks` gives what they send, one chunk of each worker in turn."""
+
+    def __init__(
+        self,
+        follower: Follower,
+        settings: AlertSettings,
+        ranks: list[tuple[Run, int]],
+        workers: int,
+    ) -> None:
+        context = get_context("spawn")  # not forked: the caller may have threads
+        self._chunk = CHUNK_BYTES
+        self._groups: list[list[tuple[Run, int]]] = [ranks[i::workers] for i in range(workers)]
+        self._workers: list[tuple[Any, Connection]] = []
+        for group in self._groups:
+            jobs = [(str(run.dir), number) for run, number in group]
+            ends: tuple[Connection, ...] = ()
+            try:
+                ends = receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_work,
+                    args=(jobs, settings, self._chunk, sender),
+                    daemon=True,
+                    name="lmtop-history",
+                )
+                process.start()
+            except OSError:  # a process or file limit: none of them, then
+                for end in ends:
+                    end.close()
+                self.close()
+                raise
+            sender.close()  # the worker's end: its exit closes the pipe
+            self._workers.append((process, receiver))
+        self.ranks: dict[str, list[int]] = {}  # run key -> its ranks
+        self._dirs: dict[str, Path] = {}
+        self._key_of: dict[str, str] = {}  # a run's directory as workers name it -> its key
+        for run, number in ranks:
+            self.ranks.setdefault(run.key, []).append(number)
+            self._dirs[run.key] = Path(str(run.dir))
+            self._key_of[str(run.dir)] = run.key
+        # Per (run key, rank): messages given out, how far its file was read (the end of the
+        # last line given), and each chunk's (start, end, first step, last step), for windows.
+        self.given: dict[tuple[str, int], int] = {}
+        self.read: dict[tuple[str, int], int] = {}
+        self._index: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
+        self.counts: dict[str, list[int]] = {}  # run key -> [bad lines, messages missing]
+        self.failed: str | None = None  # why a worker was lost (its ranks were read here)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Each worker's next chunk in turn, until every rank is read to its end. A worker
+        lost (killed, failed) has the rest of its ranks read here, unjudged (``failed``).
+
+        Chunks are taken from whichever worker has one ready, up to AHEAD a worker, and given
+        in turn: a worker whose chunk is slower to come does not hold the others still."""
+        queues: list[deque[Chunk | WorkerFailed | None]] = [deque() for _ in self._workers]
+        taking = set(range(len(self._workers)))  # workers still sending
+        turns = list(range(len(self._workers)))
+        while turns:
+            for worker in list(turns):
+                while not queues[worker]:
+                    self._gather(queues, taking)
+                item = queues[worker].popleft()
+                if isinstance(item, WorkerFailed):
+                    self.failed = self.failed or str(item)
+                    turns.remove(worker)
+                    yield from self._read_here(worker)
+                elif item is None:
+                    turns.remove(worker)
+                else:
+                    yield item
+
+    def _gather(self, queues: list[deque[Chunk | WorkerFailed | None]], taking: set[int]) -> None:
+        """Takes a chunk from each worker that has one ready (waiting for one), up to AHEAD
+        waiting a worker; the end of a worker (its last item: None, or why it failed)."""
+        ends: dict[Any, int] = {  # wait() gives back the connections it was given
+            self._workers[worker][1]: worker for worker in taking if len(queues[worker]) < AHEAD
+        }
+        for end in wait(list(ends)):
+            worker = ends[end]
+            try:
+                item: Chunk | WorkerFailed | None = self._receive(worker)
+            except WorkerFailed as exc:
+                item = exc
+            queues[worker].append(item)
+            if item is None or isinstance(item, WorkerFailed):
+                taking.discard(worker)
+
+    def _receive(self, worker: int) -> Chunk | None:
+        """The worker's next chunk; None once it is done."""
+        process, receiver = self._workers[worker]
+        try:
+            record = orjson.loads(receiver.recv_bytes())
+            data = receiver.recv_bytes() if type(record) is dict and "data" in record else b""
+        except (EOFError, OSError, orjson.JSONDecodeError) as exc:
+            stopped = f"a history worker stopped (exit code {process.exitcode}): {exc}"
+            raise WorkerFailed(stopped) from None
+        if type(record) is not dict or "error" in record:
+            why = record.get("error") if type(record) is dict else record
+            raise WorkerFailed(f"a history worker failed: {why!r}")
+        if "done" in record:
+            for directory, (bad, dropped) in record["done"].items():
+                self._count(directory, bad, dropped)
+            return None
+        key, rank = self._key_of[record["dir"]], record["rank"]
+        self.given[(key, rank)] = self.given.get((key, rank), 0) + record["n"]
+        self.read[(key, rank)] = record["end"]
+        if record["first"] is not None:
+            span = (record["start"], record["end"], record["first"], record["last"])
+            self._index.setdefault((key, rank), []).append(span)
+        alerts = [_alert(key, fields) for fields in record["alerts"]]
+        step = math.inf if not record["more"] else record["step"]
+        return Chunk(key, rank, data, alerts, step)
+
+    def _count(self, directory: str, bad: int, dropped: int) -> None:
+        key = self._key_of.get(directory)
+        if key is None:  # a run no worker was given (none: runs are read by directory)
+            return
+        counts = self.counts.setdefault(key, [0, 0])
+        counts[0] += bad
+        counts[1] += dropped
+
+    def _read_here(self, worker: int) -> Iterator[Chunk]:
+        """The rest of a lost worker's ranks, read here as it read them: every message it did
+        not give, in order, unjudged."""
+        group = self._groups[worker]
+        follower = Follower(
+            sorted({str(run.dir) for run, _ in group}), follow=False, live=False, lines=True
+        )
+        try:
+            for run, number in group:
+                skip, more = self.given.get((run.key, number), 0), True
+                while more:
+                    out: list[Keyed] = []
+                    more = follower.read_rank(Path(str(run.dir)), number, out, self._chunk)
+                    taken = out[skip:]
+                    skip = max(0, skip - len(out))
+                    self.given[(run.key, number)] = self.given.get((run.key, number), 0) + len(
+                        taken
+                    )
+                    data = b"".join([message.encode() for _, message in taken])
+                    yield Chunk(run.key, number, data, [], math.inf if not more else None)
+            for summary in follower.book.snapshot():
+                self._count(summary.key, summary.bad_lines, summary.dropped)
+        finally:
+            follower.close()
+
+    def window(self, key: str, low: int, high: int) -> list[schema.Message]:
+        """The metrics messages of every rank of run ``key`` with a step from ``low`` to
+        ``high``, read again from its files: the chunks whose steps reach into that span."""
+        out = []
+        for rank in self.ranks.get(key, ()):
+            path = self._dirs[key] / schema.rank_file(rank)
+            for start, end, first, last in self._index.get((key, rank), ()):
+                if last < low or first > high:
+                    continue
+                for line in (runfile.read_range(path, start, end) or b"").split(b"\n"):
+                    try:
+                        message = schema.decode(line)
+                    except schema.BadMessage:
+                        continue
+                    step = message.step
+                    if (
+                        message.kind == schema.METRICS
+                        and message.rank == rank
+                        and step is not None
+                        and low <= step <= high
+                    ):
+                        out.append(message)
+        return out
+
+    def close(self) -> None:
+        """Stops the workers (they may still be reading when the output stopped early)."""
+        for process, receiver in self._workers:
+            receiver.close()
+            if process.is_alive():
+                process.terminate()
+        for process, _ in self._workers:  # all told first: a slow exit is not waited on twice
+            process.join(timeout=5.0)
+
+
+def _work(
+    jobs: list[tuple[str, int]], settings: AlertSettings, chunk: int, sender: Connection
+) -> None:
+    """A worker: reads its ranks' files ``chunk`` bytes at a time in turn, each into the engine, and
+    sends each chunk's lines and alerts; then each run's counts of bad lines and gaps."""
+    collector.settle()
+    try:
+        follower = Follower(
+            sorted({directory for directory, _ in jobs}), follow=False, live=False, lines=True
+        )
+        engine = AlertEngine(settings)
+        raised, metrics = engine.raised, schema.METRICS
+        reading = list(jobs)
+        while reading:
+            for job in list(reading):
+                directory, number = job
+                start = follower.read_offset(directory, number)
+                out: list[Keyed] = []
+                more = follower.read_rank(Path(directory), number, out, chunk)
+                alerts: list[list[Any]] = []
+                for key, message in out:
+                    found = raised(key, message)
+                    if found:
+                        alerts.extend(_fields(alert) for alert in found)
+                steps = [m.step for _, m in out if m.kind == metrics and m.step is not None]
+                # How far the rank went: its last step (the engine's count of its messages,
+                # for a rank whose messages carry none).
+                step = max(steps) if steps else engine.points(directory, number) - 1
+                record = {
+                    "dir": directory,
+                    "rank": number,
+                    "n": len(out),
+                    "start": start,
+                    "end": follower.read_offset(directory, number),
+                    "first": min(steps) if steps else None,
+                    "last": step if steps else None,
+                    "step": step if step >= 0 else None,
+                    "more": more,
+                    "alerts": alerts,
+                    "data": True,
+                }
+                sender.send_bytes(orjson.dumps(record))
+                sender.send_bytes(b"".join([message.encode() for _, message in out]))
+                if not more:
+                    reading.remove(job)
+        counts = {s.key: [s.bad_lines, s.dropped] for s in follower.book.snapshot()}
+        sender.send_bytes(orjson.dumps({"done": counts}))
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass  # the viewer is gone, or stopped us
+    except Exception as exc:  # told to the viewer, which reads the rest and stops the alerts
+        try:
+            sender.send_bytes(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        except OSError:
+            pass
+
+
+def _fields(alert: Alert) -> list[Any]:
+    """An alert of one rank as JSON (its run key is the parent's to give)."""
+    number = schema.finite_or_token
+    return [
+        alert.type, alert.severity, alert.run, alert.rank, alert.metric, alert.step,
+        None if alert.value is None else number(float(alert.value)),
+        None if alert.baseline is None else number(float(alert.baseline)),
+        alert.message, alert.t,
+    ]  # fmt: skip
+
+
+def _alert(key: str, fields: list[Any]) -> Alert:
+    type_, severity, run, rank, metric, step, value, baseline, message, t = fields
+    return Alert(
+        type=type_, severity=severity, run=run, key=key, rank=rank, metric=metric, step=step,
+        value=_number(value), baseline=_number(baseline), message=message, t=t,
+    )  # fmt: skip
+
+
+def _number(value: float | str | None) -> float | None:
+    """A value as ``_fields`` wrote it: a float, a non-finite one's token, or None."""
+    if value is None or type(value) is float:
+        return value
+    return _TOKENS.get(value, math.nan) if type(value) is str else float(value)
