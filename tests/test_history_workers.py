@@ -8,6 +8,8 @@ import io
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +78,15 @@ def _per_rank(output: bytes) -> dict[tuple[str, int], list[bytes]]:
     return ranks
 
 
+@pytest.mark.parametrize("forked", [True, False])
 def test_workers_give_every_message_in_rank_order_and_the_serial_alerts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool
 ) -> None:
     """Every message once, each rank's in its order, byte for byte; the serial path's alerts,
     the events seen by the 4 ranks of one run as one alert naming them, each printed after
-    every message that raised it and while the history is still being printed."""
+    every message that raised it and while the history is still being printed. Workers
+    forked (``lmtop --headless --no-follow`` on Linux) or spawned (elsewhere)."""
+    monkeypatch.setattr(history_workers, "_forks", lambda: forked)
     folder = _history(tmp_path)
     parallel, workers = _headless(folder, monkeypatch, workers=True)
     serial, none = _headless(folder, monkeypatch, workers=False)
@@ -259,6 +264,13 @@ def test_workers_that_cannot_start_leave_the_alerts_to_one_process(
     output, workers = _headless(folder, monkeypatch, workers=True)
     assert workers is None and output == serial
     assert len(opened) == 4 and all(end.closed for end in opened)  # no pipe left open
+
+
+def test_a_single_threaded_viewer_on_linux_forks_its_workers() -> None:
+    """What ``lmtop --headless --no-follow`` runs as: one thread, so workers are forked."""
+    code = "from lmtop.tui import history_workers; print(history_workers._forks())"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == str(sys.platform == "linux")
 
 
 def _spike(rank: int, step: int, value: float) -> Alert:
