@@ -150,6 +150,15 @@ def test_workers_write_the_serial_snapshots(
     assert set(told[1:]) < set(lines[1:])
 
 
+def test_a_lone_rank_is_read_on_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rank file is read in order by one process: a worker would only add a fork."""
+    write_run(tmp_path, "solo", ranks=1, steps=300, extra={200: {"loss": math.nan}})
+    output, workers = _headless(tmp_path, monkeypatch, workers=True)
+    assert workers is None and output.endswith(b'"kind":"end","step":299,"status":"ok"}\n')
+
+
 def test_a_run_still_written_is_read_on_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,8 +75,8 @@ def cores() -> int:
 
 def start(follower: Follower, settings: AlertSettings) -> HistoryWorkers | None:
     """Workers for the finished runs ``follower`` found (after its first poll), or None when
-    they would not pay or would not give the serial output: one core, a short history, a run
-    not finished, a Trainer's own files beside the ranks', or, alerts on, ranks started with
+    they would not pay or would not give the serial output: one core, one rank, a short
+    history, a run not finished, a Trainer's own files beside the ranks', or, alerts on, ranks started with
     different configs (the engine on one process lends a run's config to all its ranks).
     Workers that cannot start (a process limit) leave it all to this process."""
     count = min(cores(), MAX_WORKERS)
@@ -84,7 +84,9 @@ def start(follower: Follower, settings: AlertSettings) -> HistoryWorkers | None:
     if count < 2 or follower.unread_bytes() < least:
         return None
     ranks = [(run, number) for run in follower.runs.values() for number in sorted(run.ranks)]
-    if not ranks or not all(_finished(run, number) for run, number in ranks):
+    # One rank is one worker's: no faster than reading it here (1 x 1M steps: 15.0 against
+    # 14.8 s), since a rank file is read in order by one process.
+    if len(ranks) < 2 or not all(_finished(run, number) for run, number in ranks):
         return None
     for run in follower.runs.values():
         configs = [_config(state.info) for state in run.ranks.values()]
