@@ -7,19 +7,23 @@ import errno
 import io
 import math
 import os
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from lmtop.hooks import schema
 from lmtop.tui import headless, history_workers
 from lmtop.tui.alert_settings import AlertSettings
-from lmtop.tui.alerts import Alert, OnceByStep
+from lmtop.tui.alerts import Alert, AlertEngine, OnceByStep
 from lmtop.tui.runbook import RunBook
-from runs import write_run
+from runs import T0, curve, write_run
+from runs import line as make_line
 
 # Every rank at once (one event: one alert naming the ranks), from a few hundred steps in.
 EVENTS = {
@@ -37,27 +41,51 @@ def _history(folder: Path, ended: bool = True) -> Path:
 
 
 def _headless(
-    folder: Path, monkeypatch: pytest.MonkeyPatch, workers: bool, snapshots: bool = False
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: bool,
+    snapshots: bool = False,
+    alerts: bool = True,
+    status: int = 2,  # the NaN is critical
+    kill: tuple[int, int] | None = None,
 ) -> tuple[bytes, Any]:
     """``lmtop --headless --no-follow FOLDER``'s output, and the workers it started (or None).
-    Workers read 32 KB at a time: each rank in a dozen chunks, which the ranks' steps cross."""
+    Workers read 32 KB at a time: each rank in a dozen chunks, which the ranks' steps cross.
+    ``kill``: (worker, chunks): that worker is killed (SIGKILL, as the OOM killer does) once
+    this process took that many chunks from the workers."""
     started: list[Any] = []
     start = history_workers.start
 
     def watched(*args: Any) -> Any:
         started.append(start(*args))
+        if kill is not None and started[-1] is not None:
+            _kill_later(started[-1], *kill)
         return started[-1]
 
     monkeypatch.setattr(history_workers, "start", watched)
     monkeypatch.setattr(history_workers, "MIN_BYTES", 0 if workers else 1 << 62)
+    monkeypatch.setattr(history_workers, "MIN_BYTES_UNJUDGED", 0 if workers else 1 << 62)
     monkeypatch.setattr(history_workers, "CHUNK_BYTES", 32 << 10)
     monkeypatch.setattr(history_workers, "cores", lambda: 2)  # a CI box may lend one core
     out = io.BytesIO()
-    status = headless.run(
-        [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=snapshots)
-    )
-    assert status == 2  # the NaN is critical
+    settings = AlertSettings(enabled=alerts, snapshots=snapshots)
+    assert headless.run([str(folder)], follow=False, out=out, settings=settings) == status
     return out.getvalue(), started[0] if started else None
+
+
+def _kill_later(workers: Any, worker: int, after: int) -> None:
+    process = workers._workers[worker][0]
+    receive = workers._receive
+    taken: list[int] = []
+
+    def receive_then_kill(index: int) -> Any:
+        if len(taken) == after:
+            process.kill()
+            process.join()
+        taken.append(index)
+        return receive(index)
+
+    workers._receive = receive_then_kill
 
 
 def _records(output: bytes) -> list[dict[str, Any]]:
@@ -177,39 +205,200 @@ def test_a_worker_that_dies_stops_the_alerts_with_a_note_not_the_output(
     alerts stop with one critical 'internal' notice, and nothing waits for ever."""
     folder = _history(tmp_path)
     serial, _ = _headless(folder, monkeypatch, workers=False)
-    start = history_workers.start
+    # The NaN the lost worker would have judged is not there to make the exit status 2: the
+    # notice itself is critical, so a script still sees the history was not judged whole.
+    output, _ = _headless(folder, monkeypatch, workers=True, kill=(0, after), status=2)
+    assert _per_rank(output) == _per_rank(serial)
+    internal = [r for r in _alerts(output) if r["type"] == "internal"]
+    assert len(internal) == 1 and "history worker" in internal[0]["message"]
+    assert internal[0]["severity"] == "critical"
 
-    def killed(*args: Any) -> Any:
-        workers = start(*args)
-        assert workers is not None
-        process = workers._workers[0][0]
-        receive = workers._receive
-        taken = []
 
-        def receive_then_kill(worker: int) -> Any:
-            if len(taken) == after:
-                process.kill()
-                process.join()
-            taken.append(worker)
-            return receive(worker)
+class _Broken(AlertEngine):
+    """An engine with a bug of lmtop's at step 700."""
 
-        workers._receive = receive_then_kill
-        return workers
+    def _feed(self, key: str, message: schema.Message) -> list[Alert]:
+        if message.step == 700:
+            raise ValueError("boom")
+        return super()._feed(key, message)
 
-    monkeypatch.setattr(history_workers, "start", killed)
+
+def test_an_error_in_a_workers_engine_is_lmtops_not_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the alert engine, met in a worker: the alerts stop with the serial path's
+    warning (not a critical notice: the run is not to blame), the output goes on whole."""
+    folder = _history(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+    monkeypatch.setattr(history_workers, "_forks", lambda: True)  # the engine below, inherited
+    monkeypatch.setattr(history_workers, "AlertEngine", _Broken)
+    output, _ = _headless(folder, monkeypatch, workers=True, status=0)
+    assert _per_rank(output) == _per_rank(serial)
+    [internal] = [a for a in _alerts(output) if a["type"] == "internal"]
+    assert internal["severity"] == "warning" and "ValueError: boom" in internal["message"]
+    assert not [a for a in _alerts(output) if a["step"] is not None and a["step"] >= 700]
+
+
+def _garbage_first(run_dir: Path, rank: int, lines: int = 400) -> None:
+    """Puts ``lines`` lines that are no messages after the rank's start: its first 32 KB hold
+    no step."""
+    path = run_dir / f"rank-{rank}.jsonl"
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(first + b"\n" + (b"x" * 99 + b"\n") * lines + rest)
+
+
+def _poke(run_dir: Path, rank: int, step: int, **values: Any) -> None:
+    """Sets metrics of the rank's line at ``step`` (NaN as the hook writes it)."""
+    path = run_dir / f"rank-{rank}.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    for index, raw in enumerate(lines):
+        if raw and b'"kind":"metrics"' in raw and orjson.loads(raw)["step"] == step:
+            record = orjson.loads(raw)
+            record["m"].update({k: schema.finite_or_token(v) for k, v in values.items()})
+            lines[index] = orjson.dumps(record)
+            break
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_a_worker_lost_leaves_the_alerts_judged_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN on rank 0 waits for ranks 1 and 3 to go past its step; their worker dies first:
+    the NaN is still told (it was judged), then the notice."""
+    folder = tmp_path / "runs"
+    write_run(folder, "big", ranks=4, steps=400, eval_every=0)
+    _poke(folder / "big", 0, 10, loss=math.nan)
+    for rank in (1, 3):  # the second worker's ranks: no step in their first chunk
+        _garbage_first(folder / "big", rank)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+    output, workers = _headless(folder, monkeypatch, workers=True, kill=(1, 0))
+    assert [g for g in workers._groups[1]] and {n for _, n in workers._groups[1]} == {1, 3}
+    assert _per_rank(output) == _per_rank(serial)
+    [nan] = [a for a in _alerts(serial) if a["type"] == "nonfinite"]
+    told = _alerts(output)
+    assert [a["type"] for a in told] == ["nonfinite", "internal"] and told[0] == nan
+
+
+def test_a_worker_lost_with_alerts_off_is_a_note_not_an_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--no-alerts``: nothing goes unjudged when a worker is lost, so no alert, exit 0."""
+    folder = _history(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False, alerts=False, status=0)
+    output, workers = _headless(
+        folder, monkeypatch, workers=True, alerts=False, status=0, kill=(0, 0)
+    )
+    assert (workers is not None and output == serial) or _per_rank(output) == _per_rank(serial)
+    assert not _alerts(output)
+    assert "history worker stopped" in capsys.readouterr().err
+
+
+def test_workers_report_bad_lines_gaps_and_other_protocols(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the workers' reads found wrong is said on stderr as the serial path says it: bad
+    lines, messages missing, a line of another protocol version, far past the first poll."""
+    folder = _history(tmp_path)
+    path = folder / "big" / "rank-2.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[-10:-10] = [b"not json", b'{"v":99,"run":"big","rank":2}']
+    del lines[900]  # a message missing
+    path.write_bytes(b"\n".join(lines))
+    capsys.readouterr()
+    _headless(folder, monkeypatch, workers=False)
+    serial = capsys.readouterr().err
+    _headless(folder, monkeypatch, workers=True)
+    parallel = capsys.readouterr().err
+    assert parallel == serial
+    assert "2 bad lines skipped; 1 messages missing; protocol v99 is not supported" in serial
+
+
+def _resumed(folder: Path, ranks: int = 4) -> Path:
+    """A run resumed from a checkpoint in the same files: steps 0-1199, then a new start and
+    steps 600-1399 again, with a NaN at step 1000 of the second go on every rank."""
+    run_dir = folder / "resumed"
+    run_dir.mkdir(parents=True)
+    for rank in range(ranks):
+        seq, lines = 0, []
+        info = {"host": "gpu-box", "pid": 999_999_999, "rank": rank, "config": {}}
+        for first, last in ((0, 1200), (600, 1400)):
+            lines.append(make_line("resumed", rank, ranks, seq, "start", None, T0, info=info))
+            seq += 1
+            for step in range(first, last):
+                metrics = curve(step, 1400, rank)
+                if first and step == 1000:
+                    metrics["loss"] = math.nan
+                lines.append(
+                    make_line("resumed", rank, ranks, seq, "metrics", step, T0 + step, m=metrics)
+                )
+                seq += 1
+        lines.append(make_line("resumed", rank, ranks, seq, "end", 1399, T0 + 1400, status="ok"))
+        (run_dir / f"rank-{rank}.jsonl").write_bytes(b"".join(lines))
+    return folder
+
+
+def test_a_resumed_run_names_every_rank_of_its_replayed_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps going back after a new start: an event of the second go waits for every rank's
+    second go, as it does on one process."""
+    folder = _resumed(tmp_path)
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+    parallel, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is not None and _per_rank(parallel) == _per_rank(serial)
+    sort = orjson.OPT_SORT_KEYS
+    assert sorted(orjson.dumps(a, option=sort) for a in _alerts(parallel)) == sorted(
+        orjson.dumps(a, option=sort) for a in _alerts(serial)
+    )
+    assert any(a["step"] == 1000 and a["ranks"] == [0, 1, 2, 3] for a in _alerts(parallel))
+
+
+class _Interrupted(io.BytesIO):
+    """A reader that stops (Ctrl-C) once it has seen a NaN's alert."""
+
+    def write(self, data: Any) -> int:
+        if b'"type":"nonfinite"' in self.getvalue():
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_snapshots_of_alerts_told_are_written_when_the_output_stops_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or ``| head``) after the NaN's alert: its snapshot is still written."""
+    folder = _history(tmp_path)
     monkeypatch.setattr(history_workers, "MIN_BYTES", 0)
     monkeypatch.setattr(history_workers, "CHUNK_BYTES", 32 << 10)
     monkeypatch.setattr(history_workers, "cores", lambda: 2)
-    out = io.BytesIO()
-    status = headless.run(
-        [str(folder)], follow=False, out=out, settings=AlertSettings(snapshots=False)
+    out = _Interrupted()
+    status = headless.run([str(folder)], follow=False, out=out, settings=AlertSettings())
+    assert status == 130
+    assert [p.name for p in (folder / "big" / "alerts").iterdir()] == [
+        "nonfinite-rank0-step1300.jsonl"
+    ]
+
+
+def test_workers_of_a_viewer_killed_let_its_pipeline_end(tmp_path: Path) -> None:
+    """``lmtop --headless --no-follow RUN | jq`` with lmtop killed (SIGKILL): its workers,
+    forked, hold neither its standard output nor their own pipes, so they end and ``jq``
+    sees the end of its input, instead of waiting for ever."""
+    folder = _history(tmp_path)
+    code = (
+        "import sys; from lmtop.tui import cli, history_workers as w; "
+        "w.MIN_BYTES = 0; w.CHUNK_BYTES = 4096; w.cores = lambda: 2; "
+        f"sys.argv = ['lmtop', '--headless', '--no-follow', {str(folder)!r}]; cli.main()"
     )
-    assert _per_rank(out.getvalue()) == _per_rank(serial)
-    internal = [r for r in _alerts(out.getvalue()) if r["type"] == "internal"]
-    assert len(internal) == 1 and "history worker" in internal[0]["message"]
-    # The NaN the lost worker would have judged is not there to make the exit status 2: the
-    # notice itself is critical, so a script still sees the history was not judged whole.
-    assert internal[0]["severity"] == "critical" and status == 2
+    viewer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert viewer.stdout is not None
+    viewer.stdout.readline()  # it prints: its workers are at work, their pipes full
+    viewer.kill()
+    viewer.wait()
+    ended = time.monotonic() + 20.0
+    while time.monotonic() < ended:
+        if select.select([viewer.stdout], [], [], 0.5)[0] and not viewer.stdout.read1(1 << 16):
+            break  # the end of the pipe: nobody holds it any more
+    else:
+        pytest.fail("the viewer's workers still hold its standard output")
 
 
 def _without_config(run_dir: Path, rank: int) -> None:
@@ -289,19 +478,27 @@ def _spike(rank: int, step: int, value: float) -> Alert:
 
 def test_an_event_is_told_once_every_rank_of_its_run_went_past_it() -> None:
     """Ranks read apart: an event waits while a rank may still raise it (at or before its
-    step), then is one alert naming every rank, in the lowest rank's words; never again."""
+    step), then is one alert naming every rank, in the lowest rank's words; never again. A
+    rank resumed in the same file (a new start message) is behind its replayed steps."""
     merge = OnceByStep({"/runs/r": [0, 1]})
-    merge.add(_spike(1, 10, 9.0))
-    merge.advance("/runs/r", 1, 12)
+    merge.add(_spike(1, 10, 9.0), 1)
+    merge.advance("/runs/r", 1, (1, 12))
     assert merge.take() == []  # rank 0 has not been read that far
-    merge.advance("/runs/r", 0, 10)
+    merge.advance("/runs/r", 0, (1, 10))
     assert merge.take() == []  # rank 0 is at step 10: its own spike may be in its next line
-    merge.add(_spike(0, 10, 8.0))
-    merge.advance("/runs/r", 0, 11)
+    merge.add(_spike(0, 10, 8.0), 1)
+    merge.advance("/runs/r", 0, (1, 11))
     [told] = merge.take()
     assert told.ranks == (0, 1) and told.rank == 0 and told.value == 8.0
     assert told.message == "loss spike (ranks 0-1)"
-    merge.add(_spike(1, 10, 9.0))  # the same event again (a rank that restarted its steps)
-    merge.add(_spike(1, 30, 9.0))
+    merge.add(_spike(1, 10, 9.0), 1)  # the same event again: told already
+    assert merge.take() == []
+    # Both resumed from step 5 (generation 2); rank 0 got past step 8 first.
+    merge.advance("/runs/r", 0, (2, 20))
+    merge.add(_spike(0, 8, 9.0), 2)
+    assert merge.take() == []  # rank 1 was at step 12, but of the run before the resume
+    merge.advance("/runs/r", 1, (2, 9))
+    assert [a.step for a in merge.take()] == [8]
+    merge.add(_spike(1, 30, 9.0), 2)
     assert merge.take() == []
     assert [a.step for a in merge.rest()] == [30]  # the history ended: what is held is told

@@ -264,9 +264,7 @@ class Alerting:
         try:
             told = self.engine.feed_batch(batch)
         except Exception as exc:  # a fault of ours: told once, and the screen keeps moving
-            self.failed = f"{type(exc).__name__}: {exc}"
-            text = f"alerts on metrics stopped by an error in lmtop ({self.failed[:200]}); charts go on"
-            return [(len(batch) - 1, self._failure(text))]
+            return [(len(batch) - 1, self.broke(f"{type(exc).__name__}: {exc}"))]
         if self.snapshots is None:
             self._act([alert for _, alert in told])
             return told
@@ -299,6 +297,14 @@ class Alerting:
             return
         lines = window(alert.key, alert.step - SNAPSHOT_STEPS, alert.step + SNAPSHOT_STEPS)
         self.snapshots.write(alert, run.dir, lines)
+
+    def broke(self, error: str) -> Alert:
+        """Alerts stop for good after an error in the engine (here or in a history worker): a
+        fault of lmtop's, not of the run, so a warning; the charts and the output go on."""
+        self.failed = error
+        return self._failure(
+            f"alerts on metrics stopped by an error in lmtop ({error[:200]}); charts go on"
+        )
 
     def lost(self, why: str) -> Alert:
         """Alerts stop for good: a history worker was lost and part of the history went

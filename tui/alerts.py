@@ -438,44 +438,49 @@ class OnceByStep:
     """Folds one event seen by several ranks into one alert where the ranks are read apart
     (history workers, each a few ranks a chunk at a time; see :mod:`.history_workers`).
 
-    An event (run, type, metric, step) is held until every rank of its run has gone past its
-    step or ended, then told once, naming every rank that raised it; so it follows every
-    message that raised it. An event already told is not told again (a rank that restarted
-    its steps). What is held is bounded by the spread of the ranks' steps, not the history.
+    An event (run, type, metric, step) is held until every rank of its run has gone past it,
+    then told once, naming every rank that raised it; so it follows every message that raised
+    it. Where a rank is, and where an event is, is a position (generation, step): a rank's
+    generation counts its start messages, so a run resumed from a checkpoint in the same files
+    (steps going back after a new start) is behind its own past, not past its replayed steps.
+    A rank's position is where its last read ended (it may go back: an evaluation logged at an
+    earlier step holds events a little longer, never tells them early). An event already told
+    is not told again. What is held is bounded by how far apart the ranks' reads are.
     """
 
     def __init__(self, ranks: dict[str, list[int]], remember: int = 4096) -> None:
-        # run key -> rank -> the last step it went to (inf once ended)
-        self._steps: dict[str, dict[int, float]] = {
-            key: dict.fromkeys(numbers, -math.inf) for key, numbers in ranks.items()
+        # run key -> rank -> its position (END once its file is read to the end)
+        self._at: dict[str, dict[int, tuple[float, float]]] = {
+            key: dict.fromkeys(numbers, _BEFORE) for key, numbers in ranks.items()
         }
-        self._held: dict[tuple[str, str, str | None, int | None], Alert] = {}
+        self._held: dict[tuple[str, str, str | None, int | None], tuple[Alert, int]] = {}
         self._told: OrderedDict[tuple[str, str, str | None, int | None], None] = OrderedDict()
         self._remember = remember
 
-    def add(self, alert: Alert) -> None:
-        """One alert, as one rank raised it."""
+    def add(self, alert: Alert, generation: int = 0) -> None:
+        """One alert, as one rank raised it in its ``generation``."""
         event = (alert.key, alert.type, alert.metric, alert.step)
         if event in self._told:
             return
         held = self._held.get(event)
-        self._held[event] = alert if held is None else _merged(held, alert)
+        if held is None:
+            self._held[event] = (alert, generation)
+        else:
+            self._held[event] = (_merged(held[0], alert), max(held[1], generation))
 
-    def advance(self, key: str, rank: int, step: float | None) -> None:
-        """Rank ``rank`` of run ``key`` has gone to ``step`` (``math.inf``: it ended)."""
-        steps = self._steps.setdefault(key, {})
-        if step is not None and step > steps.get(rank, -math.inf):
-            steps[rank] = step
+    def advance(self, key: str, rank: int, position: tuple[float, float]) -> None:
+        """Rank ``rank`` of run ``key`` is at ``position`` (:data:`END`: read to its end)."""
+        self._at.setdefault(key, {})[rank] = position
 
     def take(self) -> list[Alert]:
         """The events every rank of their run has gone past, in the order first raised."""
         if not self._held:
             return []
-        behind = {key: min(steps.values(), default=math.inf) for key, steps in self._steps.items()}
+        behind = {key: min(at.values(), default=END) for key, at in self._at.items()}
         out = []
-        for event, alert in list(self._held.items()):
+        for event, (alert, generation) in list(self._held.items()):
             step = event[3]
-            if step is None or behind.get(event[0], math.inf) > step:
+            if step is None or behind.get(event[0], END) > (generation, step):
                 del self._held[event]
                 self._told[event] = None
                 out.append(_named(alert))
@@ -484,11 +489,16 @@ class OnceByStep:
         return out
 
     def rest(self) -> list[Alert]:
-        """Every event still held (the history ended), in the order first raised."""
-        for steps in self._steps.values():
-            for rank in steps:
-                steps[rank] = math.inf
+        """Every event still held (the history ended, or no more is judged), in the order
+        first raised."""
+        for at in self._at.values():
+            for rank in at:
+                at[rank] = END
         return self.take()
+
+
+END = (math.inf, math.inf)  # the position of a rank read to its end
+_BEFORE = (-math.inf, -math.inf)  # of a rank not read yet
 
 
 def _merged(held: Alert, other: Alert) -> Alert:

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -50,7 +50,7 @@ def run(
     told_waiting = False
     workers: HistoryWorkers | None = None
     planned = follow  # whether workers were considered (a finished history's, once found)
-    counts: dict[str, list[int]] | None = None  # the workers' bad lines and gaps, per run
+    counts: dict[str, list[Any]] | None = None  # what the workers' reads found, per run
 
     try:
         while True:
@@ -60,7 +60,7 @@ def run(
                 planned = True
                 workers = history_workers.start(follower, settings)
                 if workers is not None:  # they read every rank from its start: this batch too
-                    _print_worked(workers, alerting, stream)
+                    _print_worked(workers, alerting, stream, settings.enabled)
                     counts = workers.counts
                     break
             chunks: list[bytes] = []
@@ -126,45 +126,60 @@ def _lines(alerts: list[Alert]) -> list[bytes]:
     return [orjson.dumps(a.to_record(), option=orjson.OPT_APPEND_NEWLINE) for a in alerts]
 
 
-def _print_worked(workers: HistoryWorkers, alerting: Alerting, stream: BinaryIO) -> None:
+def _print_worked(
+    workers: HistoryWorkers, alerting: Alerting, stream: BinaryIO, judged: bool
+) -> None:
     """Prints what the workers read, a chunk at a time, each alert once every rank of its run
-    has gone past its step; then the critical alerts' snapshots, from the files."""
+    has gone past it; then the critical alerts' snapshots, from the files (those of the alerts
+    told, however the output ended). ``judged``: alerts are on."""
     merge = OnceByStep(workers.ranks)
     critical: list[Alert] = []
-    for chunk in workers.chunks():
-        parts = [chunk.data]
-        if alerting.failed is None:
-            if workers.failed is not None:
-                parts.extend(_lines([alerting.lost(workers.failed)]))
-            else:
-                for alert in chunk.alerts:
-                    merge.add(alert)
-                merge.advance(chunk.key, chunk.rank, chunk.step)
-                told = alerting.told(merge.take())
-                parts.extend(_lines(told))
-                critical.extend(alert for alert in told if alert.severity == CRITICAL)
-        stream.write(b"".join(parts))
-    if alerting.failed is None:
-        told = alerting.told(merge.rest())
-        stream.write(b"".join(_lines(told)))
+
+    def tell(alerts: list[Alert]) -> list[bytes]:
+        told = alerting.told(alerts)
         critical.extend(alert for alert in told if alert.severity == CRITICAL)
-    stream.flush()
-    for alert in critical:
-        alerting.snapshot(alert, workers.window)
+        return _lines(told)
+
+    try:
+        for chunk in workers.chunks():
+            parts = [chunk.data]
+            if judged and alerting.failed is None:
+                if chunk.broken is None and workers.failed is None:
+                    for alert, generation in chunk.alerts:
+                        merge.add(alert, generation)
+                    if chunk.position is not None:
+                        merge.advance(chunk.key, chunk.rank, chunk.position)
+                    parts.extend(tell(merge.take()))
+                else:  # what was judged is told; the rest will not be
+                    parts.extend(tell(merge.rest()))
+                    if chunk.broken is not None:
+                        parts.append(_lines([alerting.broke(chunk.broken)])[0])
+                    else:
+                        parts.append(_lines([alerting.lost(str(workers.failed))])[0])
+            stream.write(b"".join(parts))
+        if judged and alerting.failed is None:
+            stream.write(b"".join(tell(merge.rest())))
+        stream.flush()
+    finally:
+        for alert in critical:
+            alerting.snapshot(alert, workers.window)
+    if workers.failed is not None and not judged:
+        print(f"lmtop: {workers.failed}; its ranks were read here", file=sys.stderr)
 
 
-def _report(follower: Follower, counts: dict[str, list[int]] | None = None) -> None:
-    """Bad lines and gaps per run on stderr (``counts``: as workers read them, by run key)."""
+def _report(follower: Follower, counts: dict[str, list[Any]] | None = None) -> None:
+    """Bad lines, gaps and another protocol's lines per run on stderr (``counts``: as workers
+    read them, by run key: [bad lines, messages missing, the complaint])."""
     for run in follower.book.snapshot():
         notes = []
-        bad, dropped = (
-            (run.bad_lines, run.dropped) if counts is None else counts.get(run.key, (0, 0))
-        )
+        if counts is None:
+            bad, dropped, unsupported = run.bad_lines, run.dropped, follower.unsupported(run.key)
+        else:
+            bad, dropped, unsupported = counts.get(run.key, (0, 0, None))
         if bad:
             notes.append(f"{bad} bad lines skipped")
         if dropped:
             notes.append(f"{dropped} messages missing")
-        unsupported = follower.unsupported(run.key)
         if unsupported:
             notes.append(unsupported)
         if notes:

@@ -40,7 +40,7 @@ from lmtop.hooks import schema
 
 from . import collector, runfile
 from .alert_settings import AlertSettings
-from .alerts import Alert, AlertEngine
+from .alerts import END, Alert, AlertEngine
 from .follow import Follower, Keyed
 from .runbook import Run
 
@@ -134,8 +134,11 @@ class Chunk:
     key: str  # the run's key here
     rank: int
     data: bytes
-    alerts: list[Alert]
-    step: float | None  # the step the rank went to (math.inf: its file is read to the end)
+    alerts: list[tuple[Alert, int]]  # each with the rank's generation it was raised in
+    # Where the rank's read ended, (generation, step) for OnceByStep (END: read to its end;
+    # None: no step known yet)
+    position: tuple[float, float] | None
+    broken: str | None = None  # the worker's alert engine failed here (an error of lmtop's)
 
 
 class HistoryWorkers:
@@ -149,7 +152,8 @@ class HistoryWorkers:
         ranks: list[tuple[Run, int]],
         workers: int,
     ) -> None:
-        context = get_context("fork") if _forks() else get_context("spawn")
+        forks = _forks()
+        context = get_context("fork") if forks else get_context("spawn")
         self._chunk = CHUNK_BYTES
         self._groups: list[list[tuple[Run, int]]] = [ranks[i::workers] for i in range(workers)]
         self._workers: list[tuple[Any, Connection]] = []
@@ -158,9 +162,12 @@ class HistoryWorkers:
             ends: tuple[Connection, ...] = ()
             try:
                 ends = receiver, sender = context.Pipe(duplex=False)
+                # A forked worker holds this pipe's reading end and the earlier workers': it
+                # lets them go first, or a viewer killed would leave it writing for ever.
+                held = [end.fileno() for _, end in self._workers] + [receiver.fileno()]
                 process = context.Process(
                     target=_work,
-                    args=(jobs, settings, self._chunk, sender),
+                    args=(jobs, settings, self._chunk, sender, held if forks else []),
                     daemon=True,
                     name="lmtop-history",
                 )
@@ -184,7 +191,8 @@ class HistoryWorkers:
         self.given: dict[tuple[str, int], int] = {}
         self.read: dict[tuple[str, int], int] = {}
         self._index: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
-        self.counts: dict[str, list[int]] = {}  # run key -> [bad lines, messages missing]
+        # run key -> [bad lines, messages missing, the first "unsupported version" complaint]
+        self.counts: dict[str, list[Any]] = {}
         self.failed: str | None = None  # why a worker was lost (its ranks were read here)
 
     def chunks(self) -> Iterator[Chunk]:
@@ -233,32 +241,40 @@ class HistoryWorkers:
             record = orjson.loads(receiver.recv_bytes())
             data = receiver.recv_bytes() if type(record) is dict and "data" in record else b""
         except (EOFError, OSError, orjson.JSONDecodeError) as exc:
-            stopped = f"a history worker stopped (exit code {process.exitcode}): {exc}"
+            process.join(timeout=1.0)  # gone, mostly: its exit code says how
+            said = f": {exc}" if str(exc) else ""
+            stopped = f"a history worker stopped (exit code {process.exitcode}){said}"
             raise WorkerFailed(stopped) from None
         if type(record) is not dict or "error" in record:
             why = record.get("error") if type(record) is dict else record
             raise WorkerFailed(f"a history worker failed: {why!r}")
         if "done" in record:
-            for directory, (bad, dropped) in record["done"].items():
-                self._count(directory, bad, dropped)
+            for directory, (bad, dropped, unsupported) in record["done"].items():
+                self._count(directory, bad, dropped, unsupported)
             return None
         key, rank = self._key_of[record["dir"]], record["rank"]
-        self.given[(key, rank)] = self.given.get((key, rank), 0) + record["n"]
-        self.read[(key, rank)] = record["end"]
-        if record["first"] is not None:
-            span = (record["start"], record["end"], record["first"], record["last"])
-            self._index.setdefault((key, rank), []).append(span)
-        alerts = [_alert(key, fields) for fields in record["alerts"]]
-        step = math.inf if not record["more"] else record["step"]
-        return Chunk(key, rank, data, alerts, step)
+        self._given(key, rank, record["n"], record["start"], record["end"], record["steps"])
+        alerts = [(_alert(key, fields), generation) for *fields, generation in record["alerts"]]
+        at = record["at"]
+        position = END if not record["more"] else None if at is None else (at[0], at[1])
+        return Chunk(key, rank, data, alerts, position, record["broken"])
 
-    def _count(self, directory: str, bad: int, dropped: int) -> None:
+    def _given(self, key: str, rank: int, count: int, start: int, end: int, steps: Any) -> None:
+        """Notes a chunk given out: its messages, where its lines lie in the rank's file and
+        the first and last steps they hold, if any (for :meth:`window`)."""
+        self.given[(key, rank)] = self.given.get((key, rank), 0) + count
+        self.read[(key, rank)] = end
+        if steps:
+            self._index.setdefault((key, rank), []).append((start, end, steps[0], steps[1]))
+
+    def _count(self, directory: str, bad: int, dropped: int, unsupported: str | None) -> None:
         key = self._key_of.get(directory)
         if key is None:  # a run no worker was given (none: runs are read by directory)
             return
-        counts = self.counts.setdefault(key, [0, 0])
+        counts = self.counts.setdefault(key, [0, 0, None])
         counts[0] += bad
         counts[1] += dropped
+        counts[2] = counts[2] or unsupported
 
     def _read_here(self, worker: int) -> Iterator[Chunk]:
         """The rest of a lost worker's ranks, read here as it read them: every message it did
@@ -269,19 +285,22 @@ class HistoryWorkers:
         )
         try:
             for run, number in group:
+                directory = str(run.dir)
                 skip, more = self.given.get((run.key, number), 0), True
                 while more:
                     out: list[Keyed] = []
-                    more = follower.read_rank(Path(str(run.dir)), number, out, self._chunk)
+                    start = follower.read_offset(directory, number)
+                    more = follower.read_rank(Path(directory), number, out, self._chunk)
                     taken = out[skip:]
                     skip = max(0, skip - len(out))
-                    self.given[(run.key, number)] = self.given.get((run.key, number), 0) + len(
-                        taken
-                    )
+                    end = follower.read_offset(directory, number)
+                    span = _span(out)
+                    self._given(run.key, number, len(taken), start, end, span and span[:2])
                     data = b"".join([message.encode() for _, message in taken])
-                    yield Chunk(run.key, number, data, [], math.inf if not more else None)
+                    yield Chunk(run.key, number, data, [], None if more else END)
             for summary in follower.book.snapshot():
-                self._count(summary.key, summary.bad_lines, summary.dropped)
+                unsupported = follower.unsupported(summary.key)
+                self._count(summary.key, summary.bad_lines, summary.dropped, unsupported)
         finally:
             follower.close()
 
@@ -320,17 +339,25 @@ class HistoryWorkers:
 
 
 def _work(
-    jobs: list[tuple[str, int]], settings: AlertSettings, chunk: int, sender: Connection
+    jobs: list[tuple[str, int]],
+    settings: AlertSettings,
+    chunk: int,
+    sender: Connection,
+    held: list[int],
 ) -> None:
-    """A worker: reads its ranks' files ``chunk`` bytes at a time in turn, each into the engine, and
-    sends each chunk's lines and alerts; then each run's counts of bad lines and gaps."""
+    """A worker: reads its ranks' files ``chunk`` bytes at a time in turn, each into the engine,
+    and sends each chunk's lines and alerts; then each run's counts of bad lines and gaps.
+    ``held``: the pipe ends a forked worker inherited and must let go."""
+    _let_go(held)
     collector.settle()
     try:
         follower = Follower(
             sorted({directory for directory, _ in jobs}), follow=False, live=False, lines=True
         )
         engine = AlertEngine(settings)
-        raised, metrics = engine.raised, schema.METRICS
+        raised, start_kind, metrics = engine.raised, schema.START, schema.METRICS
+        judging = settings.enabled
+        generations = dict.fromkeys(jobs, 0)  # start messages seen: see OnceByStep
         reading = list(jobs)
         while reading:
             for job in list(reading):
@@ -339,32 +366,49 @@ def _work(
                 out: list[Keyed] = []
                 more = follower.read_rank(Path(directory), number, out, chunk)
                 alerts: list[list[Any]] = []
-                for key, message in out:
-                    found = raised(key, message)
-                    if found:
-                        alerts.extend(_fields(alert) for alert in found)
-                steps = [m.step for _, m in out if m.kind == metrics and m.step is not None]
-                # How far the rank went: its last step (the engine's count of its messages,
-                # for a rank whose messages carry none).
-                step = max(steps) if steps else engine.points(directory, number) - 1
+                generation, broken = generations[job], None
+                try:
+                    for key, message in out:
+                        if message.kind == start_kind:
+                            generation += 1
+                        if judging:
+                            found = raised(key, message)
+                            if found:
+                                alerts.extend([*_fields(a), generation] for a in found)
+                except Exception as exc:  # a fault of ours: told once, and the output goes on
+                    broken, judging = f"{type(exc).__name__}: {exc}", False
+                    generation = generations[job] + sum(m.kind == start_kind for _, m in out)
+                generations[job] = generation
+                span = _span(out)
+                # Where the read ended: its last step (the engine's count of the rank's
+                # messages where they carry none), None where it holds no metrics.
+                if span is not None:
+                    at: list[float] | None = [generation, span[2]]
+                elif any(message.kind == metrics for _, message in out):
+                    at = [generation, engine.points(directory, number) - 1]
+                else:
+                    at = None
                 record = {
                     "dir": directory,
                     "rank": number,
                     "n": len(out),
                     "start": start,
                     "end": follower.read_offset(directory, number),
-                    "first": min(steps) if steps else None,
-                    "last": step if steps else None,
-                    "step": step if step >= 0 else None,
+                    "steps": span and span[:2],
+                    "at": at,
                     "more": more,
                     "alerts": alerts,
+                    "broken": broken,
                     "data": True,
                 }
                 sender.send_bytes(orjson.dumps(record))
                 sender.send_bytes(b"".join([message.encode() for _, message in out]))
                 if not more:
                     reading.remove(job)
-        counts = {s.key: [s.bad_lines, s.dropped] for s in follower.book.snapshot()}
+        counts = {
+            s.key: [s.bad_lines, s.dropped, follower.unsupported(s.key)]
+            for s in follower.book.snapshot()
+        }
         sender.send_bytes(orjson.dumps({"done": counts}))
     except (BrokenPipeError, KeyboardInterrupt):
         pass  # the viewer is gone, or stopped us
@@ -373,6 +417,29 @@ def _work(
             sender.send_bytes(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         except OSError:
             pass
+
+
+def _let_go(held: list[int]) -> None:
+    """A worker's start: the viewer's pipe ends it inherited and its standard output point at
+    /dev/null. A worker never prints, and holding either would keep a pipeline open (``lmtop
+    --headless --no-follow | jq``) after the viewer is killed, the worker writing for ever."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (*held, 1):
+            try:
+                os.dup2(devnull, fd)  # not closed: the number stays this process's own
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
+
+
+def _span(out: list[Keyed]) -> tuple[int, int, int] | None:
+    """The first and the last step of a chunk's metrics messages, and the step of its last
+    one; None when none has a step."""
+    metrics = schema.METRICS
+    steps = [m.step for _, m in out if m.kind == metrics and m.step is not None]
+    return (min(steps), max(steps), steps[-1]) if steps else None
 
 
 def _fields(alert: Alert) -> list[Any]:
