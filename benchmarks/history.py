@@ -15,7 +15,7 @@ computed (after the frame, from the run files read again). ``--cold`` deletes th
 ``--readers=N`` sets the worker processes reading long rank files (default 2, 0: none), and
 ``--frame-only`` stops at the first frame. ``all`` measures a cold first frame (which writes
 the cache) and then one from the cache. ``headless`` runs
-``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time, peak RSS (its own, and with its workers) and CPU.
+``lmtop --headless --no-follow RUN > /dev/null`` and prints its wall time, peak RSS (its own; with its workers, PSS) and CPU.
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
 and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``
 and its resident memory from the first paint on, each minute.
@@ -175,17 +175,18 @@ def first_frame(run: Path, readers: int, cold: bool, frame_only: bool = False) -
     asyncio.run(measure())
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """The resident memory of a process and its children together, in KB (from /proc)."""
+def _tree_pss_kb(pid: int) -> int:
+    """The memory of a process and its children together, in KB: their proportional set sizes
+    (a page shared by n of them counted 1/n in each; a forked worker shares the viewer's)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     total = 0
     for each in (pid, *map(int, children)):
         try:
-            status = Path(f"/proc/{each}/status").read_text()
+            rollup = Path(f"/proc/{each}/smaps_rollup").read_text()
         except OSError:  # gone in between
             continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
                 total += int(line.split()[1])
     return total
 
@@ -197,7 +198,8 @@ def headless(run: Path, alerts: bool) -> None:
         command.insert(-1, "--no-alerts")
     started = time.perf_counter()
     own = 0.0  # the viewer's own CPU seconds, last read from /proc (every 20 ms)
-    together = 0  # the most resident memory of the viewer and its workers at once, in KB
+    together = 0  # the most memory of the viewer and its workers at once (PSS), in KB
+    polls = 0
     tick = os.sysconf("SC_CLK_TCK")
     with open(os.devnull, "wb") as devnull:
         proc = subprocess.Popen(command, stdout=devnull)
@@ -209,7 +211,9 @@ def headless(run: Path, alerts: bool) -> None:
             try:
                 fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 own = max(own, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
-                together = max(together, _tree_rss_kb(proc.pid))
+                polls += 1
+                if polls % 10 == 0:  # smaps_rollup walks page tables: not at every poll
+                    together = max(together, _tree_pss_kb(proc.pid))
             except (OSError, IndexError, ValueError):
                 pass
             time.sleep(0.02)
@@ -217,7 +221,7 @@ def headless(run: Path, alerts: bool) -> None:
     total = usage.ru_utime + usage.ru_stime  # the viewer's and its history workers'
     print(
         f"headless{'' if alerts else ' --no-alerts'}: {seconds:.2f} s, "
-        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, {together / 1024:.0f} MB with its workers "
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, with its workers {together / 1024:.0f} MB PSS "
         f"(exit {os.waitstatus_to_exitcode(status)}); "
         f"CPU {own:.1f} s in the viewer, {max(0.0, total - own):.1f} s in its history workers",
         flush=True,

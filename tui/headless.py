@@ -60,6 +60,7 @@ def run(
                 planned = True
                 workers = history_workers.start(follower, settings)
                 if workers is not None:  # they read every rank from its start: this batch too
+                    batch.clear()  # ~10 MB of messages, not kept while they print
                     _print_worked(workers, alerting, stream, settings.enabled)
                     counts = workers.counts
                     break
