@@ -353,6 +353,75 @@ def test_a_resumed_run_names_every_rank_of_its_replayed_steps(
     assert any(a["step"] == 1000 and a["ranks"] == [0, 1, 2, 3] for a in _alerts(parallel))
 
 
+Script = list[tuple[str, int | None, dict[str, Any]]]  # (kind, step, fields) a line
+
+
+def _two_ranks(folder: Path, script: Any) -> Path:
+    """A finished 2-rank run, each rank's lines ``script(rank)`` in order (seq counted here).
+    Rank 1 writes longer metrics lines, so its chunks end at other steps than rank 0's."""
+    run_dir = folder / "two"
+    run_dir.mkdir(parents=True)
+    for rank in range(2):
+        lines = []
+        for seq, (kind, step, fields) in enumerate(script(rank)):
+            if kind == "metrics" and rank == 1 and "loss" in fields["m"]:
+                fields = {"m": {**fields["m"], "a_metric_with_a_long_name_on_rank_one": 1.0}}
+            lines.append(make_line("two", rank, 2, seq, kind, step, T0 + (step or 0), **fields))
+        (run_dir / f"rank-{rank}.jsonl").write_bytes(b"".join(lines))
+    return folder
+
+
+def _go(first: int, last: int, nan_at: int | None = None) -> Script:
+    info = {"host": "gpu-box", "pid": 999_999_999, "config": {}}
+    out: Script = [("start", None, {"info": info})]
+    for step in range(first, last):
+        metrics = curve(step, 1400)
+        if step == nan_at:
+            metrics["loss"] = math.nan
+        out.append(("metrics", step, {"m": metrics}))
+    return out
+
+
+def _compare_alerts(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    serial, _ = _headless(folder, monkeypatch, workers=False)
+    parallel, workers = _headless(folder, monkeypatch, workers=True)
+    assert workers is not None and _per_rank(parallel) == _per_rank(serial)
+    told = [(a["type"], a["step"], a["ranks"]) for a in _alerts(parallel)]
+    assert told == [(a["type"], a["step"], a["ranks"]) for a in _alerts(serial)]
+    return told
+
+
+def test_an_evaluation_logged_at_an_earlier_step_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank logs its evaluation of step 900 after its training step 999: its NaN is
+    told naming both ranks, though a rank's chunk may end past step 1000 before it."""
+
+    def script(rank: int) -> Script:
+        lines = _go(0, 1200)
+        lines.insert(1001, ("metrics", 900, {"m": {"eval_loss": math.nan}}))  # after step 999
+        return [*lines, ("end", 1199, {"status": "ok"})]
+
+    assert ("nonfinite", 900, [0, 1]) in _compare_alerts(_two_ranks(tmp_path, script), monkeypatch)
+
+
+def test_a_chunk_ending_after_a_new_start_holds_the_replayed_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed (steps 990-1099 after 0-1199), rank 1 loading shards for 300 lines after its
+    new start: a chunk ends there, before any step of the new go; the NaN at 1000 of the new
+    go still names both ranks."""
+
+    def script(rank: int) -> Script:
+        resumed = _go(990, 1100, nan_at=1000)
+        shards = [("event", None, {"text": f"loading shard {i}" + "." * 80}) for i in range(300)]
+        loading = shards if rank == 1 else []
+        return [*_go(0, 1200), resumed[0], *loading, *resumed[1:], ("end", 1099, {"status": "ok"})]
+
+    told = _compare_alerts(_two_ranks(tmp_path, script), monkeypatch)
+    assert ("nonfinite", 1000, [0, 1]) in told
+
+
 class _Interrupted(io.BytesIO):
     """A reader that stops (Ctrl-C) once it has seen a NaN's alert."""
 

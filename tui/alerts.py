@@ -439,13 +439,19 @@ class OnceByStep:
     (history workers, each a few ranks a chunk at a time; see :mod:`.history_workers`).
 
     An event (run, type, metric, step) is held until every rank of its run has gone past it,
-    then told once, naming every rank that raised it; so it follows every message that raised
-    it. Where a rank is, and where an event is, is a position (generation, step): a rank's
+    then told once, naming every rank that raised it, after every message that raised it.
+    Where a rank is, and where an event is, is a position (generation, step): a rank's
     generation counts its start messages, so a run resumed from a checkpoint in the same files
-    (steps going back after a new start) is behind its own past, not past its replayed steps.
-    A rank's position is where its last read ended (it may go back: an evaluation logged at an
-    earlier step holds events a little longer, never tells them early). An event already told
-    is not told again. What is held is bounded by how far apart the ranks' reads are.
+    (a new start, steps going back) is behind its replayed steps, not past them. A rank's
+    position is the highest step its read reached in its generation, less the largest step
+    back any rank of the run has shown (an evaluation logged at an earlier step than the
+    training step before it: its alert may come after the training steps that follow).
+
+    Where that falls short, an event is told naming fewer ranks than one process would (the
+    rest are not told again): a run's first step back, reached by a rank read ahead of the
+    others; ranks of one run with different numbers of starts in their files (a run resumed
+    with more ranks, in the same directory). An event already told is not told again. What is
+    held is bounded by how far apart the ranks' reads are.
     """
 
     def __init__(self, ranks: dict[str, list[int]], remember: int = 4096) -> None:
@@ -453,6 +459,7 @@ class OnceByStep:
         self._at: dict[str, dict[int, tuple[float, float]]] = {
             key: dict.fromkeys(numbers, _BEFORE) for key, numbers in ranks.items()
         }
+        self._lag: dict[str, float] = {}  # run key -> the largest step back a rank showed
         self._held: dict[tuple[str, str, str | None, int | None], tuple[Alert, int]] = {}
         self._told: OrderedDict[tuple[str, str, str | None, int | None], None] = OrderedDict()
         self._remember = remember
@@ -468,19 +475,25 @@ class OnceByStep:
         else:
             self._held[event] = (_merged(held[0], alert), max(held[1], generation))
 
-    def advance(self, key: str, rank: int, position: tuple[float, float]) -> None:
-        """Rank ``rank`` of run ``key`` is at ``position`` (:data:`END`: read to its end)."""
+    def advance(self, key: str, rank: int, position: tuple[float, float], lag: float = 0) -> None:
+        """Rank ``rank`` of run ``key`` is at ``position`` (:data:`END`: read to its end), and
+        has gone back by as much as ``lag`` steps."""
         self._at.setdefault(key, {})[rank] = position
+        if lag > self._lag.get(key, 0):
+            self._lag[key] = lag
 
     def take(self) -> list[Alert]:
         """The events every rank of their run has gone past, in the order first raised."""
         if not self._held:
             return []
-        behind = {key: min(at.values(), default=END) for key, at in self._at.items()}
+        behind = {}
+        for key, at in self._at.items():
+            generation, top = min(at.values(), default=END)
+            behind[key] = (generation, top - self._lag.get(key, 0))
         out = []
-        for event, (alert, generation) in list(self._held.items()):
+        for event, (alert, raised_in) in list(self._held.items()):
             step = event[3]
-            if step is None or behind.get(event[0], END) > (generation, step):
+            if step is None or behind.get(event[0], END) > (raised_in, step):
                 del self._held[event]
                 self._told[event] = None
                 out.append(_named(alert))

@@ -149,7 +149,7 @@ def _print_worked(
                     for alert, generation in chunk.alerts:
                         merge.add(alert, generation)
                     if chunk.position is not None:
-                        merge.advance(chunk.key, chunk.rank, chunk.position)
+                        merge.advance(chunk.key, chunk.rank, chunk.position, chunk.lag)
                     parts.extend(tell(merge.take()))
                 else:  # what was judged is told; the rest will not be
                     parts.extend(tell(merge.rest()))

@@ -13,8 +13,8 @@ ranks is told once, naming them, once every rank of the run has gone past its st
 of bad lines; and the critical alerts' snapshots, read from the files once the history is out.
 
 The output holds every message once, in per-rank order, and the alerts the serial path gives
-(tests compare both), though not in the serial path's places: ranks arrive a chunk (2 MB) at a
-time rather than a poll's share. Only where that holds (see :func:`start`): runs whose every
+(tests compare both), though not in the serial path's places: ranks arrive a chunk (512 KB) at
+a time rather than a poll's share. Only where that holds (see :func:`start`): runs whose every
 rank file ends with the rank's end message (it will not grow while it is read), whose ranks
 started with the same config (the engine on one process lends a run's config to all its
 ranks), and that are not also a Trainer's output directory. A worker that dies leaves its
@@ -135,9 +135,10 @@ class Chunk:
     rank: int
     data: bytes
     alerts: list[tuple[Alert, int]]  # each with the rank's generation it was raised in
-    # Where the rank's read ended, (generation, step) for OnceByStep (END: read to its end;
-    # None: no step known yet)
+    # How far the rank was read, (generation, highest step of it) for OnceByStep (END: read to
+    # its end; None: nothing judged in this chunk), and the largest step back it has shown
     position: tuple[float, float] | None
+    lag: float = 0.0
     broken: str | None = None  # the worker's alert engine failed here (an error of lmtop's)
 
 
@@ -255,9 +256,15 @@ class HistoryWorkers:
         key, rank = self._key_of[record["dir"]], record["rank"]
         self._given(key, rank, record["n"], record["start"], record["end"], record["steps"])
         alerts = [(_alert(key, fields), generation) for *fields, generation in record["alerts"]]
-        at = record["at"]
-        position = END if not record["more"] else None if at is None else (at[0], at[1])
-        return Chunk(key, rank, data, alerts, position, record["broken"])
+        at, lag = record["at"], 0.0
+        if not record["more"]:
+            position: tuple[float, float] | None = END
+        elif at is None:
+            position = None
+        else:
+            generation, top, lag = at
+            position = (generation, -math.inf if top is None else top)
+        return Chunk(key, rank, data, alerts, position, lag, record["broken"])
 
     def _given(self, key: str, rank: int, count: int, start: int, end: int, steps: Any) -> None:
         """Notes a chunk given out: its messages, where its lines lie in the rank's file and
@@ -294,8 +301,7 @@ class HistoryWorkers:
                     taken = out[skip:]
                     skip = max(0, skip - len(out))
                     end = follower.read_offset(directory, number)
-                    span = _span(out)
-                    self._given(run.key, number, len(taken), start, end, span and span[:2])
+                    self._given(run.key, number, len(taken), start, end, _span(out))
                     data = b"".join([message.encode() for _, message in taken])
                     yield Chunk(run.key, number, data, [], None if more else END)
             for summary in follower.book.snapshot():
@@ -348,7 +354,7 @@ def _work(
     """A worker: reads its ranks' files ``chunk`` bytes at a time in turn, each into the engine,
     and sends each chunk's lines and alerts; then each run's counts of bad lines and gaps.
     ``held``: the pipe ends a forked worker inherited and must let go."""
-    _let_go(held)
+    _let_go(held, sender.fileno())
     collector.settle()
     try:
         follower = Follower(
@@ -357,7 +363,10 @@ def _work(
         engine = AlertEngine(settings)
         raised, start_kind, metrics = engine.raised, schema.START, schema.METRICS
         judging = settings.enabled
-        generations = dict.fromkeys(jobs, 0)  # start messages seen: see OnceByStep
+        # Per rank, for OnceByStep: start messages seen (its generation), the highest step of
+        # the generation and the largest step back it has shown (an evaluation logged at an
+        # earlier step than the training step before it).
+        places = {job: [0, -math.inf, 0] for job in jobs}
         reading = list(jobs)
         while reading:
             for job in list(reading):
@@ -366,35 +375,38 @@ def _work(
                 out: list[Keyed] = []
                 more = follower.read_rank(Path(directory), number, out, chunk)
                 alerts: list[list[Any]] = []
-                generation, broken = generations[job], None
-                try:
-                    for key, message in out:
-                        if message.kind == start_kind:
-                            generation += 1
-                        if judging:
+                broken, at = None, None
+                if judging:
+                    place = places[job]
+                    generation, top, lag = place
+                    try:
+                        for key, message in out:
+                            kind = message.kind
+                            if kind == metrics:
+                                step = message.step
+                                if step is None:  # the engine counts the rank's messages
+                                    step = engine.points(directory, number)
+                                if step > top:
+                                    top = step
+                                elif top - step > lag:
+                                    lag = top - step
+                            elif kind == start_kind:
+                                generation, top = generation + 1, -math.inf
                             found = raised(key, message)
                             if found:
                                 alerts.extend([*_fields(a), generation] for a in found)
-                except Exception as exc:  # a fault of ours: told once, and the output goes on
-                    broken, judging = f"{type(exc).__name__}: {exc}", False
-                    generation = generations[job] + sum(m.kind == start_kind for _, m in out)
-                generations[job] = generation
+                    except Exception as exc:  # a fault of ours: told once; the output goes on
+                        broken, judging = f"{type(exc).__name__}: {exc}", False
+                    place[:] = generation, top, lag
+                    at = [generation, None if top == -math.inf else top, lag]
                 span = _span(out)
-                # Where the read ended: its last step (the engine's count of the rank's
-                # messages where they carry none), None where it holds no metrics.
-                if span is not None:
-                    at: list[float] | None = [generation, span[2]]
-                elif any(message.kind == metrics for _, message in out):
-                    at = [generation, engine.points(directory, number) - 1]
-                else:
-                    at = None
                 record = {
                     "dir": directory,
                     "rank": number,
                     "n": len(out),
                     "start": start,
                     "end": follower.read_offset(directory, number),
-                    "steps": span and span[:2],
+                    "steps": span,
                     "at": at,
                     "more": more,
                     "alerts": alerts,
@@ -419,13 +431,16 @@ def _work(
             pass
 
 
-def _let_go(held: list[int]) -> None:
-    """A worker's start: the viewer's pipe ends it inherited and its standard output point at
-    /dev/null. A worker never prints, and holding either would keep a pipeline open (``lmtop
-    --headless --no-follow | jq``) after the viewer is killed, the worker writing for ever."""
+def _let_go(held: list[int], own: int) -> None:
+    """A worker's start: the other workers' pipe ends it inherited and its standard output
+    point at /dev/null. A worker never prints, and holding either would keep a pipeline open
+    (``lmtop --headless --no-follow | jq``) after the viewer is killed, the worker writing for
+    ever. ``own``: its own pipe's end, left alone (fd 1 where the viewer had closed its stdout)."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for fd in (*held, 1):
+            if fd == own:
+                continue
             try:
                 os.dup2(devnull, fd)  # not closed: the number stays this process's own
             except OSError:
@@ -434,12 +449,11 @@ def _let_go(held: list[int]) -> None:
         os.close(devnull)
 
 
-def _span(out: list[Keyed]) -> tuple[int, int, int] | None:
-    """The first and the last step of a chunk's metrics messages, and the step of its last
-    one; None when none has a step."""
+def _span(out: list[Keyed]) -> tuple[int, int] | None:
+    """The lowest and the highest step of a chunk's metrics messages; None when none has one."""
     metrics = schema.METRICS
     steps = [m.step for _, m in out if m.kind == metrics and m.step is not None]
-    return (min(steps), max(steps), steps[-1]) if steps else None
+    return (min(steps), max(steps)) if steps else None
 
 
 def _fields(alert: Alert) -> list[Any]:
