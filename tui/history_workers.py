@@ -2,7 +2,7 @@
 --no-follow``); this process only merges what they send and prints it.
 
 The alert engine costs several microseconds a message and reading a rank file a few more: over
-an 8-rank history of 100,000 steps that is ~10 s of CPU on one core. Each rank's messages and
+an 8-rank history of 100,000 steps that is ~12 s of CPU on one core. Each rank's messages and
 their alerts depend on that rank alone, so workers take them, a group of ranks each: a worker
 reads its ranks' files a chunk at a time in turn (the same reader and run book as the follower
 here), feeds each chunk to an engine of its own and sends the chunk's lines as headless mode
@@ -13,13 +13,14 @@ ranks is told once, naming them, once every rank of the run has gone past its st
 of bad lines; and the critical alerts' snapshots, read from the files once the history is out.
 
 The output holds every message once, in per-rank order, and the alerts the serial path gives
-(tests compare both), though not in the serial path's places: ranks arrive a chunk (512 KB) at
+(tests compare both; :class:`~.alerts.OnceByStep` says where a merged one can name fewer
+ranks), though not in the serial path's places: ranks arrive a chunk (512 KB) at
 a time rather than a poll's share. Only where that holds (see :func:`start`): runs whose every
 rank file ends with the rank's end message (it will not grow while it is read), whose ranks
 started with the same config (the engine on one process lends a run's config to all its
 ranks), and that are not also a Trainer's output directory. A worker that dies leaves its
 ranks to this process, which prints the rest of them unjudged; the alerts stop with a critical
-notice, so the exit status says the history was not judged whole.
+notice, so the exit status says the history was not judged whole (alerts off: a note).
 """
 
 from __future__ import annotations
