@@ -422,6 +422,22 @@ def test_a_chunk_ending_after_a_new_start_holds_the_replayed_steps(
     assert ("nonfinite", 1000, [0, 1]) in told
 
 
+def test_the_snapshot_of_a_resumed_run_holds_the_go_its_alert_was_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NaN at step 1000 of a run's second go (steps 600-1399 again after 0-1199): its
+    snapshot holds that go's lines of steps 950-1050, once each, not the first go's too."""
+    folder = _resumed(tmp_path)
+    _headless(folder, monkeypatch, workers=True, snapshots=True)
+    path = folder / "resumed" / "alerts" / "nonfinite-rank0-step1000.jsonl"
+    records = [orjson.loads(raw) for raw in path.read_bytes().splitlines()[1:]]
+    rank0 = [r for r in records if r["rank"] == 0]
+    assert sorted(r["step"] for r in rank0) == list(range(950, 1051))
+    assert {r["rank"] for r in records} == {0, 1, 2, 3}
+    second = [r for r in rank0 if r["step"] == 1000]
+    assert second[0]["m"]["loss"] == "NaN"  # the second go's line, not the first's
+
+
 class _Interrupted(io.BytesIO):
     """A reader that stops (Ctrl-C) once it has seen a NaN's alert."""
 
@@ -557,8 +573,8 @@ def test_an_event_is_told_once_every_rank_of_its_run_went_past_it() -> None:
     assert merge.take() == []  # rank 0 is at step 10: its own spike may be in its next line
     merge.add(_spike(0, 10, 8.0), 1)
     merge.advance("/runs/r", 0, (1, 11))
-    [told] = merge.take()
-    assert told.ranks == (0, 1) and told.rank == 0 and told.value == 8.0
+    [(told, generation)] = merge.take()
+    assert generation == 1 and told.ranks == (0, 1) and told.rank == 0 and told.value == 8.0
     assert told.message == "loss spike (ranks 0-1)"
     merge.add(_spike(1, 10, 9.0), 1)  # the same event again: told already
     assert merge.take() == []
@@ -567,7 +583,7 @@ def test_an_event_is_told_once_every_rank_of_its_run_went_past_it() -> None:
     merge.add(_spike(0, 8, 9.0), 2)
     assert merge.take() == []  # rank 1 was at step 12, but of the run before the resume
     merge.advance("/runs/r", 1, (2, 9))
-    assert [a.step for a in merge.take()] == [8]
+    assert [(a.step, g) for a, g in merge.take()] == [(8, 2)]
     merge.add(_spike(1, 30, 9.0), 2)
     assert merge.take() == []
-    assert [a.step for a in merge.rest()] == [30]  # the history ended: what is held is told
+    assert [a.step for a, _ in merge.rest()] == [30]  # the history ended: what is held is told

@@ -482,8 +482,9 @@ class OnceByStep:
         if lag > self._lag.get(key, 0):
             self._lag[key] = lag
 
-    def take(self) -> list[Alert]:
-        """The events every rank of their run has gone past, in the order first raised."""
+    def take(self) -> list[tuple[Alert, int]]:
+        """The events every rank of their run has gone past, in the order first raised, each
+        with the generation it was raised in."""
         if not self._held:
             return []
         behind = {}
@@ -496,12 +497,12 @@ class OnceByStep:
             if step is None or behind.get(event[0], END) > (raised_in, step):
                 del self._held[event]
                 self._told[event] = None
-                out.append(_named(alert))
+                out.append((_named(alert), raised_in))
         while len(self._told) > self._remember:
             self._told.popitem(last=False)
         return out
 
-    def rest(self) -> list[Alert]:
+    def rest(self) -> list[tuple[Alert, int]]:
         """Every event still held (the history ended, or no more is judged), in the order
         first raised."""
         for at in self._at.values():

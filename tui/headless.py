@@ -10,6 +10,7 @@ chunk at a time rather than a poll's share: the same messages in per-rank order,
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import orjson
+from lmtop.hooks import schema
 
 from . import collector, history_workers
 from .alert_actions import Alerting
@@ -134,11 +136,11 @@ def _print_worked(
     has gone past it; then the critical alerts' snapshots, from the files (those of the alerts
     told, however the output ended). ``judged``: alerts are on."""
     merge = OnceByStep(workers.ranks)
-    critical: list[Alert] = []
+    critical: list[tuple[Alert, int]] = []  # each with the generation it was raised in
 
-    def tell(alerts: list[Alert]) -> list[bytes]:
-        told = alerting.told(alerts)
-        critical.extend(alert for alert in told if alert.severity == CRITICAL)
+    def tell(alerts: list[tuple[Alert, int]]) -> list[bytes]:
+        told = alerting.told([alert for alert, _ in alerts])
+        critical.extend(pair for pair in alerts if pair[0].severity == CRITICAL)
         return _lines(told)
 
     try:
@@ -162,10 +164,16 @@ def _print_worked(
             stream.write(b"".join(tell(merge.rest())))
         stream.flush()
     finally:
-        for alert in critical:
-            alerting.snapshot(alert, workers.window)
+        for alert, generation in critical:
+            alerting.snapshot(alert, functools.partial(_window, workers, generation))
     if workers.failed is not None and not judged:
         print(f"lmtop: {workers.failed}; its ranks were read here", file=sys.stderr)
+
+
+def _window(
+    workers: HistoryWorkers, generation: int, key: str, low: int, high: int
+) -> list[schema.Message]:
+    return workers.window(key, generation, low, high)
 
 
 def _report(follower: Follower, counts: dict[str, list[Any]] | None = None) -> None:

@@ -192,7 +192,8 @@ class HistoryWorkers:
         # last line given), and each chunk's (start, end, first step, last step), for windows.
         self.given: dict[tuple[str, int], int] = {}
         self.read: dict[tuple[str, int], int] = {}
-        self._index: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
+        # (start, end, lowest step, highest step, first generation, last generation)
+        self._index: dict[tuple[str, int], list[tuple[int, ...]]] = {}
         # run key -> [bad lines, messages missing, the first "unsupported version" complaint]
         self.counts: dict[str, list[Any]] = {}
         self.failed: str | None = None  # why a worker was lost (its ranks were read here)
@@ -273,7 +274,7 @@ class HistoryWorkers:
         self.given[(key, rank)] = self.given.get((key, rank), 0) + count
         self.read[(key, rank)] = end
         if steps:
-            self._index.setdefault((key, rank), []).append((start, end, steps[0], steps[1]))
+            self._index.setdefault((key, rank), []).append((start, end, *steps))
 
     def _count(self, directory: str, bad: int, dropped: int, unsupported: str | None) -> None:
         key = self._key_of.get(directory)
@@ -294,7 +295,7 @@ class HistoryWorkers:
         try:
             for run, number in group:
                 directory = str(run.dir)
-                skip, more = self.given.get((run.key, number), 0), True
+                skip, more, generation = self.given.get((run.key, number), 0), True, 0
                 while more:
                     out: list[Keyed] = []
                     start = follower.read_offset(directory, number)
@@ -302,7 +303,10 @@ class HistoryWorkers:
                     taken = out[skip:]
                     skip = max(0, skip - len(out))
                     end = follower.read_offset(directory, number)
-                    self._given(run.key, number, len(taken), start, end, _span(out))
+                    span, went = _span(out), generation
+                    generation += _starts(out)
+                    steps = span and (*span, went, generation)
+                    self._given(run.key, number, len(taken), start, end, steps)
                     data = b"".join([message.encode() for _, message in taken])
                     yield Chunk(run.key, number, data, [], None if more else END)
             for summary in follower.book.snapshot():
@@ -311,23 +315,28 @@ class HistoryWorkers:
         finally:
             follower.close()
 
-    def window(self, key: str, low: int, high: int) -> list[schema.Message]:
-        """The metrics messages of every rank of run ``key`` with a step from ``low`` to
-        ``high``, read again from its files: the chunks whose steps reach into that span."""
+    def window(self, key: str, generation: int, low: int, high: int) -> list[schema.Message]:
+        """The metrics messages of every rank of run ``key`` in ``generation`` (its ranks'
+        goes: see OnceByStep) with a step from ``low`` to ``high``, read again from its files:
+        the chunks whose steps reach into that span."""
         out = []
         for rank in self.ranks.get(key, ()):
             path = self._dirs[key] / schema.rank_file(rank)
-            for start, end, first, last in self._index.get((key, rank), ()):
-                if last < low or first > high:
+            for start, end, first, last, went, gone in self._index.get((key, rank), ()):
+                if last < low or first > high or not went <= generation <= gone:
                     continue
+                at = went
                 for line in (runfile.read_range(path, start, end) or b"").split(b"\n"):
                     try:
                         message = schema.decode(line)
                     except schema.BadMessage:
                         continue
                     step = message.step
-                    if (
+                    if message.kind == schema.START:
+                        at += 1
+                    elif (
                         message.kind == schema.METRICS
+                        and at == generation
                         and message.rank == rank
                         and step is not None
                         and low <= step <= high
@@ -377,8 +386,9 @@ def _work(
                 more = follower.read_rank(Path(directory), number, out, chunk)
                 alerts: list[list[Any]] = []
                 broken, at = None, None
+                place = places[job]
+                went = place[0]  # the generation the chunk starts in
                 if judging:
-                    place = places[job]
                     generation, top, lag = place
                     try:
                         for key, message in out:
@@ -398,8 +408,11 @@ def _work(
                                 alerts.extend([*_fields(a), generation] for a in found)
                     except Exception as exc:  # a fault of ours: told once; the output goes on
                         broken, judging = f"{type(exc).__name__}: {exc}", False
+                        generation = went + _starts(out)
                     place[:] = generation, top, lag
                     at = [generation, None if top == -math.inf else top, lag]
+                else:
+                    place[0] += _starts(out)
                 span = _span(out)
                 record = {
                     "dir": directory,
@@ -407,7 +420,7 @@ def _work(
                     "n": len(out),
                     "start": start,
                     "end": follower.read_offset(directory, number),
-                    "steps": span,
+                    "steps": span and [*span, went, place[0]],
                     "at": at,
                     "more": more,
                     "alerts": alerts,
@@ -448,6 +461,12 @@ def _let_go(held: list[int], own: int) -> None:
                 pass
     finally:
         os.close(devnull)
+
+
+def _starts(out: list[Keyed]) -> int:
+    """How many start messages a chunk holds (a rank's new goes)."""
+    start = schema.START
+    return sum(message.kind == start for _, message in out)
 
 
 def _span(out: list[Keyed]) -> tuple[int, int] | None:
