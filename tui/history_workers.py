@@ -52,7 +52,7 @@ MIN_BYTES = 16 << 20
 # The same with alerts off, where a worker only reads: no faster at 28 and 56 MB (0.7-1.4 s
 # either way), faster at 290 MB (3.6-4.0 against 5.2-6.0 s).
 MIN_BYTES_UNJUDGED = 64 << 20
-MAX_WORKERS = 8  # each holds ~35 MB; a box's cores are its training's data loaders' too
+MAX_WORKERS = 8  # each holds ~30 MB; a box's cores are its training's data loaders' too
 # Bytes of a rank file a worker reads, judges and sends at a time: what it holds at once (a
 # worker's peak RSS over 2 ranks of 36 MB: 39 MB at 2 MB, 28 MB at 512 KB, no slower) and how
 # far apart the ranks' reads may drift (an alert waits for every rank).
@@ -77,8 +77,8 @@ def cores() -> int:
 def start(follower: Follower, settings: AlertSettings) -> HistoryWorkers | None:
     """Workers for the finished runs ``follower`` found (after its first poll), or None when
     they would not pay or would not give the serial output: one core, one rank, a short
-    history, a run not finished, a Trainer's own files beside the ranks', or, alerts on, ranks started with
-    different configs (the engine on one process lends a run's config to all its ranks).
+    history, a run not finished, a Trainer's own files beside the ranks', or, alerts on, ranks
+    started with different configs (the engine on one process lends a run's config to all).
     Workers that cannot start (a process limit) leave it all to this process."""
     count = min(cores(), MAX_WORKERS)
     least = MIN_BYTES if settings.enabled else MIN_BYTES_UNJUDGED
@@ -189,10 +189,10 @@ class HistoryWorkers:
             self._dirs[run.key] = Path(str(run.dir))
             self._key_of[str(run.dir)] = run.key
         # Per (run key, rank): messages given out, how far its file was read (the end of the
-        # last line given), and each chunk's (start, end, first step, last step), for windows.
+        # last line given), and each chunk's (start, end, lowest step, highest step, first
+        # generation, last generation), for windows.
         self.given: dict[tuple[str, int], int] = {}
         self.read: dict[tuple[str, int], int] = {}
-        # (start, end, lowest step, highest step, first generation, last generation)
         self._index: dict[tuple[str, int], list[tuple[int, ...]]] = {}
         # run key -> [bad lines, messages missing, the first "unsupported version" complaint]
         self.counts: dict[str, list[Any]] = {}
@@ -269,8 +269,9 @@ class HistoryWorkers:
         return Chunk(key, rank, data, alerts, position, lag, record["broken"])
 
     def _given(self, key: str, rank: int, count: int, start: int, end: int, steps: Any) -> None:
-        """Notes a chunk given out: its messages, where its lines lie in the rank's file and
-        the first and last steps they hold, if any (for :meth:`window`)."""
+        """Notes a chunk given out: its messages, where its lines lie in the rank's file, and
+        ``steps``: the lowest and highest steps they hold and the generations they span, if
+        any step (for :meth:`window`)."""
         self.given[(key, rank)] = self.given.get((key, rank), 0) + count
         self.read[(key, rank)] = end
         if steps:
