@@ -12,6 +12,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .alert_settings import OverfittingSettings
 from .detectors import Finding, median
@@ -20,9 +21,9 @@ MAX_EVALS = 64  # recent evaluations kept; the best one is kept apart
 TRAIN_WINDOW = 25
 
 
-@dataclass(slots=True, frozen=True)
-class Evaluation:
-    """One eval loss with the training loss's level when it arrived."""
+class Evaluation(NamedTuple):
+    """One eval loss with the training loss's level when it arrived (a tuple: made at every
+    evaluation, which some runs log every step, and a frozen dataclass costs 3× to make)."""
 
     step: int
     eval_loss: float
@@ -122,20 +123,45 @@ class LearningCurve:
 
     def label(self) -> str:
         """The verdict's label alone. Asked at every evaluation (the learning-curve rule), so it
-        computes no more than the label needs; :meth:`_reason` says why, when it is told."""
+        computes no more than the label needs; :meth:`_reason` says why, when it is told. The
+        comparisons are :func:`_relative`'s, written out: a call costs more than they do."""
         evals = self.evals
         best = self.best
         if len(evals) < MIN_EVALS or best is None or self.first is None:
             return NOT_ENOUGH_DATA
         last = evals[-1]
+        eval_loss, train_loss = last.eval_loss, last.train_loss
+        if best is not last:
+            best_eval, best_train = best.eval_loss, best.train_loss
+            # _relative(eval, best eval) >= min_rise: both finite, the best not 0.
+            if (
+                best_eval != 0
+                and eval_loss - eval_loss == 0.0
+                and best_eval - best_eval == 0.0
+                and (eval_loss - best_eval) / abs(best_eval) >= self.s.min_rise
+                # not _relative(train, best train) > 0: the training loss did not rise.
+                and not (
+                    best_train != 0
+                    and train_loss - train_loss == 0.0
+                    and best_train - best_train == 0.0
+                    and train_loss > best_train
+                )
+            ):
+                return OVERFITTING
+        before = evals[-MIN_EVALS].eval_loss
+        # -_relative(eval, eval MIN_EVALS - 1 evaluations ago) > 0.02, and not
+        # _relative(eval, train) > 0.1 (the eval loss not far above the training loss).
         if (
-            best is not last
-            and _relative(last.eval_loss, best.eval_loss) >= self.s.min_rise
-            and not _relative(last.train_loss, best.train_loss) > 0
+            before != 0
+            and eval_loss - eval_loss == 0.0
+            and before - before == 0.0
+            and (before - eval_loss) / abs(before) > 0.02
+            and not (
+                train_loss != 0
+                and train_loss - train_loss == 0.0
+                and (eval_loss - train_loss) / abs(train_loss) > 0.1
+            )
         ):
-            return OVERFITTING
-        eval_drop = -_relative(last.eval_loss, evals[-MIN_EVALS].eval_loss)
-        if eval_drop > 0.02 and not _relative(last.eval_loss, last.train_loss) > 0.1:
             return UNDERFITTING
         return FITTING_WELL
 
