@@ -253,11 +253,13 @@ def live(ranks: int = 16, seconds: float = 20.0) -> None:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    written = [0]  # bytes the app wrote to its terminal
+
     def drain(until: float) -> None:
         while time.monotonic() < until:
             if select.select([fd], [], [], 0.1)[0]:
                 try:
-                    os.read(fd, 1 << 16)
+                    written[0] += len(os.read(fd, 1 << 16))
                 except OSError:
                     return
 
@@ -267,19 +269,22 @@ def live(ranks: int = 16, seconds: float = 20.0) -> None:
 
     try:
         drain(time.monotonic() + 5.0)  # start-up and the first paint
-        before, started = cpu_seconds(), time.monotonic()
+        before, started, wrote = cpu_seconds(), time.monotonic(), written[0]
         resident = [rss_mb()]
         while time.monotonic() < started + seconds:  # the resident memory each minute
             drain(min(started + seconds, time.monotonic() + 60.0))
             resident.append(rss_mb())
-        used = (cpu_seconds() - before) / (time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        used = (cpu_seconds() - before) / elapsed
+        output = (written[0] - wrote) / elapsed / 1000
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         stop(procs)
         shutil.rmtree(folder, ignore_errors=True)
     print(
-        f"live: {ranks} ranks x 40 steps/s, the app uses {used:.0%} of a core; resident "
+        f"live: {ranks} ranks x 40 steps/s, the app uses {used:.1%} of a core and writes "
+        f"{output:.1f} KB/s to its terminal; resident "
         + " -> ".join(f"{mb:.0f}" for mb in resident)
         + " MB (each minute)",
         flush=True,

@@ -11,6 +11,7 @@ ranks table at least once a second, so a job going silent shows without a key pr
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -41,10 +42,11 @@ from .widgets import AlertsPanel, Chart, Header, RanksTable, RunsTable, SystemPa
 # Redraws per second at most, by default: a live chart moving twice a second reads as live (htop
 # redraws every 1.5 s), and what crosses a slow SSH link stays under 30 KB/s (benchmarks/).
 REFRESH_HZ = 2.0
-# The share of one core the screen may take in `lmtop`: when frames get expensive (16 ranks, a
-# wide terminal), charts are redrawn less often, down to once every MAX_FRAME_SECONDS, so that
-# the viewer leaves the box's cores to the data loaders (the header still follows the clock).
-DRAW_BUDGET = 0.1
+# The share of one core the whole `lmtop` process may take while it follows runs (what top shows
+# for it): when frames get expensive (16 ranks, a wide terminal) or the poll thread busy, charts
+# are redrawn less often, down to once every MAX_FRAME_SECONDS, so that the viewer leaves the
+# box's cores to the data loaders (the header still follows the clock). See FramePace.
+CPU_BUDGET = 0.13
 MAX_FRAME_SECONDS = 2.0
 NOTHING_SECONDS = 5.0  # how often paths that show nothing are looked at again for why
 CLOCK_SECONDS = 1.0  # the header and ranks table follow the clock at least this often
@@ -81,7 +83,7 @@ class LmtopApp(Keys):
         refresh_hz: float = REFRESH_HZ,
         alerts: Any = None,
         system: Callable[[], Sampler] | None = None,
-        draw_budget: float | None = None,
+        cpu_budget: float | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -95,6 +97,7 @@ class LmtopApp(Keys):
         self.catching_up = False  # a long history is being read
         self.alerts_owed = False  # alerts over a history read are still being computed
         self._was_catching_up = False
+        self._transient = False  # a history was read or judged at the last frame
         self._painted = threading.Event()  # a frame of a history read to the end is on screen
         self._paint_pending = False
         self.dirty = True  # charts need a redraw
@@ -113,9 +116,7 @@ class LmtopApp(Keys):
         # Makes the sampler in its own worker (NVML is initialised and called from that thread
         # only: a wedged driver delays the panel, never the app); None: no system panel.
         self.sampler = system
-        self.draw_budget = draw_budget  # share of a core for the screen; None: no limit
-        self.frame_cost = 0.0  # the UI thread's CPU seconds per frame, smoothed
-        self._cpu_at_frame = time.thread_time()
+        self.pace = FramePace(refresh_hz, cpu_budget)  # how often charts are drawn
         self.system_rows = 6
         self._stop_sampling = threading.Event()
 
@@ -260,7 +261,7 @@ class LmtopApp(Keys):
         # would slow the reading down (both need the one interpreter lock). The moment it is
         # all read, it is drawn, whenever the last progress frame was.
         catching_up = self.catching_up
-        period = frame_period(self.frame_cost, self.refresh_hz, self.draw_budget)
+        period = self.pace.period()
         if catching_up:
             period = max(1.0, period)
         if self._was_catching_up and not catching_up:
@@ -311,12 +312,11 @@ class LmtopApp(Keys):
         self.redraw_clock()
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000
-        # All the UI thread did since the last frame (painting it included) is that frame's cost
-        # (not the first's: the app's start-up).
-        cpu = time.thread_time()
-        spent, self._cpu_at_frame = cpu - self._cpu_at_frame, cpu
-        if self.frames > 1:
-            self.frame_cost = 0.7 * self.frame_cost + 0.3 * spent if self.frame_cost else spent
+        # The poll thread's share is not learned while a history is read or judged: it is busy
+        # for a while then, not as it follows, and the charts would be slow for long after.
+        transient = self.catching_up or self.alerts_owed
+        self.pace.drawn(first=self.frames == 1, steady=not (transient or self._transient))
+        self._transient = transient
         if self.first_frame_at is None and self.store.points:
             self.first_frame_at = time.monotonic()
 
@@ -361,13 +361,72 @@ class LmtopApp(Keys):
             self.notify(note, timeout=2, markup=False)
 
 
-def frame_period(cost: float, refresh_hz: float, budget: float | None) -> float:
+def frame_period(cost: float, refresh_hz: float, budget: float | None, rest: float = 0.0) -> float:
     """Seconds between chart frames: ``1 / refresh_hz``, or longer when frames of ``cost`` CPU
-    seconds each would take more than ``budget`` of a core (at most MAX_FRAME_SECONDS)."""
+    seconds each, with the rest of the process taking ``rest`` of a core, would take the process
+    past ``budget`` of a core (at most MAX_FRAME_SECONDS)."""
     period = 1 / refresh_hz
     if budget:
-        period = min(max(period, cost / budget), max(period, MAX_FRAME_SECONDS))
+        left = budget - rest
+        wanted = cost / left if left > 0 else math.inf
+        period = min(max(period, wanted), max(period, MAX_FRAME_SECONDS))
     return period
+
+
+class FramePace:
+    """How often the charts are drawn: at most ``refresh_hz`` times a second, and no more often
+    than keeps the whole process within ``budget`` of a core (None: no limit).
+
+    Two figures are measured at each frame and smoothed: the frame's cost (the UI thread's CPU
+    since the frame before: building the pictures, Textual painting them, the clock's redraws
+    between) and the share of a core the rest of the process takes (the poll thread reading,
+    judging and storing, the system sampler, Textual's input and output threads), a rate that
+    does not depend on how often frames come. Frames then come every cost / (budget - rest)
+    seconds: with 16 live ranks on the 2-core VM the poll thread takes ~4 % of a core and a frame
+    at 160x48 ~130 ms, so charts move every ~1.5 s and top shows ~13 %; with 4 ranks, every
+    ~1.1 s. ``clocks`` gives (UI thread CPU, process CPU, monotonic) seconds; tests pass theirs.
+    """
+
+    SMOOTHING = 0.3  # the weight of the newest frame in the smoothed figures
+
+    def __init__(
+        self,
+        refresh_hz: float,
+        budget: float | None,
+        clocks: Callable[[], tuple[float, float, float]] | None = None,
+    ) -> None:
+        self.refresh_hz = refresh_hz
+        self.budget = budget
+        self._clocks = clocks or (
+            lambda: (time.thread_time(), time.process_time(), time.monotonic())
+        )
+        self.cost = 0.0  # the UI thread's CPU seconds per frame, smoothed (0: none measured)
+        self.rest: float | None = None  # the rest of the process's share of a core, smoothed
+        self._at = self._clocks()
+
+    def period(self) -> float:
+        """Seconds from one chart frame to the next, as things stand."""
+        return frame_period(self.cost, self.refresh_hz, self.budget, self.rest or 0.0)
+
+    def drawn(self, first: bool = False, steady: bool = True) -> None:
+        """A frame was drawn. ``first``: the app's first (its interval was the start-up);
+        ``steady``: the rest of the process took its usual share since the frame before (no
+        history being read or judged meanwhile, which would slow the charts long after)."""
+        at = self._clocks()
+        (ui, process, wall), (ui_before, process_before, wall_before) = at, self._at
+        self._at = at
+        elapsed = wall - wall_before
+        # Longer than the slowest pace: nothing changed for a while (a paused screen, a finished
+        # run), and the clock's redraws meanwhile are no frame's cost.
+        if first or elapsed <= 0 or elapsed > 2 * MAX_FRAME_SECONDS:
+            return
+        spent = ui - ui_before
+        weight = self.SMOOTHING
+        self.cost = spent if not self.cost else (1 - weight) * self.cost + weight * spent
+        if not steady:
+            return
+        rest = max(0.0, (process - process_before) - spent) / elapsed
+        self.rest = rest if self.rest is None else (1 - weight) * self.rest + weight * rest
 
 
 def run_app(
@@ -393,7 +452,7 @@ def run_app(
     )
     alerting = Alerting(settings, source.runs)
     app = LmtopApp(
-        source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler, draw_budget=DRAW_BUDGET
+        source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler, cpu_budget=CPU_BUDGET
     )
     app.run()
     return app.return_code or 0
