@@ -22,6 +22,7 @@ import time
 from array import array
 from collections.abc import Callable
 from itertools import chain
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -35,6 +36,7 @@ from .store import Store
 _FIELDS = 9
 # orjson reads an integer past 64 bits as a float: from this magnitude on a float may be one.
 _INT_BOUND = 2.0**63
+_M = itemgetter("m")  # a metrics line's values
 
 
 def parse(lines: list[bytes]) -> list[Any]:
@@ -177,8 +179,12 @@ class PlainRun(NamedTuple):
         """Adds the lines' values to ``store`` as columns."""
         import numpy as np  # here: the follower's poll (headless mode) takes no columns
 
-        rows = [tuple(doc["m"].values()) for doc in self.docs]
-        matrix = np.array(rows, dtype=np.float64)  # transposed in C, copied once per column
+        # The values in file order, row after row, straight into one matrix (no tuple a row:
+        # 0.49 against 1.02 µs a line), then a column at a time; an integer becomes the float
+        # ``np.array`` would make of it.
+        values = chain.from_iterable(map(dict.values, map(_M, self.docs)))
+        count = len(self.docs) * len(self.names)
+        matrix = np.fromiter(values, np.float64, count).reshape(len(self.docs), len(self.names))
         columns = [array("d", matrix[:, column].tobytes()) for column in range(len(self.names))]
         store.add_columns(
             key, rank, self.names, array("q", self.steps), array("d", self.times), columns
