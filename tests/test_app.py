@@ -830,6 +830,38 @@ def test_the_whole_viewer_keeps_to_its_share_of_a_core_with_the_charts_as_fast_a
     assert pace.period() == MAX_FRAME_SECONDS
 
 
+def test_a_short_burst_of_work_does_not_hold_the_charts_at_their_slowest() -> None:
+    """A collection or a large batch, 0.3 s of the poll thread in a 0.5 s interval, weighs what
+    it lasted: the charts keep their pace (smoothed by frame, it held them at 2 s for three
+    frames)."""
+    clocks = _Clocks()
+    pace = FramePace(2.0, 0.13, clocks)
+    _follow(pace, clocks, 20, cost=0.02, rest=0.01)  # 4 ranks: the refresh rate
+    clocks.run(0.5, 0.02, 0.6)
+    pace.drawn()
+    periods = [pace.period()]
+    for _ in range(5):
+        clocks.run(periods[-1], 0.02, 0.01)
+        pace.drawn()
+        periods.append(pace.period())
+    assert max(periods) < 1.0, periods
+
+
+async def test_reading_a_history_is_not_taken_for_the_pace_of_following(tmp_path: Path) -> None:
+    """The poll thread's share the pace learns is that of following: a history read, judged
+    and cached (seconds of work) would hold the charts at their slowest long after it."""
+    run_dir = write_run(tmp_path / "runs", ranks=2, steps=8000)  # past one poll's 2 MB
+    app = app_for(run_dir, follow=True)
+    async with app.run_test(size=SIZE) as pilot:
+        deadline = time.monotonic() + 30
+        while (app.catching_up or not app.bursts) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        for _ in range(4):  # steady frames, following a finished run
+            await pilot.pause(0.3)
+            app.redraw(force=True)
+        assert app.bursts and app.pace.rest is not None and app.pace.rest < 0.3, app.pace.rest
+
+
 def test_a_history_read_or_a_pause_does_not_slow_the_charts_after_it() -> None:
 
     clocks = _Clocks()

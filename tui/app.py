@@ -97,7 +97,10 @@ class LmtopApp(Keys):
         self.catching_up = False  # a long history is being read
         self.alerts_owed = False  # alerts over a history read are still being computed
         self._was_catching_up = False
-        self._transient = False  # a history was read or judged at the last frame
+        # Turns of the poll thread that read, judged or cached a history (its work for a while,
+        # not the pace of following): counted there, compared at each frame (FramePace).
+        self.bursts = 0
+        self._bursts_at_frame = 0
         self._painted = threading.Event()  # a frame of a history read to the end is on screen
         self._paint_pending = False
         self.dirty = True  # charts need a redraw
@@ -215,9 +218,12 @@ class LmtopApp(Keys):
                     self.alerts_owed = history.replaying
                 elif engine is not None and batch:
                     alerts += [a for _, a in engine.feed_batch(batch)]
-                if follower is not None and (reading or restored) and not catching_up:
+                saving = bool(reading or restored) and not catching_up
+                if follower is not None and saving:
                     follower.save_caches(self.store)  # the history read: quick to open next time
                 reading = catching_up
+                if catching_up or restored or saving or self.alerts_owed:
+                    self.bursts += 1  # a history read, judged or cached: not the live pace
                 if batch or alerts or now - posted >= SNAPSHOT_SECONDS:
                     posted = now
                     self.post_message(Polled(book.snapshot(now), alerts, bool(batch)))
@@ -312,11 +318,12 @@ class LmtopApp(Keys):
         self.redraw_clock()
         self.frames += 1
         self.last_frame_ms = (time.perf_counter() - started) * 1000
-        # The poll thread's share is not learned while a history is read or judged: it is busy
-        # for a while then, not as it follows, and the charts would be slow for long after.
-        transient = self.catching_up or self.alerts_owed
-        self.pace.drawn(first=self.frames == 1, steady=not (transient or self._transient))
-        self._transient = transient
+        # The poll thread's share is not learned from an interval in which it read, judged or
+        # cached a history: it is busy for a while then, not as it follows, and the charts would
+        # be slow for long after.
+        bursts = self.bursts
+        self.pace.drawn(first=self.frames == 1, steady=bursts == self._bursts_at_frame)
+        self._bursts_at_frame = bursts
         if self.first_frame_at is None and self.store.points:
             self.first_frame_at = time.monotonic()
 
@@ -387,7 +394,10 @@ class FramePace:
     ~1.1 s. ``clocks`` gives (UI thread CPU, process CPU, monotonic) seconds; tests pass theirs.
     """
 
-    SMOOTHING = 0.3  # the weight of the newest frame in the smoothed figures
+    SMOOTHING = 0.3  # the weight of the newest frame in the frames' smoothed cost
+    # The rest's share is smoothed over time, not frames: a burst in a short interval (a
+    # collection, a large batch) weighs what its duration does, not a whole frame's sample.
+    REST_SECONDS = 5.0
 
     def __init__(
         self,
@@ -426,6 +436,7 @@ class FramePace:
         if not steady:
             return
         rest = max(0.0, (process - process_before) - spent) / elapsed
+        weight = 1 - math.exp(-elapsed / self.REST_SECONDS)
         self.rest = rest if self.rest is None else (1 - weight) * self.rest + weight * rest
 
 
