@@ -875,6 +875,20 @@ def test_a_history_read_or_a_pause_does_not_slow_the_charts_after_it() -> None:
     assert pace.period() == pytest.approx(steady)
 
 
+def test_a_frame_that_takes_seconds_slows_the_pace_to_its_slowest() -> None:
+    """A frame costing 5 s of CPU (a huge terminal on a loaded box) is a frame, not a pause:
+    the charts are drawn every 2 s from then on, not back to back."""
+    from lmtop.tui.app import MAX_FRAME_SECONDS
+
+    clocks = _Clocks()
+    pace = FramePace(2.0, 0.13, clocks)
+    pace.drawn(first=True)
+    for _ in range(3):
+        clocks.run(5.0, 5.0, 0.01)
+        pace.drawn()
+    assert pace.period() == MAX_FRAME_SECONDS
+
+
 async def test_times_and_values_no_calendar_or_scale_holds_never_crash_the_pages(
     tmp_path: Path,
 ) -> None:

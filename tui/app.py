@@ -425,12 +425,12 @@ class FramePace:
         at = self._clocks()
         (ui, process, wall), (ui_before, process_before, wall_before) = at, self._at
         self._at = at
-        elapsed = wall - wall_before
-        # Longer than the slowest pace: nothing changed for a while (a paused screen, a finished
-        # run), and the clock's redraws meanwhile are no frame's cost.
-        if first or elapsed <= 0 or elapsed > 2 * MAX_FRAME_SECONDS:
+        elapsed, spent = wall - wall_before, ui - ui_before
+        # Longer than the slowest pace with the UI thread mostly idle: nothing changed for a
+        # while (a paused screen, a finished run), and the clock's redraws meanwhile are no
+        # frame's cost. (A frame that itself took that long is one: it is learned.)
+        if first or elapsed <= 0 or (elapsed > 2 * MAX_FRAME_SECONDS and spent < elapsed / 2):
             return
-        spent = ui - ui_before
         weight = self.SMOOTHING
         self.cost = spent if not self.cost else (1 - weight) * self.cost + weight * spent
         if not steady:
