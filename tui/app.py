@@ -189,6 +189,10 @@ class LmtopApp(Keys):
         reading = False  # a history is being read
         try:
             while not worker.is_cancelled:
+                # A turn that reads, judges or caches a history is counted before its work and
+                # after it, so that a frame drawn meanwhile (a key pressed) sees it too.
+                if reading or self.alerts_owed:
+                    self.bursts += 1
                 # A replay has work every turn: the poll does not wait for live frames then.
                 batch = source.poll(0.0 if history is not None and history.reading_again else 0.1)
                 restored = follower.take_restored() if follower is not None else []
@@ -205,6 +209,9 @@ class LmtopApp(Keys):
                 self.catching_up = catching_up = source.catching_up
                 if restored:  # a history taken whole (a cache, workers): drawn as one read ends
                     self._was_catching_up = True
+                saving = bool(reading or restored) and not catching_up
+                if catching_up or restored or saving or self.alerts_owed:
+                    self.bursts += 1
                 if history is not None:
                     alerts += history.take(batch, bool(restored))
                     self.alerts_owed = history.replaying
@@ -218,7 +225,6 @@ class LmtopApp(Keys):
                     self.alerts_owed = history.replaying
                 elif engine is not None and batch:
                     alerts += [a for _, a in engine.feed_batch(batch)]
-                saving = bool(reading or restored) and not catching_up
                 if follower is not None and saving:
                     follower.save_caches(self.store)  # the history read: quick to open next time
                 reading = catching_up
@@ -395,9 +401,15 @@ class FramePace:
     """
 
     SMOOTHING = 0.3  # the weight of the newest frame in the frames' smoothed cost
-    # The rest's share is smoothed over time, not frames: a burst in a short interval (a
-    # collection, a large batch) weighs what its duration does, not a whole frame's sample.
+    # The rest's share is smoothed over time, not frames, from 0: a burst in a short interval (a
+    # collection, a large batch, the first poll) weighs what its duration does.
     REST_SECONDS = 5.0
+    # Unsteady this long, the poll thread's work is its steady state (hundreds of ranks whose
+    # files outgrow a poll's read, a history read for minutes): its share is learned then.
+    UNSTEADY_SECONDS = 30.0
+    # An interval longer than the slowest pace in which the UI thread took less of a core than
+    # this was idle (a paused screen, nothing changed): no frame's cost.
+    IDLE_SHARE = 0.1
 
     def __init__(
         self,
@@ -411,12 +423,13 @@ class FramePace:
             lambda: (time.thread_time(), time.process_time(), time.monotonic())
         )
         self.cost = 0.0  # the UI thread's CPU seconds per frame, smoothed (0: none measured)
-        self.rest: float | None = None  # the rest of the process's share of a core, smoothed
+        self.rest = 0.0  # the rest of the process's share of a core, smoothed
         self._at = self._clocks()
+        self._unsteady_since: float | None = None  # when the intervals stopped being steady
 
     def period(self) -> float:
         """Seconds from one chart frame to the next, as things stand."""
-        return frame_period(self.cost, self.refresh_hz, self.budget, self.rest or 0.0)
+        return frame_period(self.cost, self.refresh_hz, self.budget, self.rest)
 
     def drawn(self, first: bool = False, steady: bool = True) -> None:
         """A frame was drawn. ``first``: the app's first (its interval was the start-up);
@@ -426,18 +439,25 @@ class FramePace:
         (ui, process, wall), (ui_before, process_before, wall_before) = at, self._at
         self._at = at
         elapsed, spent = wall - wall_before, ui - ui_before
-        # Longer than the slowest pace with the UI thread mostly idle: nothing changed for a
+        if first or elapsed <= 0:
+            return
+        # Longer than the slowest pace with the UI thread nearly idle: nothing changed for a
         # while (a paused screen, a finished run), and the clock's redraws meanwhile are no
-        # frame's cost. (A frame that itself took that long is one: it is learned.)
-        if first or elapsed <= 0 or (elapsed > 2 * MAX_FRAME_SECONDS and spent < elapsed / 2):
+        # frame's cost. (A frame that itself took that long kept the thread busy: it is learned.)
+        if elapsed > 2 * MAX_FRAME_SECONDS and spent < self.IDLE_SHARE * elapsed:
             return
         weight = self.SMOOTHING
         self.cost = spent if not self.cost else (1 - weight) * self.cost + weight * spent
-        if not steady:
-            return
+        if steady:
+            self._unsteady_since = None
+        else:
+            if self._unsteady_since is None:
+                self._unsteady_since = wall_before
+            if wall - self._unsteady_since < self.UNSTEADY_SECONDS:
+                return
         rest = max(0.0, (process - process_before) - spent) / elapsed
         weight = 1 - math.exp(-elapsed / self.REST_SECONDS)
-        self.rest = rest if self.rest is None else (1 - weight) * self.rest + weight * rest
+        self.rest = (1 - weight) * self.rest + weight * rest
 
 
 def run_app(
