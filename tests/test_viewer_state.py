@@ -252,6 +252,29 @@ def test_silence_follows_the_stall_settings_in_the_table_the_header_and_the_aler
     assert view.state == "stalled" and {r.health for r in view.ranks} == {"silent"}
 
 
+def test_a_run_whose_files_are_still_being_read_is_reading_not_live() -> None:
+    """Opened the next morning, a finished run is "live" in the run book until its ranks' end
+    messages are read: the header says it is being read, with its own duration, not the time
+    since it started, and no ETA."""
+    from lmtop.tui import numbers
+
+    book = RunBook(StallSettings(), StragglerSettings())
+    run = book.run("k", "r", None)
+    rank = book.rank(run, 0)
+    book.apply(run, rank, schema.decode(line("r", 0, 1, 0, "start", None, T0, info={})))
+    for step in range(60):
+        message = line("r", 0, 1, step + 1, "metrics", step, T0 + 2.0 * (step + 1), m={"x": 1.0})
+        book.apply(run, rank, schema.decode(message))
+    (view,) = book.snapshot()
+    assert view.state == "live"
+    next_morning = T0 + 9 * 3600
+    reading = frame.header_text(Store(), view, 1, next_morning, {"reading": True}).plain
+    assert " reading " in reading and " live " not in reading
+    assert f"  {numbers.duration(120.0)}  " in reading  # its 60 steps of 2 s, not 9 h
+    read = frame.header_text(Store(), view, 1, next_morning, {}).plain
+    assert " live " in read and f"  {numbers.duration(9 * 3600.0)}  " in read
+
+
 # -- 8. steps that go back, and an honest help line --------------------------------------------
 
 

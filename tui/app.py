@@ -344,6 +344,7 @@ class LmtopApp(Keys):
             "alerts": sum(1 for a in shown if a.severity != "info"),
             "critical": sum(1 for a in shown if a.severity == "critical"),
             "paused": self.paused,
+            "reading": self.catching_up,
         }
         if run is None and not self.catching_up:
             # It lists folders on this thread: looked at every few seconds, not every second.

@@ -20,6 +20,7 @@ from .widgets import Chart, RankRow, RunRow
 
 STATE_COLORS = {
     "live": "green",
+    "reading": "cyan",
     "finished": "blue",
     "failed": "red",
     "crashed": "bold red",
@@ -72,7 +73,8 @@ def header_text(
     store: Store, run: RunView | None, runs: int, now_wall: float, extra: dict[str, Any]
 ) -> Text:
     """The header line: run, host, state, alerts, elapsed, step/total and ETA, epoch, world,
-    counters: the most urgent first, as a narrow terminal cuts the end."""
+    counters: the most urgent first, as a narrow terminal cuts the end. ``extra``: the app's
+    counters (alerts, bad live frames, paused, reading: a history is being read)."""
     text = Text(no_wrap=True, overflow="ellipsis")
     if run is None:
         text.append("lmtop", style="bold")
@@ -85,6 +87,10 @@ def header_text(
             )
         return text
     state = run.state
+    if state == "live" and extra.get("reading"):
+        # Its files are still being read: a finished run is "live" until its ranks' end
+        # messages are, and its time would count to now (9 h for last night's run).
+        state = "reading"
     text.append(inert(run.name, 60), style="bold")
     if runs > 1:
         text.append(f" ({runs} runs)")
