@@ -863,7 +863,8 @@ async def test_reading_a_history_is_not_taken_for_the_pace_of_following(tmp_path
 
 
 def test_a_history_read_or_a_pause_does_not_slow_the_charts_after_it() -> None:
-
+    """30 s of a history read and a minute paused: the charts come back at the pace they had
+    while following, not at their slowest."""
     clocks = _Clocks()
     pace = FramePace(2.0, 0.13, clocks)
     _follow(pace, clocks, 20, cost=0.13, rest=0.04)

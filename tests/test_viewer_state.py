@@ -273,6 +273,9 @@ def test_a_run_whose_files_are_still_being_read_is_reading_not_live() -> None:
     assert f"  {numbers.duration(120.0)}  " in reading  # its 60 steps of 2 s, not 9 h
     read = frame.header_text(Store(), view, 1, next_morning, {}).plain
     assert " live " in read and f"  {numbers.duration(9 * 3600.0)}  " in read
+    # Hundreds of live ranks outgrowing a poll's read: catching up, but their news is recent.
+    busy = frame.header_text(Store(), view, 1, T0 + 130, {"reading": True}).plain
+    assert " live " in busy
 
 
 # -- 8. steps that go back, and an honest help line --------------------------------------------

@@ -87,9 +87,12 @@ def header_text(
             )
         return text
     state = run.state
-    if state == "live" and extra.get("reading"):
-        # Its files are still being read: a finished run is "live" until its ranks' end
-        # messages are, and its time would count to now (9 h for last night's run).
+    first_t, last_t, step = run.started, run.last_t, run.last_step
+    if state == "live" and extra.get("reading") and (last_t is None or now_wall - last_t > 60):
+        # Its files are still being read, and what was read is old: a finished run is "live"
+        # until its ranks' end messages are, and its time would count to now (9 h for last
+        # night's run). A live run whose ranks outgrow a poll's read (hundreds of them) has
+        # recent messages: it stays live.
         state = "reading"
     text.append(inert(run.name, 60), style="bold")
     if runs > 1:
@@ -106,7 +109,6 @@ def header_text(
         )
     if extra.get("paused"):
         text.append("  PAUSED", style="reverse")
-    first_t, last_t, step = run.started, run.last_t, run.last_step
     live = state in ("live", "stalled")
     if first_t and last_t:
         text.append(f"  {numbers.duration((now_wall if live else last_t) - first_t)}")
