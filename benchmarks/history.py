@@ -5,6 +5,7 @@
     python benchmarks/history.py headless DIR [--no-alerts]
     python benchmarks/history.py all RANKS STEPS [REPEATS] # make in /tmp, measure, delete
     python benchmarks/history.py live [RANKS] [SECONDS]    # the app's CPU, ranks publishing live
+    python benchmarks/history.py speed [SECONDS]           # this machine's speed in this sitting
 
 ``make`` starts RANKS processes, each a rank of one launch (``RANK``, ``WORLD_SIZE``,
 ``LMTOP_DIR``, ``LMTOP_RUN``), that call ``hooks.publish`` STEPS times with 10 metrics, as a
@@ -19,6 +20,10 @@ the cache) and then one from the cache. ``headless`` runs
 ``live`` starts ``lmtop demo``'s simulated ranks (40 steps a second each, through the real hook)
 and the app in a 160x48 pseudo-terminal, and prints the app's CPU use from ``/proc/PID/stat``
 and its resident memory from the first paint on, each minute.
+``speed`` times a fixed loop of plain Python (a million additions) every half second and prints
+the fastest, median and slowest time: a shared VM's speed moves from minute to minute (on the
+2-core VM of ``benchmarks/README.md``, 35-118 ms within 10 s), and every figure above is CPU
+bound, so a figure is worth comparing only with the sitting's speed beside it.
 """
 
 from __future__ import annotations
@@ -291,6 +296,26 @@ def live(ranks: int = 16, seconds: float = 20.0) -> None:
     )
 
 
+def speed(seconds: float = 20.0) -> None:
+    """The fastest, median and slowest time of a fixed pure-Python loop over ``seconds``."""
+    times = []
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        began = time.process_time()
+        total = 0
+        for number in range(1_000_000):
+            total += number
+        times.append(time.process_time() - began)
+        time.sleep(0.5)
+    times.sort()
+    print(
+        f"speed: a million additions take {times[0] * 1e3:.0f} / {times[len(times) // 2] * 1e3:.0f}"
+        f" / {times[-1] * 1e3:.0f} ms (fastest / median / slowest of {len(times)}, "
+        f"{seconds:.0f} s); {machine()}",
+        flush=True,
+    )
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args[0] == "rank":
@@ -304,6 +329,8 @@ def main() -> None:
         headless(Path(args[1]), "--no-alerts" not in args)
     elif args[0] == "live":
         live(*(int(a) for a in args[1:2]), *(float(a) for a in args[2:3]))
+    elif args[0] == "speed":
+        speed(*(float(a) for a in args[1:2]))
     elif args[0] == "all":
         ranks, steps = int(args[1]), int(args[2])
         repeats = int(args[3]) if len(args) > 3 else 1
