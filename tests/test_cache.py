@@ -467,26 +467,29 @@ _VIEWER_WITH_A_READ = """
 import sys, time
 from lmtop.tui.readers import Readers
 
-readers = Readers(1)
+readers = Readers(1, int(sys.argv[2]))  # started at once: forked
 reading = readers.submit(sys.argv[1], 0)
 while not reading.running():
     time.sleep(0.01)
-print(*readers._pool._processes, flush=True)
+print(readers.forked, *readers._pool._processes, flush=True)
 time.sleep(60)
 """
 
 
-def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", [0, 1])
+def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path, start: int) -> None:
     """kill -9 of the viewer while a worker reads: the worker stops reading and exits (it held
-    both ends of the pool's pipe and waited on it for ever, 44 MB each)."""
+    both ends of the pool's pipe and waited on it for ever, 44 MB each), spawned or forked."""
     run_dir = write_run(tmp_path, "long", ranks=1, steps=20_000)
     viewer = subprocess.Popen(
-        [sys.executable, "-c", _VIEWER_WITH_A_READ, str(run_dir)],
+        [sys.executable, "-c", _VIEWER_WITH_A_READ, str(run_dir), str(start)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert viewer.stdout is not None
-    (pid,) = map(int, viewer.stdout.readline().split())
+    forked, pid_text = viewer.stdout.readline().split()
+    assert forked == str(start == 1 and sys.platform == "linux")
+    pid = int(pid_text)
     started = registry.process_start_ticks(pid)
     viewer.kill()
     viewer.wait()
@@ -494,3 +497,72 @@ def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path) -> None:
     while registry.pid_alive(pid, started) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not registry.pid_alive(pid, started)
+
+
+_THE_APP_S_SOURCE = """
+import sys
+from lmtop.tui import cli, follow  # what `lmtop` has imported when it opens the app
+from lmtop.tui.alert_settings import AlertSettings
+from lmtop.tui.app import open_source
+from lmtop.tui.store import Store
+
+follow.WORKER_BYTES = 0  # every rank file goes to a worker process
+source = open_source([sys.argv[1]], True, AlertSettings())  # `lmtop RUN`: following
+forked = source._readers.forked  # lent while the history is read
+store = Store()
+while not source.done:
+    batch = source.poll(0.05)
+    store.adopt(source.take_restored())
+    store.add(batch)
+print(forked, store.points, len(store.series))
+source.close()
+"""
+
+
+def test_the_app_opening_a_long_history_forks_its_readers(tmp_path: Path) -> None:
+    """`lmtop RUN` on a long history with no cache starts its readers before it has a thread:
+    forked, each starts with what the viewer imported rather than importing it again (~0.3 s of
+    the first frame on 2 cores), and they read what one process reads."""
+    run_dir = write_run(tmp_path, "app", ranks=2, steps=STEPS)
+    plain = _open(run_dir, cache=False)[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _THE_APP_S_SOURCE, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    forked, points, series = done.stdout.split()
+    assert forked == str(sys.platform == "linux"), done.stderr[-2000:]
+    assert (int(points), int(series)) == (plain.points, len(plain.series))
+
+
+_READERS_BESIDE_A_THREAD = """
+import sys, threading
+from lmtop.tui.readers import Readers
+
+alone = Readers(2, 1)
+result = Readers.result(alone.submit(sys.argv[1], 0))
+alone.close()
+stop = threading.Event()
+thread = threading.Thread(target=stop.wait)
+thread.start()
+beside = Readers(2, 1)
+again = Readers.result(beside.submit(sys.argv[1], 0))
+beside.close()
+stop.set()
+print(alone.forked, beside.forked, result is not None and again is not None)
+"""
+
+
+def test_readers_started_beside_a_thread_are_spawned(tmp_path: Path) -> None:
+    """A thread (the screen's, the live sockets') may hold a lock that a forked child would
+    keep held for ever: readers started while one runs are spawned, and read alike."""
+    run_dir = write_run(tmp_path, "t", ranks=1, steps=STEPS)
+    done = subprocess.run(
+        [sys.executable, "-c", _READERS_BESIDE_A_THREAD, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    linux = sys.platform == "linux"
+    assert done.stdout.split() == [str(linux), "False", "True"], done.stderr[-2000:]

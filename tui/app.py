@@ -461,6 +461,19 @@ class FramePace:
         self.rest = (1 - weight) * self.rest + weight * rest
 
 
+def open_source(paths: Sequence[str], follow: bool, settings: AlertSettings) -> Follower:
+    """The viewer's follower, made before the app runs: a long history with no cache has its
+    reader processes started now, forked while this process has one thread."""
+    return Follower(
+        paths,
+        follow=follow,
+        stall=settings.stall,
+        straggler=settings.straggler,
+        cache=True,  # rank-N.cols beside the run files: a history reopened in a second
+        readers=os.cpu_count() or 1,  # worker processes reading long rank files
+    )
+
+
 def run_app(
     paths: Sequence[str],
     follow: bool = True,
@@ -474,14 +487,7 @@ def run_app(
     from .alert_actions import Alerting
 
     settings = settings if settings is not None else AlertSettings()
-    source = Follower(
-        paths,
-        follow=follow,
-        stall=settings.stall,
-        straggler=settings.straggler,
-        cache=True,  # rank-N.cols beside the run files: a history reopened in a second
-        readers=os.cpu_count() or 1,  # worker processes reading long rank files
-    )
+    source = open_source(paths, follow, settings)
     alerting = Alerting(settings, source.runs)
     app = LmtopApp(
         source, refresh_hz=refresh_hz, alerts=alerting, system=Sampler, cpu_budget=CPU_BUDGET

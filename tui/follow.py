@@ -129,10 +129,8 @@ class Follower:
         if readers > 0:
             readers_ready()
             uncached = self._uncached_history()
-            if uncached:  # they start (~0.4 s) while the screen is set up
-                self._readers = self._pool()
-                if self._readers is not None:
-                    self._readers.warm(uncached)
+            if uncached:  # they start (forked, before the screen has a thread) as it is set up
+                self._readers = self._pool(uncached)
         self._reading: dict[tuple[str, int], Future[bytes | None]] = {}
 
     @property
@@ -191,10 +189,11 @@ class Follower:
                 count += long and not (run_dir / cache.cache_name(number)).exists()
         return count
 
-    def _pool(self) -> Readers | None:
-        """Worker processes, or None (reads in this process) where they cannot be had."""
+    def _pool(self, start: int = 0) -> Readers | None:
+        """Worker processes, ``start`` of them started now; None (reads in this process) where
+        they cannot be had."""
         try:
-            return Readers(self._workers)
+            return Readers(self._workers, start)
         except OSError:  # no temporary directory to write in
             self._workers = 0
             return None

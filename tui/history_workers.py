@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from . import collector, runfile
 from .alert_settings import AlertSettings
 from .alerts import END, Alert, AlertEngine
 from .follow import Follower, Keyed
+from .readers import forks_safely
 from .runbook import Run
 
 # A history at least this long (bytes of rank files not read yet after the first read) is read
@@ -101,16 +101,11 @@ def start(follower: Follower, settings: AlertSettings) -> HistoryWorkers | None:
 
 
 def _forks() -> bool:
-    """Whether workers are forked (where that is safe) rather than spawned. Forked, a worker starts
-    without importing lmtop again (~0.25 s of CPU each; 8 ranks x 100k steps on 2 cores:
-    5.97-6.18 s against 6.32-7.08 s spawned). Safe: Linux, and this process running one
-    thread, which ``--no-follow`` does (no live sockets, so no ZeroMQ threads); a thread
-    holding a lock at the fork would leave it held in the child."""
-    try:
-        alone = len(os.listdir("/proc/self/task")) == 1  # every thread, native ones too
-    except OSError:
-        alone = False
-    return sys.platform == "linux" and alone
+    """Whether workers are forked (where that is safe: :func:`.readers.forks_safely`) rather
+    than spawned. Forked, a worker starts without importing lmtop again (~0.25 s of CPU each;
+    8 ranks x 100k steps on 2 cores: 5.97-6.18 s against 6.32-7.08 s spawned). ``--no-follow``
+    runs one thread (no live sockets, so no ZeroMQ threads)."""
+    return forks_safely()
 
 
 def _config(info: dict[str, Any] | None) -> Any:
