@@ -238,7 +238,7 @@ def test_no_cache_is_written_into_a_directory_of_another_user(
 def test_a_history_read_by_worker_processes_is_drawn_as_if_read_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rank files read by worker processes (spawned, each handing back one rank's columns)
+    """Rank files read by worker processes (each handing back one rank's columns)
     give the picture one process reading every line gives, spikes included."""
     monkeypatch.setattr(follow, "WORKER_BYTES", 0)  # every rank file goes to a worker
     monkeypatch.setattr(follow, "CACHE_BYTES", 0)
@@ -499,58 +499,111 @@ def test_a_worker_whose_viewer_was_killed_exits(tmp_path: Path, start: int) -> N
     assert not registry.pid_alive(pid, started)
 
 
-_THE_APP_S_SOURCE = """
+_THE_LMTOP_COMMAND = """
 import sys
-from lmtop.tui import cli, follow  # what `lmtop` has imported when it opens the app
-from lmtop.tui.alert_settings import AlertSettings
-from lmtop.tui.app import open_source
-from lmtop.tui.store import Store
+from lmtop.tui import app, cli, follow
 
 follow.WORKER_BYTES = 0  # every rank file goes to a worker process
-source = open_source([sys.argv[1]], True, AlertSettings())  # `lmtop RUN`: following
-forked = source._readers.forked  # lent while the history is read
-store = Store()
-while not source.done:
-    batch = source.poll(0.05)
-    store.adopt(source.take_restored())
-    store.add(batch)
-print(forked, store.points, len(store.series))
-source.close()
+
+
+class Screen:  # the app, without the screen: reads the history as its poll thread does
+    return_code = 0
+
+    def __init__(self, source, **options):
+        self.source = source
+
+    def run(self):
+        from lmtop.tui.store import Store
+
+        source, store, taken = self.source, Store(), 0
+        forked = source._readers.forked  # lent while the history is read
+        while not source.done:
+            batch = source.poll(0.05)
+            restored = source.take_restored()
+            taken += len(restored)
+            store.adopt(restored)
+            store.add(batch)
+        print(forked, taken, store.points, len(store.series))
+        source.close()
+
+
+app.LmtopApp = Screen
+cli.main([sys.argv[1]])  # `lmtop RUN`: following
 """
 
 
-def test_the_app_opening_a_long_history_forks_its_readers(tmp_path: Path) -> None:
+def test_the_lmtop_command_opening_a_long_history_forks_its_readers(tmp_path: Path) -> None:
     """`lmtop RUN` on a long history with no cache starts its readers before it has a thread:
     forked, each starts with what the viewer imported rather than importing it again (~0.3 s of
-    the first frame on 2 cores), and they read what one process reads."""
+    the first frame on 2 cores), and every rank comes back from them as one process reads it."""
     run_dir = write_run(tmp_path, "app", ranks=2, steps=STEPS)
     plain = _open(run_dir, cache=False)[1]
     done = subprocess.run(
-        [sys.executable, "-c", _THE_APP_S_SOURCE, str(run_dir)],
+        [sys.executable, "-c", _THE_LMTOP_COMMAND, str(run_dir)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    forked, points, series = done.stdout.split()
+    forked, taken, points, series = done.stdout.split()
     assert forked == str(sys.platform == "linux"), done.stderr[-2000:]
-    assert (int(points), int(series)) == (plain.points, len(plain.series))
+    assert (int(taken), int(points), int(series)) == (2, plain.points, len(plain.series))
+
+
+_MORE_THAN_COUNTED = """
+import sys
+from lmtop.tui import follow
+
+follow.WORKER_BYTES = 0  # every rank file goes to a worker process
+source = follow.Follower(sys.argv[1:], follow=False, live=False, cache=True, readers=8)
+forked, spread, taken = source._readers.forked, False, 0
+while not source.done:
+    source.poll(0.05)
+    taken += len(source.take_restored())
+    readers = source._readers
+    spread = spread or (readers is not None and readers._more is not None)
+print(forked, spread, taken)
+source.close()
+"""
+
+
+def test_long_files_the_forked_readers_were_not_counted_for_are_read_beside_them(
+    tmp_path: Path,
+) -> None:
+    """A forked pool has the processes its first count asked for; long files found later (in a
+    folder named beside the run) are read by spawned workers beside them, not queued."""
+    run_dir = write_run(tmp_path / "named", "a", ranks=1, steps=STEPS)
+    for name in ("b", "c"):
+        write_run(tmp_path / "folder", name, ranks=2, steps=STEPS)
+    done = subprocess.run(
+        [sys.executable, "-c", _MORE_THAN_COUNTED, str(run_dir), str(tmp_path / "folder")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    linux = str(sys.platform == "linux")
+    assert done.stdout.split() == [linux, linux, "5"], done.stderr[-2000:]
 
 
 _READERS_BESIDE_A_THREAD = """
-import sys, threading
+import os, sys, threading, time
 from lmtop.tui.readers import Readers
 
 alone = Readers(2, 1)
-result = Readers.result(alone.submit(sys.argv[1], 0))
-alone.close()
+result = alone.submit(sys.argv[1], 0).result()  # the payload (decoding it imports numpy,
+alone._pool.shutdown(wait=True)  # whose OpenBLAS starts a thread); the pool's threads joined:
+alone.close()  # the one below is the only other (once the joined ones are gone from /proc)
+deadline = time.monotonic() + 10
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+threads = len(os.listdir("/proc/self/task"))
 stop = threading.Event()
 thread = threading.Thread(target=stop.wait)
 thread.start()
 beside = Readers(2, 1)
-again = Readers.result(beside.submit(sys.argv[1], 0))
+again = beside.submit(sys.argv[1], 0).result()
 beside.close()
 stop.set()
-print(alone.forked, beside.forked, result is not None and again is not None)
+print(threads, alone.forked, beside.forked, result is not None and again is not None)
 """
 
 
@@ -565,4 +618,47 @@ def test_readers_started_beside_a_thread_are_spawned(tmp_path: Path) -> None:
         timeout=120,
     )
     linux = sys.platform == "linux"
-    assert done.stdout.split() == [str(linux), "False", "True"], done.stderr[-2000:]
+    assert done.stdout.split() == ["1", str(linux), "False", "True"], done.stderr[-2000:]
+
+
+_FORK_FAILS = """
+import os, sys, time
+from lmtop.tui.readers import Readers
+
+fork, forks = os.fork, []
+
+
+def second_fails():  # a process limit reached at the second worker
+    if forks:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    forks.append(fork())
+    return forks[-1]
+
+
+os.fork = second_fails
+try:
+    Readers(4, 2)
+except OSError:
+    pass
+os.fork = fork
+time.sleep(0.5)
+alive = []
+for pid in forks:
+    try:
+        os.kill(pid, 0)
+        alive.append(pid)
+    except OSError:
+        pass
+print(len(forks), len(alive))
+"""
+
+
+def test_readers_that_cannot_all_be_forked_leave_none_behind() -> None:
+    """A process limit reached while the readers are forked: the viewer reads in its own
+    process, and the workers already forked do not stay waiting for work for ever."""
+    if sys.platform != "linux":
+        pytest.skip("readers are forked on Linux only")
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_FAILS], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["1", "0"], done.stderr[-2000:]

@@ -127,39 +127,56 @@ class Readers:
     """A pool of worker processes reading rank files; results are taken as they come."""
 
     def __init__(self, workers: int, start: int = 0) -> None:
-        """At most ``workers`` processes; ``start`` of them are started now, each importing
-        what a read needs. Started now from a process with one thread, they are forked (see
-        :func:`forks_safely`), all of them at once, and are then all the pool has. Raises
-        OSError when the file that tells workers to go on cannot be made."""
+        """At most ``workers`` processes reading at once; ``start`` of them are started now,
+        each importing what a read needs. Started now from a process with one thread, those
+        are forked (see :func:`forks_safely`): a forked pool makes all its processes at once,
+        so it has ``start`` of them, and reads beyond what they are busy with go to a spawned
+        pool of the rest, made when first needed (a long file the first count missed: in a
+        folder named on the command line, or beside a cache that proves stale). Raises OSError
+        when the processes, or the file that tells workers to go on, cannot be made."""
         self.forked = fork = start > 0 and forks_safely()  # else spawned
-        self._workers = min(workers, start) if fork else workers
+        self._workers = workers
+        self._size = min(workers, start) if fork else workers  # the first pool's processes
         fd, self._wanted = tempfile.mkstemp(prefix="lmtop-readers-")  # private: mode 0600
         os.close(fd)
         # Removed when the pool is dropped unclosed too (a viewer that failed to start).
         self._remove = weakref.finalize(self, _remove, self._wanted)
-        if fork:  # what is buffered now would be written again by each child as it exits
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-        self._pool = ProcessPoolExecutor(
-            self._workers,
-            mp_context=get_context("fork" if fork else "spawn"),
+        self._pool = self._executor(self._size, "fork" if fork else "spawn")
+        self._more: ProcessPoolExecutor | None = None  # the spawned rest, beside a forked pool
+        self._busy: list[Future[bytes | None]] = []  # reads handed to the forked pool
+        if start > 0:
+            try:
+                # Forked, the pool makes every process at its first job: here, before a thread.
+                for _ in range(min(start, self._size)):
+                    self._pool.submit(_warm)
+            except OSError:  # a process limit: the processes made so far go too
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
+                    process.join(timeout=1.0)
+                self.close()
+                raise
+
+    def _executor(self, size: int, method: str) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            size,
+            mp_context=get_context(method),
             initializer=_started,
             initargs=(self._wanted, os.getpid()),
         )
-        if start > 0:
-            # Forked, the pool makes every process at its first job: here, before a thread.
-            self.warm(start)
-
-    def warm(self, count: int) -> None:
-        """Starts ``count`` workers now (at most the pool's), each importing what a read needs,
-        so that the first reads do not wait for them."""
-        for _ in range(min(count, self._workers)):
-            self._pool.submit(_warm)
 
     def submit(self, run_dir: Path, number: int) -> Future[bytes | None]:
         """Starts reading one rank's file."""
-        return self._pool.submit(read_rank, str(run_dir), number)
+        pool = self._pool
+        if self.forked:
+            self._busy = [future for future in self._busy if not future.done()]
+            if len(self._busy) >= self._size and self._workers > self._size:
+                if self._more is None:
+                    self._more = self._executor(self._workers - self._size, "spawn")
+                pool = self._more
+        future = pool.submit(read_rank, str(run_dir), number)
+        if pool is self._pool and self.forked:
+            self._busy.append(future)
+        return future
 
     @staticmethod
     def result(future: Future[bytes | None]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
@@ -179,7 +196,9 @@ class Readers:
         killed, since one killed while it hands back a result leaves half a message in the
         pool's pipe, and the interpreter's exit then waits for the rest forever."""
         self._remove()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._more):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _remove(path: str) -> None:
