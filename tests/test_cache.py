@@ -516,7 +516,8 @@ class Screen:  # the app, without the screen: reads the history as its poll thre
         from lmtop.tui.store import Store
 
         source, store, taken = self.source, Store(), 0
-        forked = source._readers.forked  # lent while the history is read
+        readers = source._readers  # lent while the history is read
+        forked = readers is not None and readers.forked
         while not source.done:
             batch = source.poll(0.05)
             restored = source.take_restored()
@@ -532,14 +533,19 @@ cli.main([sys.argv[1]])  # `lmtop RUN`: following
 """
 
 
-def test_the_lmtop_command_opening_a_long_history_forks_its_readers(tmp_path: Path) -> None:
-    """`lmtop RUN` on a long history with no cache starts its readers before it has a thread:
-    forked, each starts with what the viewer imported rather than importing it again (~0.3 s of
-    the first frame on 2 cores), and every rank comes back from them as one process reads it."""
-    run_dir = write_run(tmp_path, "app", ranks=2, steps=STEPS)
+@pytest.mark.parametrize("named", ["run", "folder"])
+def test_the_lmtop_command_opening_a_long_history_forks_its_readers(
+    tmp_path: Path, named: str
+) -> None:
+    """`lmtop RUN`, or `lmtop ./lmtop_runs` (a folder of runs), on a long history with no cache
+    starts its readers before it has a thread: forked, each starts with what the viewer
+    imported rather than importing it again (~0.3 s of the first frame on 2 cores), and every
+    rank comes back from them as one process reads it."""
+    run_dir = write_run(tmp_path / "runs", "app", ranks=2, steps=STEPS)
     plain = _open(run_dir, cache=False)[1]
+    path = run_dir if named == "run" else tmp_path / "runs"
     done = subprocess.run(
-        [sys.executable, "-c", _THE_LMTOP_COMMAND, str(run_dir)],
+        [sys.executable, "-c", _THE_LMTOP_COMMAND, str(path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -569,13 +575,15 @@ source.close()
 def test_long_files_the_forked_readers_were_not_counted_for_are_read_beside_them(
     tmp_path: Path,
 ) -> None:
-    """A forked pool has the processes its first count asked for; long files found later (in a
-    folder named beside the run) are read by spawned workers beside them, not queued."""
-    run_dir = write_run(tmp_path / "named", "a", ranks=1, steps=STEPS)
-    for name in ("b", "c"):
-        write_run(tmp_path / "folder", name, ranks=2, steps=STEPS)
+    """A forked pool has the processes its first count asked for; long files found to need a
+    read later (beside a cache that proves not theirs) are read by spawned workers beside
+    them, not queued behind them."""
+    counted = write_run(tmp_path, "a", ranks=1, steps=STEPS)
+    stale = write_run(tmp_path, "b", ranks=4, steps=STEPS)
+    for rank in range(4):
+        (stale / f"rank-{rank}.cols").write_bytes(b"not a cache")
     done = subprocess.run(
-        [sys.executable, "-c", _MORE_THAN_COUNTED, str(run_dir), str(tmp_path / "folder")],
+        [sys.executable, "-c", _MORE_THAN_COUNTED, str(counted), str(stale)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -177,10 +177,12 @@ class Follower:
     # -- the columnar cache ---------------------------------------------------------------------
 
     def _uncached_history(self) -> int:
-        """How many rank files of the run directories named on the command line are long
-        enough for a worker and have no cache beside them (a first open of a long history)."""
+        """How many rank files of the run directories named on the command line, or found in
+        the folders named there (``lmtop ./lmtop_runs``), are long enough for a worker and have
+        no cache beside them (a first open of a long history)."""
         count = 0
-        for run_dir in self._run_dirs:
+        found = [run_dir for folder in self._folders for run_dir in discovery.run_dirs(folder)]
+        for run_dir in [*self._run_dirs, *found]:
             for number in discovery.ranks(run_dir):
                 try:
                     long = os.stat(discovery.rank_file(run_dir, number)).st_size >= WORKER_BYTES
