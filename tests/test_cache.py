@@ -529,23 +529,27 @@ class Screen:  # the app, without the screen: reads the history as its poll thre
 
 
 app.LmtopApp = Screen
-cli.main([sys.argv[1]])  # `lmtop RUN`: following
+cli.main(sys.argv[1:])  # `lmtop RUN`, or `lmtop` alone: following
 """
 
 
-@pytest.mark.parametrize("named", ["run", "folder"])
+@pytest.mark.parametrize("named", ["run", "folder", "nothing"])
 def test_the_lmtop_command_opening_a_long_history_forks_its_readers(
     tmp_path: Path, named: str
 ) -> None:
-    """`lmtop RUN`, or `lmtop ./lmtop_runs` (a folder of runs), on a long history with no cache
-    starts its readers before it has a thread: forked, each starts with what the viewer
-    imported rather than importing it again (~0.3 s of the first frame on 2 cores), and every
-    rank comes back from them as one process reads it."""
+    """`lmtop RUN`, `lmtop ./lmtop_runs` (a folder of runs) or `lmtop` alone (this user's live
+    runs) on a long history with no cache starts its readers before it has a thread: forked,
+    each starts with what the viewer imported rather than importing it again (~0.3 s of the
+    first frame on 2 cores), and every rank comes back from them as one process reads it."""
     run_dir = write_run(tmp_path / "runs", "app", ranks=2, steps=STEPS)
     plain = _open(run_dir, cache=False)[1]
-    path = run_dir if named == "run" else tmp_path / "runs"
+    paths = {"run": [str(run_dir)], "folder": [str(tmp_path / "runs")], "nothing": []}[named]
+    for rank in range(2):  # as the hook registers a live rank (this process stands for it)
+        endpoint = f"ipc://{registry.runtime_dir()}/app-{rank}.sock"
+        entry = {"pid": os.getpid(), "run": "app", "rank": rank, "dir": str(run_dir)}
+        registry.register({**entry, "endpoint": endpoint}, f"app.{rank}")
     done = subprocess.run(
-        [sys.executable, "-c", _THE_LMTOP_COMMAND, str(path)],
+        [sys.executable, "-c", _THE_LMTOP_COMMAND, *paths],
         capture_output=True,
         text=True,
         timeout=120,

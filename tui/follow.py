@@ -177,12 +177,16 @@ class Follower:
     # -- the columnar cache ---------------------------------------------------------------------
 
     def _uncached_history(self) -> int:
-        """How many rank files of the run directories named on the command line, or found in
-        the folders named there (``lmtop ./lmtop_runs``), are long enough for a worker and have
-        no cache beside them (a first open of a long history)."""
+        """How many rank files of the run directories named on the command line, found in the
+        folders named there (``lmtop ./lmtop_runs``) or, with none named, of this user's live
+        runs (``lmtop``), are long enough for a worker and have no cache beside them (a first
+        open of a long history): where the first scan will look."""
         count = 0
         found = [run_dir for folder in self._folders for run_dir in discovery.run_dirs(folder)]
-        for run_dir in [*self._run_dirs, *found]:
+        if self._use_registry:
+            live = [entry.get("dir") for entry in discovery.live_runs()]
+            found += [Path(os.path.realpath(d)) for d in live if isinstance(d, str) and d]
+        for run_dir in dict.fromkeys([*self._run_dirs, *found]):
             for number in discovery.ranks(run_dir):
                 try:
                     long = os.stat(discovery.rank_file(run_dir, number)).st_size >= WORKER_BYTES
