@@ -116,7 +116,7 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # none, or no pid at all (past the C int)
         return False
     except PermissionError:
         pass  # alive, but another user's
@@ -227,4 +227,14 @@ def live_entries() -> list[Entry]:
             else:
                 unregister(path)
                 unregister(directory / f"{path.name.removesuffix('.json')}.sock")
-    return sorted(entries.values(), key=lambda e: (e.get("started", 0.0), e.get("rank", 0)))
+    return sorted(entries.values(), key=_order)
+
+
+def _order(entry: Entry) -> tuple[float, float]:
+    """Oldest first, then by rank; a field that is not a number (another version's entry)
+    counts as 0."""
+    started, rank = entry.get("started"), entry.get("rank")
+    return (
+        started if isinstance(started, (int, float)) else 0.0,
+        rank if isinstance(rank, (int, float)) else 0.0,
+    )

@@ -515,16 +515,18 @@ class Screen:  # the app, without the screen: reads the history as its poll thre
     def run(self):
         from lmtop.tui.store import Store
 
-        source, store, taken = self.source, Store(), 0
+        source, store, taken, spread = self.source, Store(), 0, False
         readers = source._readers  # lent while the history is read
         forked = readers is not None and readers.forked
+        size = readers._size if readers is not None else 0
         while not source.done:
             batch = source.poll(0.05)
             restored = source.take_restored()
             taken += len(restored)
             store.adopt(restored)
             store.add(batch)
-        print(forked, taken, store.points, len(store.series))
+            spread = spread or (source._readers is not None and source._readers._more is not None)
+        print(forked, size, spread, taken, store.points, len(store.series))
         source.close()
 
 
@@ -544,19 +546,66 @@ def test_the_lmtop_command_opening_a_long_history_forks_its_readers(
     run_dir = write_run(tmp_path / "runs", "app", ranks=2, steps=STEPS)
     plain = _open(run_dir, cache=False)[1]
     paths = {"run": [str(run_dir)], "folder": [str(tmp_path / "runs")], "nothing": []}[named]
-    for rank in range(2):  # as the hook registers a live rank (this process stands for it)
-        endpoint = f"ipc://{registry.runtime_dir()}/app-{rank}.sock"
-        entry = {"pid": os.getpid(), "run": "app", "rank": rank, "dir": str(run_dir)}
-        registry.register({**entry, "endpoint": endpoint}, f"app.{rank}")
+    if named == "nothing":
+        _register(run_dir, "app", ranks=2)
     done = subprocess.run(
         [sys.executable, "-c", _THE_LMTOP_COMMAND, *paths],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    forked, taken, points, series = done.stdout.split()
+    forked, size, spread, taken, points, series = done.stdout.split()
     assert forked == str(sys.platform == "linux"), done.stderr[-2000:]
+    assert (size, spread) == ("2", "False"), "one forked reader a long file, none spawned"
     assert (int(taken), int(points), int(series)) == (2, plain.points, len(plain.series))
+
+
+def _register(run_dir: Path, run: str, ranks: int, **fields: Any) -> None:
+    """Registry entries as the hook writes them for a live run's ranks (this process standing
+    for their publisher)."""
+    for rank in range(ranks):
+        endpoint = f"ipc://{registry.runtime_dir()}/{run}-{rank}.sock"
+        entry = {"pid": os.getpid(), "run": run, "rank": rank, "dir": str(run_dir)}
+        registry.register({**entry, "endpoint": endpoint, **fields}, f"{run}.{rank}")
+
+
+def test_runs_the_first_count_finds_twice_are_counted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run reached through a link (`latest` beside the runs) is the same run: its long files
+    are counted once, as the scan reads them once, and no reader is started for nothing."""
+    monkeypatch.setattr(follow, "WORKER_BYTES", 0)
+    run_dir = write_run(tmp_path / "runs", "x", ranks=2, steps=STEPS)
+    (tmp_path / "runs" / "latest").symlink_to(run_dir)
+    follower = Follower([str(tmp_path / "runs"), str(tmp_path / "runs" / "latest")], live=False)
+    follower._workers = 8
+    assert follower._uncached_history() == 2
+    follower.close()
+
+
+def test_malformed_registry_entries_do_not_stop_lmtop(tmp_path: Path) -> None:
+    """Entries another lmtop version (or a hand) left in this user's registry, with a path that
+    is no path, a pid past the C int or a start time that is no number: `lmtop` alone still
+    opens, and follows the live run beside them."""
+    run_dir = write_run(tmp_path / "runs", "app", ranks=2, steps=STEPS)
+    _register(run_dir, "app", ranks=2, started=1.0)
+    odd = {"run": "odd", "endpoint": "ipc://nowhere", "pid": os.getpid()}
+    registry.register({**odd, "rank": 7, "dir": "/tmp/a\u0000b"}, "odd.7")
+    registry.register({**odd, "rank": 8, "dir": 5}, "odd.8")
+    registry.register({**odd, "rank": 9, "dir": str(run_dir), "pid": 2**62}, "odd.9")
+    registry.register({**odd, "rank": 10, "dir": "", "started": "x"}, "odd.10")
+    plain = _open(run_dir, cache=False)[1]
+    follower = Follower([], follow=True, cache=True, readers=2)
+    store, deadline = Store(), time.monotonic() + 30
+    try:
+        while store.points < plain.points and time.monotonic() < deadline:
+            batch = follower.poll(0.05)
+            store.adopt(follower.take_restored())
+            store.add(batch)
+        keys = {run.key for run in follower.book.snapshot()}
+    finally:
+        follower.close()
+    assert store.points == plain.points and str(run_dir) in keys
 
 
 _MORE_THAN_COUNTED = """

@@ -181,18 +181,24 @@ class Follower:
         folders named there (``lmtop ./lmtop_runs``) or, with none named, of this user's live
         runs (``lmtop``), are long enough for a worker and have no cache beside them (a first
         open of a long history): where the first scan will look."""
-        count = 0
-        found = [run_dir for folder in self._folders for run_dir in discovery.run_dirs(folder)]
+        found = [d for folder in self._folders for d in discovery.run_dirs(folder)]
         if self._use_registry:
-            live = [entry.get("dir") for entry in discovery.live_runs()]
-            found += [Path(os.path.realpath(d)) for d in live if isinstance(d, str) and d]
-        for run_dir in dict.fromkeys([*self._run_dirs, *found]):
+            try:
+                found += [entry.get("dir") for entry in discovery.live_runs()]
+            except Exception:  # an entry the first scan will complain of, not the count
+                pass
+        count = 0
+        for run_dir in dict.fromkeys(map(_real_dir, [*self._run_dirs, *found])):
+            if run_dir is None:
+                continue
             for number in discovery.ranks(run_dir):
                 try:
                     long = os.stat(discovery.rank_file(run_dir, number)).st_size >= WORKER_BYTES
                 except OSError:
                     continue
                 count += long and not (run_dir / cache.cache_name(number)).exists()
+                if count >= self._workers:  # as many as the pool can have
+                    return count
         return count
 
     def _pool(self, start: int = 0) -> Readers | None:
@@ -434,10 +440,9 @@ class Follower:
         folders = set(map(str, self._folders))
         for entry in discovery.live_runs():
             name = str(entry["run"])
-            if entry.get("dir"):
-                run_dir: Path | None = Path(os.path.realpath(entry["dir"]))
-            else:  # an old hook that could not write its run directory
-                run_dir = None
+            run_dir = _real_dir(entry.get("dir"))
+            if run_dir is None and entry.get("dir"):  # not a path: no run to follow
+                continue
             if not self._use_registry and (
                 run_dir is None
                 or (str(run_dir) not in wanted and str(run_dir.parent) not in folders)
@@ -674,6 +679,17 @@ class Follower:
                 while self._read(run, rank, out):  # the file holds everything before it
                     pass
             self._apply(run, rank, message, out, live=True)
+
+
+def _real_dir(path: Any) -> Path | None:
+    """A run directory as the follower keys it (every link resolved), or None for what is no
+    path (a registry entry without one, from an old hook; a number; a NUL in it)."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        return None
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return None
 
 
 class _LiveSockets:

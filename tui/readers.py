@@ -131,8 +131,8 @@ class Readers:
         each importing what a read needs. Started now from a process with one thread, those
         are forked (see :func:`forks_safely`): a forked pool makes all its processes at once,
         so it has ``start`` of them, and reads beyond what they are busy with go to a spawned
-        pool of the rest, made when first needed (a long file the first count missed: in a
-        folder named on the command line, or beside a cache that proves stale). Raises OSError
+        pool of the rest, made when first needed (a long file the first count missed: beside a
+        cache that proves stale, or in a run that started since). Raises OSError
         when the processes, or the file that tells workers to go on, cannot be made."""
         self.forked = fork = start > 0 and forks_safely()  # else spawned
         self._workers = workers
