@@ -180,7 +180,8 @@ class Follower:
         """How many rank files of the run directories named on the command line, found in the
         folders named there (``lmtop ./lmtop_runs``) or, with none named, of this user's live
         runs (``lmtop``), are long enough for a worker and have no cache beside them (a first
-        open of a long history): where the first scan will look."""
+        open of a long history): where the first scan will look. Counted up to the pool's size,
+        the most readers it starts."""
         found = [d for folder in self._folders for d in discovery.run_dirs(folder)]
         if self._use_registry:
             try:
